@@ -1,0 +1,36 @@
+# moekit: every target bootstraps .venv on first use. Offline: nothing here reaches the Hugging Face hub.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test test-full bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import moekit, transformers, hypothesis, pytest"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/moekit tour
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+test-full: $(VENV)/.installed
+	MOEKIT_FULL=1 $(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/moekit bench layer --json
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache tour build *.egg-info src/*.egg-info

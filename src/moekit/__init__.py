@@ -1,0 +1,7 @@
+"""moekit: one PyTorch toolkit for the whole life of a sparse Mixture-of-Experts model."""
+
+from moekit.core import MoE, MoEOutput, Routing, register_router, router_names
+from moekit.errors import MoekitError
+
+__version__ = "0.1.0"
+__all__ = ["MoE", "MoEOutput", "MoekitError", "Routing", "__version__", "register_router", "router_names"]

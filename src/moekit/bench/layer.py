@@ -1,0 +1,166 @@
+"""`moekit bench layer`: moekit's MoE layer against transformers' own blocks (eager and grouped_mm) holding the
+same weights and against a dense SwiGLU FFN with the same active FLOPs, all timed interleaved in one process."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from moekit.bench.timing import interleaved, memory_bandwidth
+from moekit.core.layer import MoE
+from moekit.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    name: str
+    hidden: int
+    intermediate: int
+    experts: int
+    k: int
+    tokens: tuple[int, ...]
+    shared: int = 0
+    train: bool = False
+    decode: bool = False
+
+    def scaled(self, factor: int) -> LayerCase:
+        """The same case with H, I and T divided by `factor` (for quick smoke runs)."""
+        return LayerCase(self.name, max(self.hidden // factor, 16), max(self.intermediate // factor, 16), self.experts,
+                         self.k, tuple(t if self.decode else max(t // factor, 8) for t in self.tokens), self.shared,
+                         self.train, self.decode)
+
+
+CASES = (
+    LayerCase("prefill-8x2", 1024, 3584, 8, 2, (1024,)),
+    LayerCase("fine-64x8", 1024, 512, 64, 8, (1024,), shared=2),
+    LayerCase("decode-8x2", 1024, 3584, 8, 2, (1, 4), decode=True),
+    LayerCase("train-8x2", 1024, 3584, 8, 2, (1024,), train=True),
+)
+
+
+class DenseSwiGLU(nn.Module):
+    """A dense SwiGLU FFN with the gate and up projections fused into one GEMM, as the MoE experts are."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def _moekit_layer(case: LayerCase) -> MoE:
+    if case.shared:  # DeepSeek-V2 routing (softmax, greedy top-k, no renormalisation) with shared experts
+        return MoE(case.hidden, case.intermediate, case.experts, case.k, router="deepseek_v2",
+                   num_shared_experts=case.shared)
+    return MoE(case.hidden, case.intermediate, case.experts, case.k, router="topk")
+
+
+def _transformers_block(case: LayerCase, moe: MoE, impl: str) -> nn.Module:
+    """transformers' block of the matching family, holding moekit's parameters (shared, not copied)."""
+    if case.shared:
+        from transformers import DeepseekV2Config
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+        config = DeepseekV2Config(hidden_size=case.hidden, moe_intermediate_size=case.intermediate,
+                                  n_routed_experts=case.experts, num_experts_per_tok=case.k,
+                                  n_shared_experts=case.shared, topk_method="greedy", routed_scaling_factor=1.0)
+        block = DeepseekV2Moe(config)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(block.shared_experts, name).weight = getattr(moe.shared_experts, name).weight
+    else:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        config = MixtralConfig(hidden_size=case.hidden, intermediate_size=case.intermediate,
+                               num_local_experts=case.experts, num_experts_per_tok=case.k)
+        block = MixtralSparseMoeBlock(config)
+    block.experts.config = copy.copy(block.experts.config)
+    block.experts.config._experts_implementation = impl
+    block.gate.weight = moe.router.weight
+    block.experts.gate_up_proj = moe.experts.gate_up_proj
+    block.experts.down_proj = moe.experts.down_proj
+    return block
+
+
+def _runner(module: nn.Module, x: Tensor, grad: Tensor | None, moekit: bool) -> Callable[[], object]:
+    def output() -> Tensor:
+        out = module(x)
+        return out.hidden if moekit else out
+
+    if grad is None:
+        def infer() -> object:
+            with torch.no_grad():
+                return output()
+        return infer
+
+    def train_step() -> object:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        output().backward(grad)
+        return None
+    return train_step
+
+
+def _bytes_read(moe: MoE, x: Tensor) -> int:
+    """Weights a forward over x must read at least once: the router and every expert some token chose."""
+    with torch.no_grad():
+        routing = moe.router(x.reshape(-1, moe.hidden_size))
+    active = int(torch.unique(routing.indices).numel())
+    return active * moe.experts.bytes_per_expert() + moe.router.weight.numel() * moe.router.weight.element_size()
+
+
+def run_case(case: LayerCase, repeats: int, bandwidth: float | None) -> list[dict]:
+    torch.manual_seed(0)
+    moe = _moekit_layer(case)
+    contenders: dict[str, nn.Module] = {
+        "moekit": moe,
+        "transformers_eager": _transformers_block(case, moe, "eager"),
+        "transformers_grouped_mm": _transformers_block(case, moe, "grouped_mm"),
+        "dense": DenseSwiGLU(case.hidden, (case.k + case.shared) * case.intermediate),
+    }
+    records = []
+    for tokens in case.tokens:
+        x = torch.randn(1, tokens, case.hidden, requires_grad=case.train)
+        grad = torch.randn(1, tokens, case.hidden) if case.train else None
+        fns = {name: _runner(m, x, grad, name == "moekit") for name, m in contenders.items()}
+        ms = interleaved(fns, repeats)
+        rec = {"case": case.name, "tokens": tokens, "hidden": case.hidden, "intermediate": case.intermediate,
+               "experts": case.experts, "k": case.k, "shared": case.shared, "dtype": "float32",
+               "mode": "train" if case.train else "forward", "repeats": repeats,
+               **{f"{name}_ms": round(v, 4) for name, v in ms.items()}, "floor_ms": None}
+        if case.decode and bandwidth:
+            rec["bytes_read"] = _bytes_read(moe, x)
+            rec["floor_ms"] = round(rec["bytes_read"] / bandwidth * 1e3, 4)
+        rec["dense_over_moekit"] = round(ms["dense"] / ms["moekit"], 3)
+        rec["transformers_eager_over_moekit"] = round(ms["transformers_eager"] / ms["moekit"], 3)
+        rec["transformers_grouped_mm_over_moekit"] = round(ms["transformers_grouped_mm"] / ms["moekit"], 3)
+        rec["moekit_over_floor"] = round(ms["moekit"] / rec["floor_ms"], 3) if rec["floor_ms"] else None
+        records.append(rec)
+    return records
+
+
+def bench_layer(cases: list[str] | None = None, repeats: int = 10, quick: bool = False) -> list[dict]:
+    """Run the layer benchmark; `quick` shrinks every case 16x (a smoke run, not a measurement)."""
+    known = {c.name: c for c in CASES}
+    names = cases or list(known)
+    for n in names:
+        if n not in known:
+            raise UnknownNameError(f"case={n!r}: expected one of {', '.join(known)}")
+    selected = [known[n].scaled(16) if quick else known[n] for n in names]
+    bandwidth = memory_bandwidth(16 * 2**20 if quick else 512 * 2**20) if any(c.decode for c in selected) else None
+    records: list[dict] = []
+    for case in tqdm(selected, desc="bench layer", unit="case"):
+        records.extend(run_case(case, repeats, bandwidth))
+    if bandwidth:
+        for rec in records:
+            rec["memory_bandwidth_gbs"] = round(bandwidth / 1e9, 2)
+    return records

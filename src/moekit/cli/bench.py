@@ -1,0 +1,40 @@
+"""`moekit bench layer [--json] [--case NAME ...] [--repeats N] [--quick]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moekit.bench.layer import CASES, bench_layer
+
+HELP = "benchmarks (interleaved runs, medians, baselines measured in the same run)"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    layer = sub.add_parser("layer", help="the MoE layer against transformers' blocks and a dense FFN")
+    layer.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    layer.add_argument("--case", action="append", choices=[c.name for c in CASES], help="run only this case")
+    layer.add_argument("--repeats", type=int, default=10, help="timed rounds per contender (median; default 10)")
+    layer.add_argument("--quick", action="store_true", help="shapes shrunk 16x: a smoke run, not a measurement")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise SystemExit("moekit bench: error: --repeats: expected a positive integer")
+    records = bench_layer(args.case, args.repeats, args.quick)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(format_table(records))
+    return 0
+
+
+def format_table(records: list[dict]) -> str:
+    cols = ["case", "tokens", "moekit_ms", "transformers_eager_ms", "transformers_grouped_mm_ms", "dense_ms",
+            "floor_ms", "dense_over_moekit"]
+    rows = [[("-" if r.get(c) is None else str(r[c])) for c in cols] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""`MoE`: router + routed experts + shared experts + dispatch, returning the output and its losses explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moekit.core.dispatch import DISPATCH_IMPLS, capacity_for, dispatch, plan_dispatch
+from moekit.core.experts import Activation, Experts, SharedExperts
+from moekit.core.losses import seq_balance_loss, switch_balance_loss, update_correction_bias, z_loss
+from moekit.core.routers import build_router
+from moekit.core.routing import Routing
+from moekit.errors import ConfigError, ShapeError
+
+
+@dataclass
+class MoEOutput:
+    """hidden: same shape as the input. aux_loss: the weighted sum of the configured losses (a scalar tensor).
+    routing: over the flattened tokens. expert_counts: [E] assignments each expert processed.
+    losses: the unweighted components by name. dropped: assignments dropped over capacity."""
+
+    hidden: Tensor
+    aux_loss: Tensor
+    routing: Routing
+    expert_counts: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    dropped: int = 0
+
+
+@dataclass
+class LossWeights:
+    """Coefficients of the auxiliary losses folded into `MoEOutput.aux_loss` (0 disables one)."""
+
+    balance: float = 0.01
+    z: float = 0.0
+    seq: float = 0.0
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name}={value!r}: expected a positive integer")
+    return value
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts feed-forward layer.
+
+    hidden_size H, intermediate_size I (width of one routed expert), num_experts E, k experts per token.
+    router: a registered router name (`moekit.core.routers.router_names()`), with `router_options`.
+    activation: swiglu | geglu | gelu | gpt_oss. num_shared_experts: experts every token uses, each of width
+    `shared_intermediate_size` (default: the routed expert width), gated by a sigmoid if `shared_gate`.
+    granularity m (DeepSeekMoE fine-grained segmentation): E*m experts of width I/m, k*m of them per token.
+    capacity_factor: None for dropless dispatch, else Switch/GShard capacity with dropping.
+    dispatch: "auto", "loop" (one GEMM per active expert) or "grouped_mm".
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        k: int = 2,
+        router: str = "topk",
+        activation: str = "swiglu",
+        *,
+        router_options: dict[str, Any] | None = None,
+        num_shared_experts: int = 0,
+        shared_intermediate_size: int | None = None,
+        shared_gate: bool = False,
+        granularity: int = 1,
+        capacity_factor: float | None = None,
+        bias: bool = False,
+        alpha: float = 1.702,
+        limit: float = 7.0,
+        loss_weights: LossWeights | None = None,
+        dispatch: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        _positive_int("hidden_size", hidden_size)
+        _positive_int("intermediate_size", intermediate_size)
+        _positive_int("num_experts", num_experts)
+        _positive_int("granularity", granularity)
+        if intermediate_size % granularity:
+            raise ConfigError(f"granularity={granularity}: expected a divisor of intermediate_size={intermediate_size}")
+        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ConfigError(f"num_shared_experts={num_shared_experts!r}: expected a non-negative integer")
+        if dispatch not in DISPATCH_IMPLS:
+            raise ConfigError(f"dispatch={dispatch!r}: expected one of {', '.join(DISPATCH_IMPLS)}")
+        if capacity_factor is not None:
+            capacity_for(1, 1, 1, capacity_factor)  # validates the factor
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts * granularity
+        self.k = k * granularity
+        self.granularity = granularity
+        self.capacity_factor = capacity_factor
+        self.dispatch_impl = dispatch
+        self.loss_weights = loss_weights or LossWeights()
+        act = Activation(activation, alpha, limit)
+        self.router = build_router(router, hidden_size, self.num_experts, self.k, router_options)
+        self.experts = Experts(self.num_experts, hidden_size, intermediate_size // granularity, act, bias,
+                               dtype=dtype, device=device)
+        self.shared_experts = None
+        if num_shared_experts:
+            width = shared_intermediate_size or intermediate_size // granularity
+            self.shared_experts = SharedExperts(hidden_size, num_shared_experts * width, act, shared_gate,
+                                                dtype=dtype, device=device)
+        self.router.to(device=device, dtype=dtype)
+
+    def forward(self, hidden: Tensor, k: int | None = None) -> MoEOutput:
+        """hidden [..., H] -> MoEOutput. `k` overrides the number of experts per token for this call (for
+        "self-slimmable" inference, Sparse MoE as the New Dropout)."""
+        if hidden.shape[-1] != self.hidden_size or hidden.dim() < 1:
+            raise ShapeError(f"hidden: expected last dimension hidden_size={self.hidden_size}, "
+                             f"got shape {list(hidden.shape)}")
+        x = hidden.reshape(-1, self.hidden_size)
+        routing = self.router(x, k)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = capacity_for(x.shape[0], routing.k, self.num_experts, self.capacity_factor)
+        plan = plan_dispatch(routing, self.num_experts, capacity)
+        out = dispatch(x, plan, self.experts, self.dispatch_impl)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        seq_len = hidden.shape[-2] if hidden.dim() >= 3 else x.shape[0]
+        losses, aux = self._losses(routing, seq_len)
+        counts = torch.tensor(plan.counts, device=x.device)
+        return MoEOutput(out.view(hidden.shape), aux, routing, counts, losses, plan.dropped)
+
+    def _losses(self, routing: Routing, seq_len: int) -> tuple[dict[str, Tensor], Tensor]:
+        w = self.loss_weights
+        losses: dict[str, Tensor] = {"balance": switch_balance_loss(routing), "z": z_loss(routing.logits)}
+        if w.seq:
+            losses["seq"] = seq_balance_loss(routing, max(seq_len, 1))
+        aux = w.balance * losses["balance"] + w.z * losses["z"]
+        if w.seq:
+            aux = aux + w.seq * losses["seq"]
+        return losses, aux
+
+    def update_bias(self, expert_counts: Tensor, gamma: float = 1e-3) -> None:
+        """Auxiliary-loss-free balancing step (router must have `e_score_correction_bias`, e.g. deepseek_v3)."""
+        bias = getattr(self.router, "e_score_correction_bias", None)
+        if bias is None:
+            raise ConfigError(f"update_bias: router {self.router.name!r} has no e_score_correction_bias; "
+                              "expected router='deepseek_v3'")
+        update_correction_bias(bias, expert_counts, gamma)

@@ -1,0 +1,221 @@
+"""Routers: modules that own the router parameters and apply one routing rule, and the name registry.
+
+Every router is called the same way, `router(hidden [T, H], k=None) -> Routing`, and is registered under a name
+so that `MoE(router="topk", router_options={...})` and later research routers plug in alike. A router's options are
+its own small dataclass (`Router.Options`); unknown option names are refused with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.core.routing import (
+    Routing,
+    check_groups,
+    check_k,
+    sigmoid_group_topk,
+    softmax_group_topk,
+    softmax_topk,
+    topk_softmax,
+    widen,
+)
+from moekit.errors import ConfigError, RoutingError, ShapeError, UnknownNameError
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
+    """Class decorator: make a `Router` subclass constructible by `name`."""
+
+    def add(cls: type[Router]) -> type[Router]:
+        if name in ROUTERS:
+            raise ConfigError(f"router name {name!r} is already registered by {ROUTERS[name].__name__}")
+        cls.name = name
+        ROUTERS[name] = cls
+        return cls
+
+    return add
+
+
+def router_names() -> list[str]:
+    return sorted(ROUTERS)
+
+
+def build_router(
+    name: str, hidden_size: int, num_experts: int, k: int, options: dict[str, Any] | None = None
+) -> Router:
+    """Construct the router registered as `name`."""
+    if name not in ROUTERS:
+        raise UnknownNameError(f"router={name!r}: expected one of {', '.join(router_names())}")
+    return ROUTERS[name](hidden_size, num_experts, k, options)
+
+
+@dataclass
+class RouterOptions:
+    """Options every router has. bias: a learned per-expert logit bias (GPT-OSS). jitter: in training, the router
+    input is multiplied by uniform noise in [1 - jitter, 1 + jitter] (Switch Transformer); the experts see the clean
+    input. logits_fp32: compute the logits in float32 whatever the input dtype (DeepSeek)."""
+
+    bias: bool = False
+    jitter: float = 0.0
+    logits_fp32: bool = False
+
+
+class Router(nn.Module):
+    """Base router: `weight [E, H]` (+ optional `bias [E]`) produces logits; `rule` turns them into a `Routing`."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[RouterOptions]] = RouterOptions
+
+    def __init__(self, hidden_size: int, num_experts: int, k: int, options: dict[str, Any] | None = None):
+        super().__init__()
+        check_k(k, num_experts)
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.k = k
+        self.options = make_options(self.Options, options, f"router_options for router {self.name!r}")
+        if self.options.jitter < 0 or self.options.jitter >= 1:
+            raise ConfigError(f"router_options.jitter={self.options.jitter}: expected a value in [0, 1)")
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if self.options.bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[T, H] -> [T, E]."""
+        if self.training and self.options.jitter > 0:
+            noise = torch.empty_like(hidden).uniform_(1.0 - self.options.jitter, 1.0 + self.options.jitter)
+            hidden = hidden * noise
+        weight, bias = self.weight, self.bias
+        if self.options.logits_fp32:
+            hidden, weight = widen(hidden), widen(weight)
+            bias = None if bias is None else widen(bias)
+        return F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+
+    def rule(self, logits: Tensor, k: int) -> Routing:
+        raise NotImplementedError
+
+    def forward(self, hidden: Tensor, k: int | None = None) -> Routing:
+        if hidden.dim() != 2 or hidden.shape[-1] != self.hidden_size:
+            raise ShapeError(f"router input: expected shape [T, {self.hidden_size}], got {list(hidden.shape)}")
+        k = self.k if k is None else k
+        check_k(k, self.num_experts)
+        logits = self.logits(hidden)
+        if torch.isnan(logits).any():
+            raise RoutingError(
+                f"router {self.name!r}: logits contain NaN for "
+                f"{int(torch.isnan(logits).any(-1).sum())} of {logits.shape[0]} tokens; expected finite values "
+                "(check the layer input and router weight for NaN/inf)"
+            )
+        return self.rule(logits, k)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, k={self.k}, {self.options}"
+
+
+def make_options(cls: type, given: dict[str, Any] | None, where: str) -> Any:
+    """Build an options dataclass, refusing unknown names with the list of known ones."""
+    given = dict(given or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
+        )
+    return cls(**given)
+
+
+@dataclass
+class TopKOptions(RouterOptions):
+    """normalize: divide the kept probabilities by their sum (Mixtral, Qwen3 `norm_topk_prob`)."""
+
+    normalize: bool = True
+
+
+@register_router("topk")
+class TopKRouter(Router):
+    """w = topk(softmax(x W^T)), renormalised over the k kept experts when `normalize`."""
+
+    Options = TopKOptions
+
+    def rule(self, logits: Tensor, k: int) -> Routing:
+        return softmax_topk(logits, k, self.options.normalize)
+
+
+@register_router("topk_softmax")
+class TopKSoftmaxRouter(Router):
+    """w = softmax(topk(x W^T + b)): softmax over the k kept logits only (GPT-OSS)."""
+
+    def rule(self, logits: Tensor, k: int) -> Routing:
+        return topk_softmax(logits, k)
+
+
+@dataclass
+class DeepSeekV3Options(RouterOptions):
+    """n_group / topk_group: group-limited selection; normalize: `norm_topk_prob`; scaling:
+    `routed_scaling_factor`."""
+
+    n_group: int = 1
+    topk_group: int = 1
+    normalize: bool = True
+    scaling: float = 1.0
+    logits_fp32: bool = True
+
+
+@register_router("deepseek_v3")
+class DeepSeekV3Router(Router):
+    """Sigmoid scores, selection steered by `e_score_correction_bias` (auxiliary-loss-free balancing; update it with
+    `moekit.core.losses.update_correction_bias`), group-limited top-k."""
+
+    Options = DeepSeekV3Options
+
+    def __init__(self, hidden_size: int, num_experts: int, k: int, options: dict[str, Any] | None = None):
+        super().__init__(hidden_size, num_experts, k, options)
+        check_groups(num_experts, self.options.n_group, self.options.topk_group, k)
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+
+    def rule(self, logits: Tensor, k: int) -> Routing:
+        o = self.options
+        bias = self.e_score_correction_bias
+        return sigmoid_group_topk(logits, k, bias, o.n_group, o.topk_group, o.normalize, o.scaling)
+
+
+@dataclass
+class DeepSeekV2Options(RouterOptions):
+    """method: 'greedy' or 'group_limited_greedy'; scaling: `routed_scaling_factor`."""
+
+    method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    normalize: bool = False
+    scaling: float = 1.0
+    logits_fp32: bool = True
+
+
+@register_router("deepseek_v2")
+class DeepSeekV2Router(Router):
+    """Softmax scores; greedy top-k or group-limited greedy (best groups by their best expert)."""
+
+    Options = DeepSeekV2Options
+
+    def __init__(self, hidden_size: int, num_experts: int, k: int, options: dict[str, Any] | None = None):
+        super().__init__(hidden_size, num_experts, k, options)
+        if self.options.method == "group_limited_greedy":
+            check_groups(num_experts, self.options.n_group, self.options.topk_group, k)
+
+    def rule(self, logits: Tensor, k: int) -> Routing:
+        o = self.options
+        return softmax_group_topk(logits, k, o.method, o.n_group, o.topk_group, o.normalize, o.scaling)
