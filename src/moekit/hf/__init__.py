@@ -1,0 +1,11 @@
+"""Hugging Face MoE families: read (`view`), run through moekit (`accelerate` / `restore`), load and save.
+
+Nothing here patches transformers at import; every change to a model is an explicit, reversible call.
+"""
+
+from moekit.hf.accelerate import accelerate, is_accelerated, restore
+from moekit.hf.families import FAMILIES, Family, family_of
+from moekit.hf.view import BlockView, HFExperts, view
+
+__all__ = ["FAMILIES", "BlockView", "Family", "HFExperts", "accelerate", "family_of", "is_accelerated", "restore",
+           "view"]
