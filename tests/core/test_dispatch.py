@@ -34,7 +34,7 @@ def check_against_reference(moe, x, out, atol):
     num_tokens=st.integers(0, 24),
     router=st.sampled_from(ROUTERS),
     activation=st.sampled_from(ACTS),
-    impl=st.sampled_from(["loop", "grouped_mm", "auto"]),
+    impl=st.sampled_from(["loop", "grouped_mm", "threads", "auto"]),
     capacity=st.sampled_from([None, 0.25, 0.5, 1.0, 2.0]),
     bias=st.booleans(),
     seed=st.integers(0, 1000),
@@ -49,7 +49,9 @@ def test_moe_matches_reference_fp32(num_experts, data, num_tokens, router, activ
             moe.experts.gate_up_proj_bias.normal_()
             moe.experts.down_proj_bias.normal_()
     x = torch.randn(num_tokens, 12) * 2
-    check_against_reference(moe, x, moe(x), atol=1e-4)
+    with torch.no_grad():  # inference, so that "threads" runs threaded; gradients are checked below
+        out = moe(x)
+    check_against_reference(moe, x, out, atol=1e-4)
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -83,8 +85,9 @@ def test_transposed_experts_match_reference():
     logits = torch.randn(15, 6)
     weights, indices = torch.softmax(logits, -1).topk(2)
     r = Routing(logits, weights, indices)
-    for impl in ("loop", "grouped_mm"):
-        got = dispatch(x, plan_dispatch(r, 6), experts, impl)
+    for impl in ("loop", "grouped_mm", "threads"):
+        with torch.no_grad():
+            got = dispatch(x, plan_dispatch(r, 6), experts, impl)
         torch.testing.assert_close(got.double(), ref_moe(x, indices, weights.double(), experts), atol=1e-4, rtol=1e-4)
 
 
@@ -98,10 +101,11 @@ def test_variable_k_mask_dispatch_matches_reference():
     mask[:, 0] = True
     weights = weights * mask
     r = Routing(logits, weights, indices, mask=mask)
-    for impl in ("loop", "grouped_mm"):
+    for impl in ("loop", "grouped_mm", "threads"):
         for capacity in (None, 2):
             plan = plan_dispatch(r, 7, capacity)
-            got = dispatch(x, plan, experts, impl)
+            with torch.no_grad():
+                got = dispatch(x, plan, experts, impl)
             want = ref_moe(x, indices, weights.double(), experts, capacity, mask=mask)
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
             assert plan.token.numel() == int(ref_keep(indices, capacity, mask).sum())

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from moekit.bench.layer import CASES, bench_layer
+from moekit.errors import ConfigError
 
 HELP = "benchmarks (interleaved runs, medians, baselines measured in the same run)"
 
@@ -21,7 +22,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
-        raise SystemExit("moekit bench: error: --repeats: expected a positive integer")
+        raise ConfigError(f"--repeats={args.repeats}: expected a positive integer")
     records = bench_layer(args.case, args.repeats, args.quick)
     if args.json:
         print(json.dumps(records, indent=1))

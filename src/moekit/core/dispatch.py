@@ -12,7 +12,9 @@ so its weight is lost and a token with every assignment dropped contributes noth
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -21,7 +23,9 @@ from moekit.core.experts import Experts
 from moekit.core.routing import Routing
 from moekit.errors import ConfigError, RoutingError
 
-DISPATCH_IMPLS = ("auto", "loop", "grouped_mm")
+DISPATCH_IMPLS = ("auto", "loop", "grouped_mm", "threads")
+_GEMV_ROWS = 8  # at most this many tokens per expert on average: weight reads dominate (decode)
+_THREADS_MIN_BYTES = 2**20  # below this an expert is read faster than a thread pool hand-off
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -97,13 +101,31 @@ def _run_grouped(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
     return _grouped_linear(experts.act(h), w_down, offsets, experts.down_proj_bias, plan.expert)
 
 
-def _run_loop(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
-    outs = []
-    start = 0
+def _slices(plan: DispatchPlan) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of every expert that received assignments."""
+    out, start = [], 0
     for e, n in enumerate(plan.counts):
         if n:
-            outs.append(experts.expert(xs[start:start + n], e))
+            out.append((e, start, start + n))
             start += n
+    return out
+
+
+def _run_loop(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+    outs = [experts.expert(xs[s:t], e) for e, s, t in _slices(plan)]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="moekit-experts")
+
+
+def _run_threads(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+    """Experts side by side on a thread pool (torch releases the GIL inside each GEMM). With few tokens per expert
+    a GEMM is a matrix-vector product bound by reading the weights, and one BLAS call does not use all cores'
+    memory bandwidth; several experts at once do."""
+    outs = list(_pool(torch.get_num_threads()).map(lambda sl: experts.expert(xs[sl[1]:sl[2]], sl[0]), _slices(plan)))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
@@ -120,12 +142,22 @@ def grouped_mm_supported(xs: Tensor, experts: Experts) -> bool:
     return all(_aligned(t) for t in (xs, hidden, *experts.grouped_weights()))
 
 
+_RUNNERS = {"loop": _run_loop, "grouped_mm": _run_grouped, "threads": _run_threads}
+
+
 def choose_impl(impl: str, xs: Tensor, experts: Experts, active_experts: int) -> str:
-    """`grouped_mm` runs every expert in one torch._grouped_mm call where its dtype (float32, bfloat16) and
-    alignment rules allow, else falls back to `loop`, one GEMM per active expert. `auto` picks grouped_mm when
-    several experts are active (measured faster by `moekit bench layer`)."""
+    """`loop`: one GEMM per active expert. `grouped_mm`: every expert in one torch._grouped_mm call, where its
+    dtype (float32, bfloat16) and alignment rules allow, else `loop`. `threads`: the experts run concurrently on a
+    thread pool, for inference only (autograd falls back to `loop`). `auto`, measured by `moekit bench layer`:
+    threads when the GEMMs are matrix-vector products (a few tokens per expert, no autograd), grouped_mm when
+    several experts get many tokens, loop otherwise."""
     if impl not in DISPATCH_IMPLS:
         raise ConfigError(f"dispatch={impl!r}: expected one of {', '.join(DISPATCH_IMPLS)}")
+    grad = torch.is_grad_enabled() and (xs.requires_grad or experts.gate_up_proj.requires_grad)
+    if impl == "threads" or impl == "auto" and xs.shape[0] <= _GEMV_ROWS * active_experts:
+        big = experts.bytes_per_expert() >= _THREADS_MIN_BYTES or impl == "threads"
+        threads_ok = big and not grad and active_experts > 1 and torch.get_num_threads() > 1
+        return "threads" if threads_ok else "loop"
     if impl == "loop" or not grouped_mm_supported(xs, experts):
         return "loop"
     if impl == "auto" and (active_experts < 2 or xs.shape[0] < 64):
@@ -142,7 +174,6 @@ def dispatch(x: Tensor, plan: DispatchPlan, experts: Experts, impl: str = "auto"
     if plan.token.numel() == 0:
         return out.to(x.dtype)
     xs = x[plan.token].to(experts.gate_up_proj.dtype)
-    impl = choose_impl(impl, xs, experts, sum(1 for n in plan.counts if n))
-    ys = _run_grouped(xs, plan, experts) if impl == "grouped_mm" else _run_loop(xs, plan, experts)
+    ys = _RUNNERS[choose_impl(impl, xs, experts, sum(1 for n in plan.counts if n))](xs, plan, experts)
     ys = ys.to(acc_dtype) * plan.weight.to(acc_dtype).unsqueeze(-1)
     return out.index_add_(0, plan.token, ys).to(x.dtype)

@@ -1,0 +1,58 @@
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from moekit.bench.layer import CASES, _moekit_layer, _transformers_block
+from moekit.cli.main import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moekit.cli.main", *args], capture_output=True, text=True, env=ENV,
+                          timeout=600)
+
+
+def test_bench_layer_quick_json_records():
+    proc = run_cli("bench", "layer", "--quick", "--repeats", "1", "--json", "--case", "prefill-8x2",
+                   "--case", "decode-8x2")
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    assert [(r["case"], r["tokens"]) for r in records] == [("prefill-8x2", 64), ("decode-8x2", 1), ("decode-8x2", 4)]
+    for r in records:
+        for field in ("moekit_ms", "transformers_eager_ms", "transformers_grouped_mm_ms", "dense_ms"):
+            assert r[field] > 0
+        assert abs(r["dense_over_moekit"] - r["dense_ms"] / r["moekit_ms"]) < 0.01 * r["dense_over_moekit"] + 1e-3
+    decode = [r for r in records if r["case"] == "decode-8x2"]
+    assert all(r["floor_ms"] > 0 and r["bytes_read"] > 0 for r in decode)
+    assert records[0]["floor_ms"] is None
+
+
+def test_bench_baselines_hold_the_same_function():
+    """The transformers blocks the benchmark times compute what moekit computes, from the same parameters."""
+    for case in (CASES[0].scaled(16), CASES[1].scaled(16)):
+        torch.manual_seed(0)
+        moe = _moekit_layer(case)
+        x = torch.randn(1, 40, case.hidden)
+        for impl in ("eager", "grouped_mm"):
+            block = _transformers_block(case, moe, impl)
+            assert block.experts.gate_up_proj is moe.experts.gate_up_proj
+            with torch.no_grad():
+                torch.testing.assert_close(block(x), moe(x).hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_user_errors_are_one_line_exit_2(capsys):
+    assert main(["bench", "layer", "--repeats", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "moekit bench: error: --repeats=0: expected a positive integer"
+    proc = run_cli("bench", "layer", "--case", "nope")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tour_runs():
+    proc = run_cli("tour", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens per expert" in proc.stdout and "prefill-8x2" in proc.stdout
