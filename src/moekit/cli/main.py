@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moekit.cli import bench, tour
+from moekit.cli import bench, info, tour
 from moekit.errors import MoekitError
 
-VERBS = {"bench": bench, "tour": tour}
+VERBS = {"bench": bench, "info": info, "tour": tour}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,146 @@
+"""`describe(path)`: what an MoE checkpoint holds, from config.json and the safetensors headers only (no weight is
+read into memory): family, which layers are MoE, experts per layer, k, shared experts, routing, parameter counts
+(total and active per token) and bytes per expert and per layer.
+
+Checkpoints on disk keep the family's original tensor names (transformers v5 converts them on load), so experts are
+found by the family's `checkpoint_experts` pattern: per-expert tensors `...layers.{i}.<block>.experts.{j}.<proj>`
+or fused ones (`...experts.gate_up_proj`, GraniteMoE's `input_linear` / `output_linear`) with E as their first
+dimension. Shared experts (`shared_expert`, `shared_experts`) never match `.experts.`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from moekit.hf.checkpoint import CONFIG, read_config
+from moekit.hf.families import Family, family_of
+from moekit.hf.headers import CheckpointError, TensorInfo, read_checkpoint, weight_files
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _experts_in_layer(tensors: list[TensorInfo], pattern: re.Pattern) -> tuple[int, int, int]:
+    """(E, expert parameters, expert bytes) of one layer's tensors; E = 0 for a dense layer."""
+    ids, fused_e, numel, nbytes = set(), 0, 0, 0
+    for t in tensors:
+        match = pattern.search(t.name)
+        if match is None:
+            continue
+        numel += t.numel
+        nbytes += t.nbytes
+        if match.groups() and match.group(1) is not None:
+            ids.add(int(match.group(1)))
+        else:
+            fused_e = max(fused_e, t.shape[0])
+    return max(fused_e, len(ids)), numel, nbytes
+
+
+def _params_per_expert(family: Family, config: Any) -> int:
+    hidden, width = config.hidden_size, family.width(config)
+    return 3 * hidden * width + (2 * width + hidden if family.bias else 0)
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-ready description of the checkpoint directory `path`. Raises a MoekitError naming the file for a
+    missing directory or config, an unsupported or dense model, a missing, truncated or corrupt shard, or expert
+    tensors that disagree with the config."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory (config.json + safetensors)")
+    config = read_config(directory)
+    family = family_of(config)
+    tensors = read_checkpoint(directory)
+    by_layer: dict[int, list[TensorInfo]] = defaultdict(list)
+    for t in tensors.values():
+        match = _LAYER.search(t.name)
+        if match:
+            by_layer[int(match.group(1))].append(t)
+    k = 2 if family.routing == "sparsemixer" else family.k(config)
+    moe_by_config = set(family.moe_layers(config))
+    per_expert = _params_per_expert(family, config)
+    pattern = re.compile(family.checkpoint_experts)
+    layers, inactive = [], 0
+    for i in range(config.num_hidden_layers):
+        experts, expert_params, expert_bytes = _experts_in_layer(by_layer.get(i, []), pattern)
+        if (experts > 0) != (i in moe_by_config):
+            raise CheckpointError(f"{directory / CONFIG}: layer {i} is {'MoE' if i in moe_by_config else 'dense'} "
+                                  f"by the config ({family.dense_rule}) but the weights say "
+                                  f"{'MoE' if experts else 'dense'}")
+        if experts and expert_params != experts * per_expert:
+            raise CheckpointError(
+                f"{directory / CONFIG}: layer {i} experts hold {expert_params // experts} parameters each in the "
+                f"weights; hidden_size={config.hidden_size}, {family.width_key}={family.width(config)} expect "
+                f"{per_expert}")
+        layer_bytes = sum(t.nbytes for t in by_layer.get(i, []))
+        record = {"layer": i, "kind": "moe" if experts else "dense", "bytes": layer_bytes}
+        if experts:
+            record.update(experts=experts, bytes_per_expert=expert_bytes // experts)
+            inactive += expert_params * (experts - min(k, experts)) // experts
+        layers.append(record)
+    total = sum(t.numel for t in tensors.values())
+    dtype_bytes = Counter()
+    for t in tensors.values():
+        dtype_bytes[t.dtype] += t.nbytes
+    shared_width = family.shared_width(config)
+    return {
+        "path": str(directory),
+        "family": family.name,
+        "model_type": family.model_type,
+        "num_layers": config.num_hidden_layers,
+        "moe_layers": [r["layer"] for r in layers if r["kind"] == "moe"],
+        "dense_layers": [r["layer"] for r in layers if r["kind"] == "dense"],
+        "experts_per_layer": {str(r["layer"]): r["experts"] for r in layers if r["kind"] == "moe"},
+        "k": k,
+        "hidden_size": config.hidden_size,
+        "expert_width": family.width(config),
+        "shared_experts": {"width": shared_width, "gate": family.shared_gate is not None} if shared_width else None,
+        "routing": family.routing,
+        "routing_options": family.routing_options(config),
+        "total_params": total,
+        "active_params": total - inactive,
+        "total_bytes": sum(dtype_bytes.values()),
+        "dtype": dtype_bytes.most_common(1)[0][0] if dtype_bytes else None,
+        "dtypes": dict(dtype_bytes),
+        "files": [p.name for p in weight_files(directory)],
+        "layers": layers,
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """A short human-readable summary of `describe`'s result."""
+    shared = info["shared_experts"]
+    shared_text = "none" if shared is None else f"width {shared['width']}" + (" gated" if shared["gate"] else "")
+    lines = [
+        f"{info['path']}: {info['family']} ({info['model_type']}), {info['dtype']}, {len(info['files'])} file(s)",
+        f"layers: {info['num_layers']} (MoE: {_ranges(info['moe_layers'])}; dense: {_ranges(info['dense_layers'])})",
+        f"experts per layer: {_compact(info['experts_per_layer'])}, k={info['k']}, width {info['expert_width']}, "
+        f"shared: {shared_text}",
+        f"routing: {info['routing']} {info['routing_options'] or ''}".rstrip(),
+        f"params: {info['total_params']:,} total, {info['active_params']:,} active per token; "
+        f"{info['total_bytes'] / 2**20:.2f} MiB",
+        "layer  kind   experts  bytes/expert  bytes",
+    ]
+    for r in info["layers"]:
+        lines.append(f"{r['layer']:<6} {r['kind']:<6} {r.get('experts', '-')!s:<8} "
+                     f"{r.get('bytes_per_expert', '-')!s:<13} {r['bytes']}")
+    return "\n".join(lines)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs) or "none"
+
+
+def _compact(experts: dict[str, int]) -> str:
+    values = set(experts.values())
+    return str(values.pop()) if len(values) == 1 else ", ".join(f"{k}:{v}" for k, v in experts.items())
