@@ -1,14 +1,17 @@
-"""`moekit bench layer [--json] [--case NAME ...] [--repeats N] [--quick]`."""
+"""`moekit bench layer [--json] [--case NAME ...] [--repeats N] [--quick]`,
+`moekit bench hf-accelerate [--json] [--repeats N] [--quick]`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from moekit.bench.hf import bench_hf_accelerate
 from moekit.bench.layer import CASES, bench_layer
 from moekit.errors import ConfigError
 
 HELP = "benchmarks (interleaved runs, medians, baselines measured in the same run)"
+HF_COLUMNS = ["case", "tokens", "transformers_ms", "moekit_ms", "transformers_over_moekit"]
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -18,22 +21,29 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     layer.add_argument("--case", action="append", choices=[c.name for c in CASES], help="run only this case")
     layer.add_argument("--repeats", type=int, default=10, help="timed rounds per contender (median; default 10)")
     layer.add_argument("--quick", action="store_true", help="shapes shrunk 16x: a smoke run, not a measurement")
+    hf = sub.add_parser("hf-accelerate", help="a Qwen3-MoE-shaped model: transformers' default vs moekit.hf.accelerate")
+    hf.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    hf.add_argument("--repeats", type=int, default=5, help="timed rounds per contender (median; default 5)")
+    hf.add_argument("--quick", action="store_true", help="a tiny model: a smoke run, not a measurement")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ConfigError(f"--repeats={args.repeats}: expected a positive integer")
-    records = bench_layer(args.case, args.repeats, args.quick)
+    if args.what == "hf-accelerate":
+        records, cols = bench_hf_accelerate(args.repeats, args.quick), HF_COLUMNS
+    else:
+        records, cols = bench_layer(args.case, args.repeats, args.quick), None
     if args.json:
         print(json.dumps(records, indent=1))
     else:
-        print(format_table(records))
+        print(format_table(records, cols))
     return 0
 
 
-def format_table(records: list[dict]) -> str:
-    cols = ["case", "tokens", "moekit_ms", "transformers_eager_ms", "transformers_grouped_mm_ms", "dense_ms",
-            "floor_ms", "dense_over_moekit"]
+def format_table(records: list[dict], cols: list[str] | None = None) -> str:
+    cols = cols or ["case", "tokens", "moekit_ms", "transformers_eager_ms", "transformers_grouped_mm_ms", "dense_ms",
+                    "floor_ms", "dense_over_moekit"]
     rows = [[("-" if r.get(c) is None else str(r[c])) for c in cols] for r in records]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
