@@ -132,10 +132,10 @@ def test_capacity_drops_in_priority_order():
     assert capacity_for(4, 2, 3, 0.75) == 2
 
 
-@pytest.mark.parametrize("router", ROUTERS)
-def test_gradients_float64_gradcheck(router):
+@pytest.mark.parametrize("router,impl", [(r, "loop") for r in ROUTERS] + [("topk", "threads")])
+def test_gradients_float64_gradcheck(router, impl):
     torch.manual_seed(4)
-    moe = MoE(6, 3, 4, k=2, router=router, num_shared_experts=1, dtype=torch.float64, dispatch="loop")
+    moe = MoE(6, 3, 4, k=2, router=router, num_shared_experts=1, dtype=torch.float64, dispatch=impl)
     moe.router.double()
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     names = ["experts.gate_up_proj", "experts.down_proj", "router.weight", "shared_experts.up_proj.weight"]
@@ -147,10 +147,12 @@ def test_gradients_float64_gradcheck(router):
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
 
 
-def test_grouped_and_loop_gradients_agree_with_stride0_grad():
+@pytest.mark.parametrize("impl,activation", [("grouped_mm", "swiglu"), ("threads", "swiglu"),
+                                             ("threads", "gpt_oss")])
+def test_fast_and_loop_gradients_agree_with_stride0_grad(impl, activation):
     torch.manual_seed(5)
-    a = MoE(16, 8, 6, k=2, dispatch="grouped_mm", bias=True)
-    b = MoE(16, 8, 6, k=2, dispatch="loop", bias=True)
+    a = MoE(16, 8, 6, k=2, dispatch=impl, bias=True, activation=activation)
+    b = MoE(16, 8, 6, k=2, dispatch="loop", bias=True, activation=activation)
     b.load_state_dict(a.state_dict())
     x = torch.randn(40, 16)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -159,6 +161,36 @@ def test_grouped_and_loop_gradients_agree_with_stride0_grad():
     torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_threaded_transposed_experts_gradients_match_loop():
+    torch.manual_seed(6)
+    experts = Experts(5, 8, 4, "gpt_oss", bias=True, transposed=True)
+    x = torch.randn(30, 8)
+    logits = torch.randn(30, 5)
+    weights, indices = torch.softmax(logits, -1).topk(2)
+    plan = plan_dispatch(Routing(logits, weights, indices), 5)
+    grads = []
+    for impl in ("loop", "threads"):
+        experts.zero_grad()
+        dispatch(x, plan, experts, impl).square().sum().backward()
+        grads.append([p.grad.clone() for p in experts.parameters()])
+    for ga, gb in zip(*grads, strict=True):
+        torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)
+
+
+def test_work_groups_cover_every_row_once():
+    from moekit.core.dispatch import DispatchPlan, _work_groups
+
+    plan = DispatchPlan(torch.zeros(0), torch.zeros(0), torch.zeros(0), [100, 0, 3, 1, 40], 0)
+    for split in (True, False):
+        groups = _work_groups(plan, 3, split)
+        rows = sorted(r for g in groups for _, s, t in g for r in range(s, t))
+        assert rows == list(range(144))
+        if not split:  # whole experts
+            assert sorted(t - s for g in groups for _, s, t in g) == [1, 3, 40, 100]
+    loads = [sum(t - s for _, s, t in g) for g in _work_groups(plan, 3, True)]
+    assert max(loads) <= 48 + 8  # the 100-row expert was cut into shares of ceil(144 / 3) = 48 rows
 
 
 def test_dispatch_errors():

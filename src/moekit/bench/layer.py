@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from moekit.bench.timing import interleaved, memory_bandwidth
+from moekit.bench.timing import interleaved
 from moekit.core.layer import MoE
 from moekit.errors import UnknownNameError
 
@@ -118,7 +118,9 @@ def _bytes_read(moe: MoE, x: Tensor) -> int:
     return active * moe.experts.bytes_per_expert() + moe.router.weight.numel() * moe.router.weight.element_size()
 
 
-def run_case(case: LayerCase, repeats: int, bandwidth: float | None) -> list[dict]:
+def run_case(case: LayerCase, repeats: int, copy_bytes: int | None = None) -> list[dict]:
+    """Time every contender on `case`, interleaved. With `copy_bytes` (decode cases), a copy of that many bytes is
+    timed in the same rounds and gives the memory bandwidth for `floor_ms`."""
     torch.manual_seed(0)
     moe = _moekit_layer(case)
     contenders: dict[str, nn.Module] = {
@@ -132,12 +134,19 @@ def run_case(case: LayerCase, repeats: int, bandwidth: float | None) -> list[dic
         x = torch.randn(1, tokens, case.hidden, requires_grad=case.train)
         grad = torch.randn(1, tokens, case.hidden) if case.train else None
         fns = {name: _runner(m, x, grad, name == "moekit") for name, m in contenders.items()}
+        if copy_bytes:
+            src = torch.ones(copy_bytes // 4)
+            dst = torch.empty_like(src)
+            fns["copy"] = lambda src=src, dst=dst: dst.copy_(src)
         ms = interleaved(fns, repeats)
+        copy_ms = ms.pop("copy", None)
         rec = {"case": case.name, "tokens": tokens, "hidden": case.hidden, "intermediate": case.intermediate,
                "experts": case.experts, "k": case.k, "shared": case.shared, "dtype": "float32",
                "mode": "train" if case.train else "forward", "repeats": repeats,
                **{f"{name}_ms": round(v, 4) for name, v in ms.items()}, "floor_ms": None}
-        if case.decode and bandwidth:
+        if copy_ms:
+            bandwidth = 2 * copy_bytes / (copy_ms / 1e3)  # bytes read + bytes written per second
+            rec["memory_bandwidth_gbs"] = round(bandwidth / 1e9, 2)
             rec["bytes_read"] = _bytes_read(moe, x)
             rec["floor_ms"] = round(rec["bytes_read"] / bandwidth * 1e3, 4)
         rec["dense_over_moekit"] = round(ms["dense"] / ms["moekit"], 3)
@@ -156,11 +165,7 @@ def bench_layer(cases: list[str] | None = None, repeats: int = 10, quick: bool =
         if n not in known:
             raise UnknownNameError(f"case={n!r}: expected one of {', '.join(known)}")
     selected = [known[n].scaled(16) if quick else known[n] for n in names]
-    bandwidth = memory_bandwidth(16 * 2**20 if quick else 512 * 2**20) if any(c.decode for c in selected) else None
     records: list[dict] = []
     for case in tqdm(selected, desc="bench layer", unit="case"):
-        records.extend(run_case(case, repeats, bandwidth))
-    if bandwidth:
-        for rec in records:
-            rec["memory_bandwidth_gbs"] = round(bandwidth / 1e9, 2)
+        records.extend(run_case(case, repeats, (16 if quick else 256) * 2**20 if case.decode else None))
     return records

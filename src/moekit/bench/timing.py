@@ -7,8 +7,6 @@ import statistics
 import time
 from collections.abc import Callable
 
-import torch
-
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median wall time in milliseconds of each function over `repeats` interleaved rounds."""
@@ -24,11 +22,3 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             fns[name]()
             samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def memory_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 10) -> float:
-    """Bytes per second moved by copying a large float32 tensor (read + write both counted)."""
-    src = torch.ones(num_bytes // 4)
-    dst = torch.empty_like(src)
-    ms = interleaved({"copy": lambda: dst.copy_(src)}, repeats)["copy"]
-    return 2 * num_bytes / (ms / 1e3)

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
           "FLOPs (shapes 1/4 of `moekit bench layer`, medians of interleaved runs):")
     records = []
     for case in CASES:
-        records.extend(run_case(case.scaled(4), args.repeats, None))
+        records.extend(run_case(case.scaled(4), args.repeats))
     print(format_table(records))
     print("\nFull benchmark: `moekit bench layer --json` (or `make bench`).")
     return 0

@@ -19,13 +19,13 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from moekit.core.experts import Experts
+from moekit.core.experts import Experts, linear
 from moekit.core.routing import Routing
 from moekit.errors import ConfigError, RoutingError
 
 DISPATCH_IMPLS = ("auto", "loop", "grouped_mm", "threads")
-_GEMV_ROWS = 8  # at most this many tokens per expert on average: weight reads dominate (decode)
-_THREADS_MIN_BYTES = 2**20  # below this an expert is read faster than a thread pool hand-off
+_GEMV_ROWS = 8  # reading an expert's weights costs about as much as this many rows of its GEMM
+_THREADS_MIN_BYTES = 2**20  # smaller experts are computed faster than a thread pool hand-off
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -118,15 +118,110 @@ def _run_loop(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
 
 @cache
 def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="moekit-experts")
+    """Worker threads that each run their BLAS calls on one core (torch's thread count is per thread)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="moekit-experts", initializer=torch.set_num_threads,
+                              initargs=(1,))
+
+
+def _work_groups(plan: DispatchPlan, workers: int, split: bool) -> list[list[tuple[int, int, int]]]:
+    """Expert slices in `workers` groups of about equal cost, largest first to the least loaded worker. The cost of
+    a slice is its rows plus a constant for reading the expert's weights. With `split`, an expert with more than
+    its share of rows is cut into row chunks first (forward only: in backward one thread owns each expert's
+    weight gradient)."""
+    slices = _slices(plan)
+    if split:
+        share = max(1, math.ceil(sum(t - s for _, s, t in slices) / workers))
+        slices = [(e, c, min(c + share, t)) for e, s, t in slices for c in range(s, t, share)]
+    groups: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for sl in sorted(slices, key=lambda sl: sl[2] - sl[1], reverse=True):
+        i = load.index(min(load))
+        groups[i].append(sl)
+        load[i] += sl[2] - sl[1] + _GEMV_ROWS
+    return [g for g in groups if g]
 
 
 def _run_threads(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
-    """Experts side by side on a thread pool (torch releases the GIL inside each GEMM). With few tokens per expert
-    a GEMM is a matrix-vector product bound by reading the weights, and one BLAS call does not use all cores'
-    memory bandwidth; several experts at once do."""
-    outs = list(_pool(torch.get_num_threads()).map(lambda sl: experts.expert(xs[sl[1]:sl[2]], sl[0]), _slices(plan)))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    """Experts side by side on a thread pool, each GEMM on one core.
+
+    On a CPU one BLAS call split over all cores is less efficient for an expert-sized GEMM (a few hundred rows) than
+    one core per GEMM with the experts in parallel, and a matrix-vector product (decode) on one core cannot use all
+    cores' memory bandwidth; experts in parallel do. torch releases the GIL inside each op. Under autograd the
+    backward pass runs on the pool too (`_ThreadedExperts`)."""
+    if torch.is_grad_enabled() and (xs.requires_grad or any(p.requires_grad for p in experts.parameters())):
+        return _ThreadedExperts.apply(xs, plan, experts, experts.gate_up_proj, experts.down_proj,
+                                      experts.gate_up_proj_bias, experts.down_proj_bias)
+    ys, _ = _threaded_forward(xs, plan, experts, keep_hidden=False)
+    return ys
+
+
+def _threaded_forward(xs: Tensor, plan: DispatchPlan, experts: Experts, keep_hidden: bool) -> tuple[Tensor, Tensor]:
+    ys = xs.new_empty(xs.shape[0], experts.hidden_size)
+    hidden = xs.new_empty(xs.shape[0], experts.gate_up_proj.shape[-1 if experts.transposed else -2]) if keep_hidden \
+        else xs.new_empty(0)
+
+    def work(group: list[tuple[int, int, int]]) -> None:
+        with torch.no_grad():  # grad mode is thread-local
+            for e, s, t in group:
+                h = linear(xs[s:t], experts.up_weight(e), _row(experts.gate_up_proj_bias, e))
+                if keep_hidden:
+                    hidden[s:t] = h
+                ys[s:t] = linear(experts.act(h), experts.down_weight(e), _row(experts.down_proj_bias, e))
+
+    workers = torch.get_num_threads()
+    list(_pool(workers).map(work, _work_groups(plan, workers, split=True)))
+    return ys, hidden
+
+
+def _row(bias: Tensor | None, e: int) -> Tensor | None:
+    return None if bias is None else bias[e]
+
+
+class _ThreadedExperts(torch.autograd.Function):
+    """Forward and backward of the expert FFNs on the thread pool. Saves the pre-activation [N, 2I] (what autograd
+    saves for the loop path too) and recomputes the activation in backward. In backward every expert's rows stay
+    on one worker, so each expert's weight gradient is written by one thread."""
+
+    @staticmethod
+    def forward(ctx, xs, plan, experts, w_up, w_down, b_up, b_down):  # noqa: ARG004 (weights: autograd inputs)
+        ys, hidden = _threaded_forward(xs, plan, experts, keep_hidden=True)
+        ctx.plan, ctx.experts = plan, experts
+        ctx.save_for_backward(xs, hidden)
+        return ys
+
+    @staticmethod
+    def backward(ctx, grad_ys):
+        xs, hidden = ctx.saved_tensors
+        experts: Experts = ctx.experts
+        grad_ys = grad_ys.contiguous()
+        grad_xs = torch.empty_like(xs)
+        g_up, g_down = torch.zeros_like(experts.gate_up_proj), torch.zeros_like(experts.down_proj)
+        g_bup = None if experts.gate_up_proj_bias is None else torch.zeros_like(experts.gate_up_proj_bias)
+        g_bdown = None if experts.down_proj_bias is None else torch.zeros_like(experts.down_proj_bias)
+
+        def as_out_in(g: Tensor) -> Tensor:
+            return g.t() if experts.transposed else g
+
+        def work(group: list[tuple[int, int, int]]) -> None:
+            for e, s, t in group:
+                gy = grad_ys[s:t]
+                with torch.enable_grad():
+                    h = hidden[s:t].detach().requires_grad_()
+                    a = experts.act(h)
+                with torch.no_grad():
+                    as_out_in(g_down[e]).copy_(gy.t() @ a.detach())
+                    grad_a = gy @ experts.down_weight(e)
+                grad_h = torch.autograd.grad(a, h, grad_a)[0]
+                with torch.no_grad():
+                    as_out_in(g_up[e]).copy_(grad_h.t() @ xs[s:t])
+                    grad_xs[s:t] = grad_h @ experts.up_weight(e)
+                    if g_bup is not None:
+                        g_bup[e] = grad_h.sum(0)
+                        g_bdown[e] = gy.sum(0)
+
+        workers = torch.get_num_threads()
+        list(_pool(workers).map(work, _work_groups(ctx.plan, workers, split=False)))
+        return grad_xs, None, None, g_up, g_down, g_bup, g_bdown
 
 
 def _aligned(t: Tensor) -> bool:
@@ -147,17 +242,15 @@ _RUNNERS = {"loop": _run_loop, "grouped_mm": _run_grouped, "threads": _run_threa
 
 def choose_impl(impl: str, xs: Tensor, experts: Experts, active_experts: int) -> str:
     """`loop`: one GEMM per active expert. `grouped_mm`: every expert in one torch._grouped_mm call, where its
-    dtype (float32, bfloat16) and alignment rules allow, else `loop`. `threads`: the experts run concurrently on a
-    thread pool, for inference only (autograd falls back to `loop`). `auto`, measured by `moekit bench layer`:
-    threads when the GEMMs are matrix-vector products (a few tokens per expert, no autograd), grouped_mm when
-    several experts get many tokens, loop otherwise."""
+    dtype (float32, bfloat16) and alignment rules allow, else `loop`. `threads`: experts concurrently on a thread
+    pool, one core each, forward and backward. `auto`, as measured by `moekit bench layer`: threads when there
+    is more than one core and experts of 1 MiB or more, else grouped_mm when several experts get tokens, else
+    loop."""
     if impl not in DISPATCH_IMPLS:
         raise ConfigError(f"dispatch={impl!r}: expected one of {', '.join(DISPATCH_IMPLS)}")
-    grad = torch.is_grad_enabled() and (xs.requires_grad or experts.gate_up_proj.requires_grad)
-    if impl == "threads" or impl == "auto" and xs.shape[0] <= _GEMV_ROWS * active_experts:
-        big = experts.bytes_per_expert() >= _THREADS_MIN_BYTES or impl == "threads"
-        threads_ok = big and not grad and active_experts > 1 and torch.get_num_threads() > 1
-        return "threads" if threads_ok else "loop"
+    threads_ok = torch.get_num_threads() > 1
+    if impl == "threads" or impl == "auto" and threads_ok and experts.bytes_per_expert() >= _THREADS_MIN_BYTES:
+        return "threads"
     if impl == "loop" or not grouped_mm_supported(xs, experts):
         return "loop"
     if impl == "auto" and (active_experts < 2 or xs.shape[0] < 64):

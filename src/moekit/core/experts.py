@@ -59,6 +59,16 @@ class Activation:
         return self.glu(*self.split(h))
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [n, in] @ weight[out, in]^T (+ bias). For 2 or 3 rows it computes (weight @ x^T)^T: CPU BLAS runs
+    x @ W^T with so few rows as one matrix-vector product per row, reading the weight once per row, while
+    W @ x^T reads it once (measured 2-2.5x faster for an expert at 2-3 rows; `moekit bench layer` decode-8x2)."""
+    if 2 <= x.shape[0] <= 3 and x.dim() == 2:
+        y = torch.mm(weight, x.t()).t()
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
 class Experts(nn.Module):
     """E feed-forward experts of width I over hidden size H, as fused 3D parameters."""
 
@@ -115,7 +125,7 @@ class Experts(nn.Module):
         """Run expert e on x [n, H] -> [n, H]."""
         up_bias = None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[e]
         down_bias = None if self.down_proj_bias is None else self.down_proj_bias[e]
-        return F.linear(self.act(F.linear(x, self.up_weight(e), up_bias)), self.down_weight(e), down_bias)
+        return linear(self.act(linear(x, self.up_weight(e), up_bias)), self.down_weight(e), down_bias)
 
     def grouped_weights(self) -> tuple[Tensor, Tensor]:
         """Both projections as [E, in, out] for `torch._grouped_mm` (views, no copy)."""
