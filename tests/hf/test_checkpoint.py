@@ -183,10 +183,10 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_non_native_model_refused(tmp_path):
+def test_quantized_experts_refused(tmp_path):
     model = tiny_model("mixtral")
     experts = mh.view(model)[1].experts.module
-    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj[:4].clone())
-    experts.down_proj = torch.nn.Parameter(experts.down_proj[:4].clone())
-    with pytest.raises(CheckpointError, match="layer 1: 4 experts of width 24, but config num_local_experts=6"):
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.to(torch.int8), requires_grad=False)
+    with pytest.raises(CheckpointError, match="layer 1: experts stored as torch.int8; expected floating-point"):
         mh.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

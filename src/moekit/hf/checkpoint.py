@@ -3,8 +3,9 @@
 `load` checks the directory before transformers reads a weight (config.json parses and names an MoE family, every
 shard exists, every safetensors header fits its file), then loads with transformers and refuses any tensor the
 config did not expect, expected but did not get, or expected with another shape.
-`save` writes the family's native layout (loadable by plain `AutoModelForCausalLM.from_pretrained`) into a
-temporary sibling directory and renames it into place, so `out_dir` never holds half a checkpoint.
+`save` writes the family's native layout (loadable by plain `AutoModelForCausalLM.from_pretrained`), or for a model
+whose layers no longer fit the config a manifest checkpoint (`moekit.hf.manifest`), into a temporary sibling
+directory and renames it into place, so `out_dir` never holds half a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from moekit.hf.families import family_of
 from moekit.hf.headers import CheckpointError, read_checkpoint
-from moekit.hf.view import view
+from moekit.hf.manifest import MANIFEST, check_float_experts, layer_shapes, load_manifest, save_manifest
 
 CONFIG = "config.json"
 
@@ -69,25 +70,14 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs) ->
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", **kwargs)
         family_of(model.config, source=str(path))
         return model.eval()
-    read_config(directory)
+    config = read_config(directory)
+    if (directory / MANIFEST).exists():
+        return load_manifest(directory, config, dtype, **kwargs)
     read_checkpoint(directory)
     model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
                                                        ignore_mismatched_sizes=True, **kwargs)
     _check_loading_info(directory, info)
     return model.eval()
-
-
-def _check_native(model: nn.Module) -> None:
-    config = model.config
-    family = family_of(config)
-    want = (family.num_experts(config), family.width(config))
-    for block in view(model):
-        got = (block.num_experts, block.experts.intermediate_size)
-        if got != want:
-            raise CheckpointError(
-                f"layer {block.layer}: {got[0]} experts of width {got[1]}, but config {family.experts_key}="
-                f"{want[0]}, {family.width_key}={want[1]}; expected the same experts in every layer (saving a "
-                f"non-native model with a moekit manifest is not supported yet)")
 
 
 def _source_dir(model: nn.Module) -> Path | None:
@@ -96,9 +86,10 @@ def _source_dir(model: nn.Module) -> Path | None:
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, force: bool = False, max_shard_size: str = "2GB") -> Path:
-    """Save `model` in its family's native layout (safetensors, sharded above `max_shard_size`) to `out_dir`,
-    atomically. `out_dir` may not be (or contain) the directory the model was loaded from, and must be empty
-    unless `force`. Returns the output directory."""
+    """Save `model` to `out_dir` atomically, as safetensors sharded above `max_shard_size`: in its family's native
+    layout when every MoE layer has the config's expert count and width, else with a moekit manifest and a
+    modeling file (see `moekit.hf.manifest`). `out_dir` may not be (or contain) the directory the model was loaded
+    from, and must be empty unless `force`. Returns the output directory."""
     out = Path(out_dir).resolve()
     source = _source_dir(model)
     if source is not None and (out == source or out in source.parents):
@@ -108,11 +99,15 @@ def save(model: nn.Module, out_dir: str | os.PathLike, force: bool = False, max_
         raise CheckpointError(f"{out_dir}: exists and is not a directory; expected a directory to save into")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out_dir}: not empty; expected an empty or new directory (or force=True)")
-    _check_native(model)
+    check_float_experts(model)
+    native = not layer_shapes(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if native:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        else:
+            save_manifest(model, tmp, max_shard_size)
         read_checkpoint(tmp)  # what was written has whole headers and all its shards
         old = None
         if out.exists():

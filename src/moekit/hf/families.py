@@ -44,8 +44,9 @@ class Family:
     transposed / bias: GPT-OSS's `[E, H, 2I]` layout with interleaved gate/up and expert biases.
     returns_tuple: the block returns `(hidden, router_scores)` instead of `hidden`.
     checkpoint_experts: regex finding a routed-expert tensor by its name in a checkpoint file, which keeps the
-    family's original names (transformers v5 fuses them on load and unfuses them on save); group 1, when it
-    matches, is the expert index of a per-expert tensor, otherwise the tensor is fused with E first.
+    family's original names (transformers v5 fuses them on load and unfuses them on save; moekit manifest
+    checkpoints keep the fused in-memory names); group 1, when it matches, is the expert index of a per-expert
+    tensor, otherwise the tensor is fused with E first.
     """
 
     name: str
@@ -120,7 +121,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            is_moe_layer=_deepseek_sparse, dense_rule="the first first_k_dense_replace layers are dense"),
     Family("PhiMoE", "phimoe", "sparsemixer", "num_local_experts", "intermediate_size", router="router"),
     Family("GraniteMoE", "granitemoe", "topk_softmax", "num_local_experts", "intermediate_size",
-           block="block_sparse_moe", router="router", checkpoint_experts=r"\.(?:input|output)_linear\."),
+           block="block_sparse_moe", router="router", checkpoint_experts=r"\.(?:input_linear|output_linear|experts)\."),
     Family("GPT-OSS", "gpt_oss", "topk_softmax", "num_local_experts", "intermediate_size", router="router",
            activation="gpt_oss", transposed=True, bias=True, returns_tuple=True),
 )}

@@ -39,8 +39,7 @@ def _experts_in_layer(tensors: list[TensorInfo], pattern: re.Pattern) -> tuple[i
     return max(fused_e, len(ids)), numel, nbytes
 
 
-def _params_per_expert(family: Family, config: Any) -> int:
-    hidden, width = config.hidden_size, family.width(config)
+def _params_per_expert(family: Family, hidden: int, width: int) -> int:
     return 3 * hidden * width + (2 * width + hidden if family.bias else 0)
 
 
@@ -61,7 +60,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             by_layer[int(match.group(1))].append(t)
     k = 2 if family.routing == "sparsemixer" else family.k(config)
     moe_by_config = set(family.moe_layers(config))
-    per_expert = _params_per_expert(family, config)
+    widths = {int(i): spec["intermediate_size"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()}
     pattern = re.compile(family.checkpoint_experts)
     layers, inactive = [], 0
     for i in range(config.num_hidden_layers):
@@ -70,15 +69,17 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{directory / CONFIG}: layer {i} is {'MoE' if i in moe_by_config else 'dense'} "
                                   f"by the config ({family.dense_rule}) but the weights say "
                                   f"{'MoE' if experts else 'dense'}")
+        width = widths.get(i, family.width(config))
+        per_expert = _params_per_expert(family, config.hidden_size, width)
         if experts and expert_params != experts * per_expert:
             raise CheckpointError(
                 f"{directory / CONFIG}: layer {i} experts hold {expert_params // experts} parameters each in the "
-                f"weights; hidden_size={config.hidden_size}, {family.width_key}={family.width(config)} expect "
-                f"{per_expert}")
+                f"weights; hidden_size={config.hidden_size}, width {width} ({family.width_key} or moekit_layers) "
+                f"expect {per_expert}")
         layer_bytes = sum(t.nbytes for t in by_layer.get(i, []))
         record = {"layer": i, "kind": "moe" if experts else "dense", "bytes": layer_bytes}
         if experts:
-            record.update(experts=experts, bytes_per_expert=expert_bytes // experts)
+            record.update(experts=experts, width=width, bytes_per_expert=expert_bytes // experts)
             inactive += expert_params * (experts - min(k, experts)) // experts
         layers.append(record)
     total = sum(t.numel for t in tensors.values())
@@ -117,15 +118,16 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"{info['path']}: {info['family']} ({info['model_type']}), {info['dtype']}, {len(info['files'])} file(s)",
         f"layers: {info['num_layers']} (MoE: {_ranges(info['moe_layers'])}; dense: {_ranges(info['dense_layers'])})",
-        f"experts per layer: {_compact(info['experts_per_layer'])}, k={info['k']}, width {info['expert_width']}, "
+        f"experts per layer: {_compact(info['experts_per_layer'])}, k={info['k']}, config width "
+        f"{info['expert_width']}, "
         f"shared: {shared_text}",
         f"routing: {info['routing']} {info['routing_options'] or ''}".rstrip(),
         f"params: {info['total_params']:,} total, {info['active_params']:,} active per token; "
         f"{info['total_bytes'] / 2**20:.2f} MiB",
-        "layer  kind   experts  bytes/expert  bytes",
+        "layer  kind   experts  width  bytes/expert  bytes",
     ]
     for r in info["layers"]:
-        lines.append(f"{r['layer']:<6} {r['kind']:<6} {r.get('experts', '-')!s:<8} "
+        lines.append(f"{r['layer']:<6} {r['kind']:<6} {r.get('experts', '-')!s:<8} {r.get('width', '-')!s:<6} "
                      f"{r.get('bytes_per_expert', '-')!s:<13} {r['bytes']}")
     return "\n".join(lines)
 

@@ -1,0 +1,230 @@
+"""Checkpoints of models whose MoE layers no longer fit their family's config (another expert count or expert width
+in some layers, as pruning or merging leave them): the family's tensors under their in-memory names, a moekit
+manifest, and a modeling file that lets plain transformers load them with `trust_remote_code=True`.
+
+Layout written by `save_manifest` (into the temporary directory `save` renames into place):
+  config.json            the family's config plus `moekit_layers` {layer: {num_experts, intermediate_size}} and
+                         `auto_map` {"AutoModelForCausalLM": "modeling_moekit.MoekitForCausalLM"}
+  moekit.json            {"format": "moekit-hf", "version": 1, "family": model_type, "layers": ...}
+  modeling_moekit.py     the family's causal LM class, whose __init__ resizes the listed layers (needs only torch
+                         and transformers; `resize_block` below is copied into it verbatim)
+  model*.safetensors     tensors by their in-memory names (fused experts), sharded above `max_shard_size`
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.hf.families import Family, family_of
+from moekit.hf.headers import INDEX, SINGLE, CheckpointError, read_checkpoint
+from moekit.hf.view import decoder_layers, view
+
+MANIFEST = "moekit.json"
+MODELING = "modeling_moekit.py"
+FORMAT = "moekit-hf"
+VERSION = 1
+
+
+def resize_block(block: nn.Module, num_experts: int, width: int, hidden: int, router: str, experts: str,
+                 transposed: bool, bias: bool) -> None:
+    """Give a MoE block's router and experts new, uninitialised tensors for `num_experts` experts of `width`
+    (written into modeling_moekit.py as is: torch only)."""
+    r, e = getattr(block, router), getattr(block, experts)
+    like = {"dtype": e.gate_up_proj.dtype, "device": e.gate_up_proj.device}
+    r.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=r.weight.dtype, device=r.weight.device))
+    if getattr(r, "bias", None) is not None:
+        r.bias = nn.Parameter(torch.empty(num_experts, dtype=r.bias.dtype, device=r.bias.device))
+    if getattr(r, "e_score_correction_bias", None) is not None:
+        r.e_score_correction_bias = r.e_score_correction_bias.new_zeros(num_experts)
+    for module in (block, r, e):
+        if isinstance(getattr(module, "num_experts", None), int):
+            module.num_experts = num_experts
+    if isinstance(r, nn.Linear):  # PhiMoE's router
+        r.out_features = num_experts
+    up = (num_experts, hidden, 2 * width) if transposed else (num_experts, 2 * width, hidden)
+    down = (num_experts, width, hidden) if transposed else (num_experts, hidden, width)
+    e.gate_up_proj = nn.Parameter(torch.empty(up, **like))
+    e.down_proj = nn.Parameter(torch.empty(down, **like))
+    if bias:
+        e.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * width, **like))
+        e.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden, **like))
+    for name in ("intermediate_dim", "intermediate_size"):
+        if isinstance(getattr(e, name, None), int):
+            setattr(e, name, width)
+
+
+_MODELING = '''"""Written by moekit: a {name} model whose MoE layers differ from its config in expert count or width
+(config.moekit_layers lists them). Load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)."""
+
+import torch
+import transformers
+from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+_Base = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["{model_type}"])
+
+
+{resize_source}
+
+class MoekitForCausalLM(_Base):
+    # the experts are the family's own (decorated with use_experts_implementation); transformers finds that by
+    # reading the defining module's source, which for this class is this file, so say it here
+    _can_set_experts_implementation_cached_value = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer, spec in config.moekit_layers.items():
+            block = getattr(self.model.layers[int(layer)], "{block}")
+            resize_block(block, spec["num_experts"], spec["intermediate_size"], config.hidden_size, "{router}",
+                         "{experts}", {transposed}, {bias})
+'''
+
+
+def layer_shapes(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """{layer: (experts, width)} of every MoE layer whose shape differs from the config's."""
+    config = model.config
+    family = family_of(config)
+    want = (family.num_experts(config), family.width(config))
+    shapes = {b.layer: (b.num_experts, b.experts.intermediate_size) for b in view(model)}
+    return {layer: shape for layer, shape in shapes.items() if shape != want}
+
+
+def check_float_experts(model: nn.Module) -> None:
+    for block in view(model):
+        if not block.experts.gate_up_proj.dtype.is_floating_point:
+            raise CheckpointError(f"layer {block.layer}: experts stored as {block.experts.gate_up_proj.dtype}; "
+                                  f"expected floating-point experts (quantized experts are not supported yet)")
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    upper = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    return int(upper)
+
+
+def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB") -> None:
+    """Write `model` (a supported family, any expert count and width per layer) into the empty `directory`."""
+    from safetensors.torch import save_file
+
+    check_float_experts(model)
+    config = model.config
+    family = family_of(config)
+    layers = {str(i): {"num_experts": e, "intermediate_size": w} for i, (e, w) in layer_shapes(model).items()}
+    seen: set[int] = set()
+    state = {}
+    for name, t in model.state_dict().items():  # tied tensors are written once per name
+        t = t.detach().contiguous()
+        state[name] = t.clone() if t.data_ptr() in seen else t
+        seen.add(t.data_ptr())
+    shards = _shards(state, _parse_size(max_shard_size))
+    if len(shards) == 1:
+        save_file(shards[0], directory / SINGLE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=1))
+    config_dict = config.to_dict()
+    config_dict["moekit_layers"] = layers
+    config_dict["auto_map"] = {"AutoModelForCausalLM": f"{MODELING[:-3]}.MoekitForCausalLM"}
+    (directory / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
+    (directory / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": VERSION,
+                                                  "family": family.model_type, "layers": layers}, indent=1))
+    (directory / MODELING).write_text(_modeling_source(family))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+
+
+def _modeling_source(family: Family) -> str:
+    return _MODELING.format(name=family.name, model_type=family.model_type, block=family.block,
+                            router=family.router, experts=family.experts, transposed=family.transposed,
+                            bias=family.bias, resize_source=inspect.getsource(resize_block))
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        layers = {int(i): (int(s["num_experts"]), int(s["intermediate_size"])) for i, s in manifest["layers"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"{path}: corrupt manifest: expected JSON with 'format', 'version' and 'layers' "
+                              f"{{layer: {{num_experts, intermediate_size}}}}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+                              f"expected {FORMAT!r} version {VERSION}")
+    return {"family": manifest.get("family"), "layers": layers}
+
+
+def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
+    """Build the family's model from `config`, resize the layers the manifest lists, load the tensors (by their
+    in-memory names) and refuse any missing, unexpected or misshapen one."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    manifest = read_manifest(directory)
+    family = family_of(config, source=str(directory / "config.json"))
+    if manifest["family"] != family.model_type:
+        raise CheckpointError(f"{directory / MANIFEST}: family {manifest['family']!r} but config.json says "
+                              f"{family.model_type!r}; expected the same")
+    headers = read_checkpoint(directory)
+    config.auto_map = {}  # built here from moekit's own code, not the checkpoint's modeling file
+    dtype = dtype or _main_dtype(headers)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    layers = decoder_layers(model)
+    for layer, (experts, width) in manifest["layers"].items():
+        resize_block(getattr(layers[layer], family.block), experts, width, config.hidden_size, family.router,
+                     family.experts, family.transposed, family.bias)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    _check_tensors(directory, expected, {name: info.shape for name, info in headers.items()})
+    state = {}
+    for file in sorted({info.file for info in headers.values()}):
+        state.update(load_file(directory / file))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _main_dtype(headers: dict) -> torch.dtype:
+    """The dtype holding most bytes of the checkpoint."""
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    by_dtype: dict[str, int] = {}
+    for info in headers.values():
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    floating = [d for d in sorted(by_dtype, key=by_dtype.get, reverse=True) if d in names]
+    return names[floating[0]] if floating else torch.float32
+
+
+def _check_tensors(directory: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    where = f"{directory / MANIFEST} with config.json"
+    for name, shape in expected.items():
+        if name not in found:
+            raise CheckpointError(f"{where}: expects {name} {list(shape)}, missing from the weights")
+        if tuple(found[name]) != shape:
+            raise CheckpointError(f"{where}: expects {name} {list(shape)}, the weights hold {list(found[name])}")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where}: does not expect {extra[0]} found in the weights")
