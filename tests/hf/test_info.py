@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 import torch
-from tiny import FAMILY_TYPES, tiny_model
+from tiny import FAMILY_TYPES, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import moekit.hf as mh
 from moekit.cli.main import main
+from moekit.errors import MoekitError
 from moekit.hf.info import describe
 
 
@@ -90,6 +91,12 @@ def test_cli_bad_inputs_exit_2(checkpoints, tmp_path, capsys):
     config["intermediate_size"] = 30
     (mismatch / "config.json").write_text(json.dumps(config))
     _expect_exit_2(capsys, mismatch, "config.json: layer 0 experts hold")
+
+    dense = AutoModelForCausalLM.from_config(tiny_config("qwen2_moe", num_experts=0))
+    dense.save_pretrained(tmp_path / "dense")
+    _expect_exit_2(capsys, tmp_path / "dense", "num_experts=0 gives a dense Qwen2-MoE model with no MoE layer")
+    with pytest.raises(MoekitError, match="dense Qwen2-MoE"):
+        mh.load(tmp_path / "dense")
 
     llama = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                          intermediate_size=32, vocab_size=50))

@@ -84,3 +84,26 @@ def test_unknown_architecture_lists_supported_families():
 def test_dense_model_of_a_known_family_is_refused():
     with pytest.raises(ConfigError, match="num_experts=0 gives a dense Qwen2-MoE model"):
         mh.family_of(tiny_config("qwen2_moe", num_experts=0))
+
+
+def test_import_patches_nothing():
+    """Importing moekit.hf does not even import transformers; accelerate is the only thing that changes a model."""
+    import subprocess
+    import sys
+
+    code = "import sys, moekit.hf; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_view_of_a_base_model():
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    base = AutoModel.from_config(tiny_config("olmoe"))
+    assert [v.layer for v in mh.view(base)] == [0, 1]
+    x = torch.randint(3, 97, (1, 5))
+    with torch.no_grad():
+        expected = base(x).last_hidden_state
+        mh.accelerate(base)
+        torch.testing.assert_close(base(x).last_hidden_state, expected, atol=1e-5, rtol=0)
