@@ -138,3 +138,15 @@ def test_unknown_impl_and_foreign_forward_are_refused():
     mh.view(model)[0].experts.module.forward = lambda *a: a[0]
     with pytest.raises(ConfigError, match="layer 0"):
         mh.accelerate(model)
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh"])
+def test_other_activations(hidden_act):
+    """`gelu` maps to moekit's geglu; an activation moekit has no name for runs the module's own act_fn."""
+    model = _model("qwen3_moe", hidden_act=hidden_act)
+    ids = _ids()
+    expected = _logits(model, ids)
+    kind = getattr(mh.view(model)[0].experts.act, "kind", None)
+    assert kind == ("geglu" if hidden_act == "gelu" else None)
+    mh.accelerate(model)
+    torch.testing.assert_close(_logits(model, ids), expected, atol=1e-5, rtol=0)

@@ -190,3 +190,23 @@ def test_quantized_experts_refused(tmp_path):
     with pytest.raises(CheckpointError, match="layer 1: experts stored as torch.int8; expected floating-point"):
         mh.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_failed_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    model = tiny_model("olmoe")
+    out = mh.save(model, tmp_path / "out")
+    before = sorted(p.name for p in out.iterdir())
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".out.saving-"):
+            raise OSError("rename failed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        mh.save(model, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
