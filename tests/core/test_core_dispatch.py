@@ -54,16 +54,19 @@ def test_moe_matches_reference_fp32(num_experts, data, num_tokens, router, activ
     check_against_reference(moe, x, out, atol=1e-4)
 
 
+@pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
-def test_moe_matches_reference_bf16(activation, impl):
-    torch.manual_seed(0)
-    moe = MoE(32, 16, 8, k=2, activation=activation, num_shared_experts=1, dispatch=impl, dtype=torch.bfloat16)
-    x = torch.randn(2, 20, 32, dtype=torch.bfloat16)
-    out = moe(x)
-    assert out.hidden.dtype == torch.bfloat16 and out.hidden.shape == x.shape
-    # bf16 has 8 mantissa bits: allow ~2% of the output scale
-    check_against_reference(moe, x.float(), out, atol=2e-2)
+def test_moe_matches_reference_bf16(router, activation):
+    for impl in ("loop", "grouped_mm", "threads"):
+        torch.manual_seed(0)
+        moe = MoE(32, 16, 8, k=2, router=router, activation=activation, num_shared_experts=1, dispatch=impl,
+                  dtype=torch.bfloat16)
+        x = torch.randn(2, 20, 32, dtype=torch.bfloat16)
+        with torch.no_grad():
+            out = moe(x)
+        assert out.hidden.dtype == torch.bfloat16 and out.hidden.shape == x.shape
+        # bf16 has 8 mantissa bits: allow ~2% of the output scale
+        check_against_reference(moe, x.float(), out, atol=2e-2)
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -163,13 +166,16 @@ def test_fast_and_loop_gradients_agree_with_stride0_grad(impl, activation):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_threaded_transposed_experts_gradients_match_loop():
+@pytest.mark.parametrize("num_tokens", [30, 2])
+def test_threaded_transposed_experts_gradients_match_loop(num_tokens):
     torch.manual_seed(6)
     experts = Experts(5, 8, 4, "gpt_oss", bias=True, transposed=True)
-    x = torch.randn(30, 8)
-    logits = torch.randn(30, 5)
+    x = torch.randn(num_tokens, 8)
+    logits = torch.randn(num_tokens, 5)
     weights, indices = torch.softmax(logits, -1).topk(2)
     plan = plan_dispatch(Routing(logits, weights, indices), 5)
+    idle = [e for e, n in enumerate(plan.counts) if n == 0]
+    assert (num_tokens == 2) == bool(idle)
     grads = []
     for impl in ("loop", "threads"):
         experts.zero_grad()
@@ -177,6 +183,7 @@ def test_threaded_transposed_experts_gradients_match_loop():
         grads.append([p.grad.clone() for p in experts.parameters()])
     for ga, gb in zip(*grads, strict=True):
         torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)
+        assert not gb[idle].any()  # experts that got no token get exactly zero gradient
 
 
 def test_work_groups_cover_every_row_once():

@@ -195,9 +195,14 @@ class _ThreadedExperts(torch.autograd.Function):
         experts: Experts = ctx.experts
         grad_ys = grad_ys.contiguous()
         grad_xs = torch.empty_like(xs)
-        g_up, g_down = torch.zeros_like(experts.gate_up_proj), torch.zeros_like(experts.down_proj)
-        g_bup = None if experts.gate_up_proj_bias is None else torch.zeros_like(experts.gate_up_proj_bias)
-        g_bdown = None if experts.down_proj_bias is None else torch.zeros_like(experts.down_proj_bias)
+        # every expert with rows writes its whole gradient slice below; only idle experts need zeros
+        grads = [None if p is None else torch.empty_like(p) for p in
+                 (experts.gate_up_proj, experts.down_proj, experts.gate_up_proj_bias, experts.down_proj_bias)]
+        idle = [e for e, n in enumerate(ctx.plan.counts) if n == 0]
+        for g in grads:
+            if g is not None and idle:
+                g[idle] = 0
+        g_up, g_down, g_bup, g_bdown = grads
 
         def as_out_in(g: Tensor) -> Tensor:
             return g.t() if experts.transposed else g
@@ -266,7 +271,7 @@ def dispatch(x: Tensor, plan: DispatchPlan, experts: Experts, impl: str = "auto"
     out = torch.zeros(num_tokens, hidden, dtype=acc_dtype, device=x.device)
     if plan.token.numel() == 0:
         return out.to(x.dtype)
-    xs = x[plan.token].to(experts.gate_up_proj.dtype)
+    xs = x.index_select(0, plan.token).to(experts.gate_up_proj.dtype)
     ys = _RUNNERS[choose_impl(impl, xs, experts, sum(1 for n in plan.counts if n))](xs, plan, experts)
     ys = ys.to(acc_dtype) * plan.weight.to(acc_dtype).unsqueeze(-1)
     return out.index_add_(0, plan.token, ys).to(x.dtype)
