@@ -36,21 +36,22 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
-@pytest.mark.parametrize("size", [None, "k1", "kE"])
-def test_logits_match_transformers_fp32(model_type, size):
+@pytest.mark.parametrize(("size", "impl"), [(None, "auto"), ("k1", "auto"), ("kE", "auto"), (None, "loop"),
+                                            (None, "grouped_mm")])
+def test_logits_match_transformers_fp32(model_type, size, impl):
     if size and model_type == "phimoe":
         pytest.skip("PhiMoE's sparsemixer always routes to 2 experts")
     model = _model(model_type, size)
-    ids = _ids()
+    ids = _ids(seq=40)  # 80 tokens: `auto` picks grouped_mm where alignment allows
     refs = {}
-    for impl in ("eager", "grouped_mm"):
-        model.set_experts_implementation(impl)
-        refs[impl] = _logits(model, ids)
-    mh.accelerate(model)
+    for hf_impl in ("eager", "grouped_mm"):
+        model.set_experts_implementation(hf_impl)
+        refs[hf_impl] = _logits(model, ids)
+    mh.accelerate(model, impl=impl)
     assert mh.is_accelerated(model)
     got = _logits(model, ids)
-    for impl, ref in refs.items():
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0, msg=f"against transformers {impl}")
+    for hf_impl, ref in refs.items():
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0, msg=f"against transformers {hf_impl}")
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)

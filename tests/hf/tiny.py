@@ -33,6 +33,7 @@ PER_FAMILY: dict[str, dict[str, Any]] = {
     "phimoe": dict(intermediate_size=24, num_local_experts=6),
     "granitemoe": dict(intermediate_size=24, num_local_experts=6),
     "gpt_oss": dict(intermediate_size=24, num_local_experts=6, head_dim=10, sliding_window=8,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                     layer_types=["sliding_attention", "full_attention"]),
 }
 
