@@ -98,3 +98,39 @@ def test_bad_input_errors():
 
 def test_router_registry_lists_builtin_routers():
     assert {"topk", "topk_softmax", "deepseek_v3", "deepseek_v2"} <= set(router_names())
+
+
+def test_registered_research_router_plugs_into_moe_with_variable_k():
+    """A router registered by name is built by MoE like the built-in ones, and a variable number of experts per
+    token (padded slots, mask) goes through the fast dispatch and matches the per-token reference."""
+    from moekit.core.routers import ROUTERS, Router, register_router
+    from moekit.core.routing import Routing
+    from reference import ref_moe
+
+    @register_router("test_threshold")
+    class ThresholdRouter(Router):
+        """Keep the experts with p >= 0.2 among the top k (at least the best one)."""
+
+        def rule(self, logits, k):
+            probs = torch.softmax(logits, -1)
+            weights, indices = probs.topk(k)
+            mask = weights >= 0.2
+            mask[:, 0] = True
+            return Routing(logits, weights * mask, indices, mask=mask, probs=probs)
+
+    try:
+        with pytest.raises(ConfigError, match="already registered"):
+            register_router("test_threshold")(ThresholdRouter)
+        torch.manual_seed(0)
+        moe = MoE(8, 4, 6, k=3, router="test_threshold")
+        x = torch.randn(25, 8) * 3
+        with torch.no_grad():
+            out = moe(x)
+        r = out.routing
+        assert int(r.experts_per_token().min()) >= 1 and int(r.experts_per_token().max()) <= 3
+        assert len(set(r.experts_per_token().tolist())) > 1  # the number of experts really varies
+        want = ref_moe(x, r.indices, r.weights.double(), moe.experts, mask=r.mask)
+        torch.testing.assert_close(out.hidden.double(), want, atol=1e-5, rtol=1e-5)
+        assert out.expert_counts.sum() == int(r.mask.sum())
+    finally:
+        ROUTERS.pop("test_threshold")
