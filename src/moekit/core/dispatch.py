@@ -148,9 +148,9 @@ def _run_threads(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
     one core per GEMM with the experts in parallel, and a matrix-vector product (decode) on one core cannot use all
     cores' memory bandwidth; experts in parallel do. torch releases the GIL inside each op. Under autograd the
     backward pass runs on the pool too (`_ThreadedExperts`)."""
-    if torch.is_grad_enabled() and (xs.requires_grad or any(p.requires_grad for p in experts.parameters())):
-        return _ThreadedExperts.apply(xs, plan, experts, experts.gate_up_proj, experts.down_proj,
-                                      experts.gate_up_proj_bias, experts.down_proj_bias)
+    weights = (experts.gate_up_proj, experts.down_proj, experts.gate_up_proj_bias, experts.down_proj_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xs, *weights)):
+        return _ThreadedExperts.apply(xs, plan, experts, *weights)
     ys, _ = _threaded_forward(xs, plan, experts, keep_hidden=False)
     return ys
 
