@@ -72,13 +72,14 @@ def test_restore_gives_back_the_original_forward(model_type):
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
 def test_bf16_within_stated_tolerance(model_type):
-    """bf16: moekit accumulates expert outputs in fp32, transformers in bf16, so they are not bit-equal. Stated
-    tolerance: moekit's distance from the fp32 logits is at most 1.5x transformers' own bf16 distance (+0.02),
-    and the two bf16 results are within 5% of the logit range of each other. The reference uses transformers'
-    eager experts: its grouped_mm raises on CPU bf16 when 2 * I bytes is not a multiple of 16 (I = 20 here)."""
+    """bf16: moekit accumulates expert outputs in fp32, transformers' eager experts in bf16, so they are not
+    bit-equal, and a bf16 rounding can flip a later layer's top-k (GPT-OSS routes in bf16). Stated tolerance:
+    moekit's max distance from the fp32 logits is at most 1.5x transformers' own bf16 distance + 0.02, and the two
+    bf16 results differ on average by less than transformers' bf16 differs from fp32. The reference uses eager
+    experts: transformers' grouped_mm raises on CPU bf16 when 2 * I bytes is not a multiple of 16 (I = 20 here)."""
     model = _model(model_type)
     model.set_experts_implementation("eager")
-    ids = _ids()
+    ids = _ids(seq=40)  # auto picks grouped_mm where bf16 alignment allows (Mixtral-like widths), else loop
     ref32 = _logits(model, ids)
     model.to(torch.bfloat16)
     ref16 = _logits(model, ids).float()
@@ -87,7 +88,7 @@ def test_bf16_within_stated_tolerance(model_type):
     hf_err = (ref16 - ref32).abs().max()
     mk_err = (got16 - ref32).abs().max()
     assert mk_err <= 1.5 * hf_err + 0.02, (mk_err, hf_err)
-    assert (got16 - ref16).abs().max() <= 0.05 * ref32.abs().max()
+    assert (got16 - ref16).abs().mean() < (ref16 - ref32).abs().mean()
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
@@ -151,3 +152,22 @@ def test_other_activations(hidden_act):
     assert kind == ("geglu" if hidden_act == "gelu" else None)
     mh.accelerate(model)
     torch.testing.assert_close(_logits(model, ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), [("phimoe", {"router_jitter_noise": 0.5}),
+                                                    ("mixtral", {"router_jitter_noise": 0.1})])
+def test_training_mode_noise_is_the_familys(model_type, overrides):
+    """In training, PhiMoE's router samples and Mixtral jitters its input; the experts swap draws no random
+    numbers, so with the same seed the loss is the same."""
+    model = _model(model_type, **overrides).train()
+    ids = _ids()
+    losses = []
+    for accelerated in (False, True):
+        if accelerated:
+            mh.accelerate(model)
+        torch.manual_seed(5)
+        losses.append(model(ids, labels=ids).loss.detach())
+    torch.manual_seed(6)
+    other_seed = model(ids, labels=ids).loss.detach()
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(other_seed, losses[0], atol=1e-5, rtol=0)  # the noise is really there

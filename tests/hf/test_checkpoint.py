@@ -210,3 +210,18 @@ def test_failed_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
         mh.save(model, out, force=True)
     assert sorted(p.name for p in out.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_hub_ids_only_when_online(monkeypatch):
+    calls = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append((name, kwargs))
+        return tiny_model("olmoe")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(CheckpointError, match="org/model: expected a checkpoint directory .*HF_HUB_OFFLINE is set"):
+        mh.load("org/model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert mh.family_of(mh.load("org/model").config).model_type == "olmoe"
+    assert calls == [("org/model", {"dtype": "auto"})]
