@@ -37,7 +37,7 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
 @pytest.mark.parametrize(("size", "impl"), [(None, "auto"), ("k1", "auto"), ("kE", "auto"), (None, "loop"),
-                                            (None, "grouped_mm")])
+                                            (None, "grouped_mm"), (None, "threads")])
 def test_logits_match_transformers_fp32(model_type, size, impl):
     if size and model_type == "phimoe":
         pytest.skip("PhiMoE's sparsemixer always routes to 2 experts")
@@ -117,14 +117,16 @@ def test_router_logits_and_aux_loss_unchanged(model_type):
     torch.testing.assert_close(got.loss, ref.loss, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
-def test_gradients_match(model_type):
+@pytest.mark.parametrize(("model_type", "impl"), [("qwen2_moe", "auto"), ("deepseek_v3", "auto"),
+                                                  ("gpt_oss", "grouped_mm"), ("olmoe", "grouped_mm"),
+                                                  ("mixtral", "threads")])
+def test_gradients_match(model_type, impl):
     """Training through the swapped experts: same gradients on the experts, router and shared experts."""
     grads = []
     for accelerated in (False, True):
         model = _model(model_type)
         if accelerated:
-            mh.accelerate(model)
+            mh.accelerate(model, impl=impl)
         ids = _ids()
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
