@@ -1,5 +1,6 @@
 """`moekit bench hf-accelerate`: a Qwen3-MoE-shaped model (random weights, built from config) timed for prefill
-and for greedy generation, transformers' default experts path against the same model after `moekit.hf.accelerate`,
+and for greedy generation, transformers' default experts path against the same model after `moekit.hf.accelerate`
+(`moekit_ms`: dispatch `auto`, the ratio's denominator; `moekit_<impl>_ms`: each dispatch implementation forced),
 interleaved in one process. Both contenders are the same model object, switched by `accelerate` / `restore` before
 each call (the switch walks 4 layers and sets or deletes 4 attributes: microseconds against milliseconds)."""
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from moekit.bench.timing import interleaved
+from moekit.core.dispatch import DISPATCH_IMPLS
 from moekit.hf import accelerate, restore
 
 
@@ -56,12 +58,13 @@ def build_model(case: HFCase) -> nn.Module:
     return model
 
 
-def _switched(model: nn.Module, accelerated: bool, fn: Callable[[], object]) -> Callable[[], object]:
+def _switched(model: nn.Module, impl: str | None, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run on `model` accelerated with dispatch `impl`, or as transformers runs it when impl is None."""
     def run() -> object:
-        if accelerated:
-            accelerate(model)
-        else:
+        if impl is None:
             restore(model)
+        else:
+            accelerate(model, impl=impl)
         with torch.no_grad():
             return fn()
     return run
@@ -84,16 +87,17 @@ def bench_hf_accelerate(repeats: int = 5, quick: bool = False) -> list[dict]:
              "threads": torch.get_num_threads(), "repeats": repeats,
              "transformers_experts_implementation": model.config._experts_implementation}
     records = []
+    impls = {"transformers": None, "moekit": "auto"} | {f"moekit_{i}": i for i in DISPATCH_IMPLS if i != "auto"}
     for name, (tokens, fn) in work.items():
-        fns = {"transformers": _switched(model, False, fn), "moekit": _switched(model, True, fn)}
+        fns = {contender: _switched(model, impl, fn) for contender, impl in impls.items()}
         outputs = {contender: f() for contender, f in fns.items()}
         ms = interleaved(fns, repeats)
-        if name == "prefill":
-            agree = {"max_abs_logit_diff": float((outputs["moekit"] - outputs["transformers"]).abs().max())}
+        ref = outputs.pop("transformers")
+        if name == "prefill":  # every moekit contender against transformers
+            agree = {"max_abs_logit_diff": max(float((out - ref).abs().max()) for out in outputs.values())}
         else:
-            agree = {"same_tokens": bool(torch.equal(outputs["moekit"], outputs["transformers"]))}
-        records.append({"case": name, "tokens": tokens, **shape, "transformers_ms": round(ms["transformers"], 3),
-                        "moekit_ms": round(ms["moekit"], 3),
+            agree = {"same_tokens": all(torch.equal(out, ref) for out in outputs.values())}
+        records.append({"case": name, "tokens": tokens, **shape, **{f"{c}_ms": round(v, 3) for c, v in ms.items()},
                         "transformers_over_moekit": round(ms["transformers"] / ms["moekit"], 3), **agree})
     restore(model)
     return records

@@ -11,7 +11,8 @@ from moekit.bench.layer import CASES, bench_layer
 from moekit.errors import ConfigError
 
 HELP = "benchmarks (interleaved runs, medians, baselines measured in the same run)"
-HF_COLUMNS = ["case", "tokens", "transformers_ms", "moekit_ms", "transformers_over_moekit"]
+HF_COLUMNS = ["case", "tokens", "transformers_ms", "moekit_ms", "transformers_over_moekit", "moekit_loop_ms",
+              "moekit_grouped_mm_ms", "moekit_threads_ms"]
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
