@@ -33,7 +33,7 @@ def test_describe_matches_the_loaded_model(checkpoints, model_type):
     assert info["dense_layers"] == [i for i in range(model.config.num_hidden_layers) if i not in info["moe_layers"]]
     assert info["experts_per_layer"] == {str(v.layer): v.num_experts for v in views}
     assert info["k"] == views[0].k
-    assert info["dtype"] == "F32"
+    assert info["dtype"] == "F32" and info["layout"] == "native"
     total = sum(t.numel() for t in model.state_dict().values())
     inactive = sum(v.experts.bytes_per_expert() // 4 * (v.num_experts - v.k) for v in views)
     assert info["total_params"] == total

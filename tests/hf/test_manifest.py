@@ -65,6 +65,7 @@ def test_manifest_round_trip(model_type, tmp_path):
     torch.testing.assert_close(_logits(plain), expected, atol=1e-6, rtol=0)
     info = describe(out)
     assert info["experts_per_layer"][str(last)] == _experts(model_type)
+    assert info["layout"] == "moekit-manifest"
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt_oss"])

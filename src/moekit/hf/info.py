@@ -19,6 +19,7 @@ from typing import Any
 from moekit.hf.checkpoint import CONFIG, read_config
 from moekit.hf.families import Family, family_of
 from moekit.hf.headers import CheckpointError, TensorInfo, read_checkpoint, weight_files
+from moekit.hf.manifest import MANIFEST
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -107,6 +108,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "dtype": dtype_bytes.most_common(1)[0][0] if dtype_bytes else None,
         "dtypes": dict(dtype_bytes),
         "files": [p.name for p in weight_files(directory)],
+        "layout": "moekit-manifest" if (directory / MANIFEST).exists() else "native",
         "layers": layers,
     }
 
@@ -116,7 +118,8 @@ def format_info(info: dict[str, Any]) -> str:
     shared = info["shared_experts"]
     shared_text = "none" if shared is None else f"width {shared['width']}" + (" gated" if shared["gate"] else "")
     lines = [
-        f"{info['path']}: {info['family']} ({info['model_type']}), {info['dtype']}, {len(info['files'])} file(s)",
+        f"{info['path']}: {info['family']} ({info['model_type']}), {info['layout']}, {info['dtype']}, "
+        f"{len(info['files'])} file(s)",
         f"layers: {info['num_layers']} (MoE: {_ranges(info['moe_layers'])}; dense: {_ranges(info['dense_layers'])})",
         f"experts per layer: {_compact(info['experts_per_layer'])}, k={info['k']}, config width "
         f"{info['expert_width']}, "
