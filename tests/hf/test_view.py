@@ -81,6 +81,11 @@ def test_unknown_architecture_lists_supported_families():
     assert isinstance(err.value, MoekitError)
 
 
+def test_not_a_transformers_model():
+    with pytest.raises(ConfigError, match="Linear: expected a transformers model"):
+        mh.view(torch.nn.Linear(2, 2))
+
+
 def test_dense_model_of_a_known_family_is_refused():
     with pytest.raises(ConfigError, match="num_experts=0 gives a dense Qwen2-MoE model"):
         mh.family_of(tiny_config("qwen2_moe", num_experts=0))

@@ -134,7 +134,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def view(model: nn.Module) -> list[BlockView]:
     """Every MoE block of `model`, in layer order. Raises a MoekitError for a dense or unsupported model."""
-    config = model.config
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError(f"{type(model).__name__}: expected a transformers model (one with a `config`)")
     family = family_of(config, source=f"{type(model).__name__}.config")
     layers = decoder_layers(model)
     views = []
