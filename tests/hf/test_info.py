@@ -102,3 +102,56 @@ def test_cli_bad_inputs_exit_2(checkpoints, tmp_path, capsys):
                                                          intermediate_size=32, vocab_size=50))
     llama.save_pretrained(tmp_path / "llama")
     _expect_exit_2(capsys, tmp_path / "llama", "model_type='llama' is not a supported MoE family")
+
+
+def _fake_checkpoint(path, config, tensors):
+    """A checkpoint holding only `tensors` (what `describe` reads: headers), with `config` as config.json."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    config.save_pretrained(path)
+    save_file(tensors, path / "model.safetensors")
+    return path
+
+
+def test_mxfp4_gpt_oss_counts_logical_params(tmp_path):
+    """GPT-OSS ships MXFP4 experts: uint8 `*_blocks` [E, out, in / 32, 16] (two 4-bit values a byte) and
+    `*_scales` [E, out, in / 32]; they hold 2 parameters a byte and none respectively."""
+    e, h, i = 4, 64, 32
+    config = tiny_config("gpt_oss", hidden_size=h, intermediate_size=i, num_local_experts=e,
+                         quantization_config={"quant_method": "mxfp4"})
+    u8, bf16 = torch.uint8, torch.bfloat16
+    tensors = {}
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp."
+        tensors |= {p + "router.weight": torch.zeros(e, h, dtype=bf16), p + "router.bias": torch.zeros(e, dtype=bf16),
+                    p + "experts.gate_up_proj_blocks": torch.zeros(e, 2 * i, h // 32, 16, dtype=u8),
+                    p + "experts.gate_up_proj_scales": torch.zeros(e, 2 * i, h // 32, dtype=u8),
+                    p + "experts.gate_up_proj_bias": torch.zeros(e, 2 * i, dtype=bf16),
+                    p + "experts.down_proj_blocks": torch.zeros(e, h, i // 32, 16, dtype=u8),
+                    p + "experts.down_proj_scales": torch.zeros(e, h, i // 32, dtype=u8),
+                    p + "experts.down_proj_bias": torch.zeros(e, h, dtype=bf16)}
+    info = describe(_fake_checkpoint(tmp_path / "gpt-oss", config, tensors))
+    per_expert = 3 * h * i + 2 * i + h
+    assert info["quantization"] == "mxfp4" and info["experts_per_layer"] == {"0": e, "1": e}
+    assert info["total_params"] == 2 * (e * h + e + e * per_expert)
+    assert info["active_params"] == info["total_params"] - 2 * (e - 2) * per_expert
+    expert_bytes = (e * 2 * i * h // 2 + e * 2 * i * h // 32 + e * 2 * i * 2) + (e * h * i // 2 + e * h * i // 32
+                                                                                + e * h * 2)
+    assert info["layers"][0]["bytes_per_expert"] == expert_bytes // e
+
+
+def test_fp8_deepseek_scales_are_not_params(tmp_path):
+    config = tiny_config("deepseek_v3", quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    f8, i, h = torch.float8_e4m3fn, 20, 40
+    tensors = {}
+    for layer in (1, 2):
+        for j in range(6):
+            for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+                name = f"model.layers.{layer}.mlp.experts.{j}.{proj}."
+                tensors[name + "weight"] = torch.zeros(shape, dtype=f8)
+                tensors[name + "weight_scale_inv"] = torch.zeros(1, 1)
+    info = describe(_fake_checkpoint(tmp_path / "dsv3", config, tensors))
+    assert info["quantization"] == "fp8" and info["moe_layers"] == [1, 2]
+    assert info["total_params"] == 2 * 6 * 3 * h * i
+    assert info["layers"][1]["bytes_per_expert"] == 3 * h * i + 3 * 4

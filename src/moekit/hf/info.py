@@ -22,16 +22,30 @@ from moekit.hf.headers import CheckpointError, TensorInfo, read_checkpoint, weig
 from moekit.hf.manifest import MANIFEST
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_SCALES = ("_scales", "_scale_inv", "_scale")
 
 
-def _experts_in_layer(tensors: list[TensorInfo], pattern: re.Pattern) -> tuple[int, int, int]:
+def _params(t: TensorInfo, quantized: bool) -> int:
+    """Model parameters a stored tensor holds. In a quantized checkpoint (config.quantization_config), scale
+    tensors (`*_scales`, `*_scale_inv`: MXFP4, FP8 blocks) hold none and MXFP4's uint8 `*_blocks` pack two 4-bit
+    values per byte; everything else holds one per element."""
+    if not quantized:
+        return t.numel
+    if t.name.endswith(_SCALES):
+        return 0
+    if t.name.endswith("_blocks") and t.dtype == "U8":
+        return 2 * t.numel
+    return t.numel
+
+
+def _experts_in_layer(tensors: list[TensorInfo], pattern: re.Pattern, quantized: bool) -> tuple[int, int, int]:
     """(E, expert parameters, expert bytes) of one layer's tensors; E = 0 for a dense layer."""
     ids, fused_e, numel, nbytes = set(), 0, 0, 0
     for t in tensors:
         match = pattern.search(t.name)
         if match is None:
             continue
-        numel += t.numel
+        numel += _params(t, quantized)
         nbytes += t.nbytes
         if match.groups() and match.group(1) is not None:
             ids.add(int(match.group(1)))
@@ -61,11 +75,12 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             by_layer[int(match.group(1))].append(t)
     k = 2 if family.routing == "sparsemixer" else family.k(config)
     moe_by_config = set(family.moe_layers(config))
+    quant = _quantization(config)
     widths = {int(i): spec["intermediate_size"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()}
     pattern = re.compile(family.checkpoint_experts)
     layers, inactive = [], 0
     for i in range(config.num_hidden_layers):
-        experts, expert_params, expert_bytes = _experts_in_layer(by_layer.get(i, []), pattern)
+        experts, expert_params, expert_bytes = _experts_in_layer(by_layer.get(i, []), pattern, quant is not None)
         if (experts > 0) != (i in moe_by_config):
             raise CheckpointError(f"{directory / CONFIG}: layer {i} is {'MoE' if i in moe_by_config else 'dense'} "
                                   f"by the config ({family.dense_rule}) but the weights say "
@@ -83,7 +98,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             record.update(experts=experts, width=width, bytes_per_expert=expert_bytes // experts)
             inactive += expert_params * (experts - min(k, experts)) // experts
         layers.append(record)
-    total = sum(t.numel for t in tensors.values())
+    total = sum(_params(t, quant is not None) for t in tensors.values())
     dtype_bytes = Counter()
     for t in tensors.values():
         dtype_bytes[t.dtype] += t.nbytes
@@ -109,8 +124,18 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "dtypes": dict(dtype_bytes),
         "files": [p.name for p in weight_files(directory)],
         "layout": "moekit-manifest" if (directory / MANIFEST).exists() else "native",
+        "quantization": quant,
         "layers": layers,
     }
+
+
+def _quantization(config: Any) -> str | None:
+    """config.quantization_config's quant_method (a dict or an object, depending on how it was read), or None."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown")
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -118,7 +143,8 @@ def format_info(info: dict[str, Any]) -> str:
     shared = info["shared_experts"]
     shared_text = "none" if shared is None else f"width {shared['width']}" + (" gated" if shared["gate"] else "")
     lines = [
-        f"{info['path']}: {info['family']} ({info['model_type']}), {info['layout']}, {info['dtype']}, "
+        f"{info['path']}: {info['family']} ({info['model_type']}), {info['layout']}, {info['dtype']}"
+        f"{', quantized ' + info['quantization'] if info['quantization'] else ''}, "
         f"{len(info['files'])} file(s)",
         f"layers: {info['num_layers']} (MoE: {_ranges(info['moe_layers'])}; dense: {_ranges(info['dense_layers'])})",
         f"experts per layer: {_compact(info['experts_per_layer'])}, k={info['k']}, config width "
