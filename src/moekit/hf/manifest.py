@@ -13,6 +13,7 @@ Layout written by `save_manifest` (into the temporary directory `save` renames i
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from pathlib import Path
@@ -133,7 +134,7 @@ def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB"
     layers = {str(i): {"num_experts": e, "intermediate_size": w} for i, (e, w) in layer_shapes(model).items()}
     seen: set[int] = set()
     state = {}
-    for name, t in model.state_dict().items():  # tied tensors are written once per name
+    for name, t in model.state_dict().items():  # safetensors refuses shared storage: a tied tensor's 2nd name copies
         t = t.detach().contiguous()
         state[name] = t.clone() if t.data_ptr() in seen else t
         seen.add(t.data_ptr())
@@ -149,10 +150,10 @@ def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB"
         total = sum(t.numel() * t.element_size() for t in state.values())
         (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                   indent=1))
-    config_dict = config.to_dict()
-    config_dict["moekit_layers"] = layers
-    config_dict["auto_map"] = {"AutoModelForCausalLM": f"{MODELING[:-3]}.MoekitForCausalLM"}
-    (directory / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
+    config = copy.deepcopy(config)
+    config.moekit_layers = layers
+    config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.MoekitForCausalLM"}
+    config.save_pretrained(directory)
     (directory / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": VERSION,
                                                   "family": family.model_type, "layers": layers}, indent=1))
     (directory / MODELING).write_text(_modeling_source(family))
