@@ -173,3 +173,13 @@ def test_training_mode_noise_is_the_familys(model_type, overrides):
     other_seed = model(ids, labels=ids).loss.detach()
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=0)
     assert not torch.allclose(other_seed, losses[0], atol=1e-5, rtol=0)  # the noise is really there
+
+
+def test_mixed_dense_and_moe_layers():
+    """Qwen2-MoE with decoder_sparse_step=2 and mlp_only_layers: only layer 1 is MoE; the dense MLPs stay as is."""
+    model = _model("qwen2_moe", num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])
+    ids = _ids()
+    expected = _logits(model, ids)
+    mh.accelerate(model)
+    assert [v.layer for v in mh.view(model)] == [1]
+    torch.testing.assert_close(_logits(model, ids), expected, atol=1e-5, rtol=0)
