@@ -26,6 +26,7 @@ from moekit.errors import ConfigError, RoutingError
 DISPATCH_IMPLS = ("auto", "loop", "grouped_mm", "threads")
 _GEMV_ROWS = 8  # reading an expert's weights costs about as much as this many rows of its GEMM
 _THREADS_MIN_BYTES = 2**20  # smaller experts are computed faster than a thread pool hand-off
+_THREADS_MIN_ROWS = 2  # decode (about one row per expert) is faster with one BLAS call per expert on all cores
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -248,13 +249,15 @@ _RUNNERS = {"loop": _run_loop, "grouped_mm": _run_grouped, "threads": _run_threa
 def choose_impl(impl: str, xs: Tensor, experts: Experts, active_experts: int) -> str:
     """`loop`: one GEMM per active expert. `grouped_mm`: every expert in one torch._grouped_mm call, where its
     dtype (float32, bfloat16) and alignment rules allow, else `loop`. `threads`: experts concurrently on a thread
-    pool, one core each, forward and backward. `auto`, as measured by `moekit bench layer`: threads when there
-    is more than one core and experts of 1 MiB or more, else grouped_mm when several experts get tokens, else
-    loop."""
+    pool, one core each, forward and backward. `auto`, as measured by `moekit bench layer` (docs/benchmarks.md):
+    threads when there is more than one core, experts of 1 MiB or more and at least two rows per active expert
+    on average; else grouped_mm when several experts get 64 rows or more in all; else loop."""
     if impl not in DISPATCH_IMPLS:
         raise ConfigError(f"dispatch={impl!r}: expected one of {', '.join(DISPATCH_IMPLS)}")
-    threads_ok = torch.get_num_threads() > 1
-    if impl == "threads" or impl == "auto" and threads_ok and experts.bytes_per_expert() >= _THREADS_MIN_BYTES:
+    if impl == "threads":
+        return "threads"
+    if (impl == "auto" and torch.get_num_threads() > 1 and experts.bytes_per_expert() >= _THREADS_MIN_BYTES
+            and xs.shape[0] >= _THREADS_MIN_ROWS * active_experts):
         return "threads"
     if impl == "loop" or not grouped_mm_supported(xs, experts):
         return "loop"
