@@ -59,9 +59,10 @@ def plan_dispatch(routing: Routing, num_experts: int, capacity: int | None = Non
     if routing.mask is not None:
         keep = routing.mask.t().reshape(-1)
         expert, weight, token = expert[keep], weight[keep], token[keep]
-    if expert.numel() and (int(expert.min()) < 0 or int(expert.max()) >= num_experts):
-        raise RoutingError(f"routing.indices: expected expert ids in [0, {num_experts}), got "
-                           f"[{int(expert.min())}, {int(expert.max())}]")
+    if expert.numel():
+        lo, hi = (int(v) for v in torch.aminmax(expert))
+        if lo < 0 or hi >= num_experts:
+            raise RoutingError(f"routing.indices: expected expert ids in [0, {num_experts}), got [{lo}, {hi}]")
     order = torch.argsort(expert, stable=True)
     counts = torch.bincount(expert, minlength=num_experts)
     dropped = 0

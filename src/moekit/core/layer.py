@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property, partial
 from typing import Any
 
 import torch
@@ -16,18 +18,35 @@ from moekit.core.routing import Routing
 from moekit.errors import ConfigError, ShapeError
 
 
-@dataclass
 class MoEOutput:
-    """hidden: same shape as the input. aux_loss: the weighted sum of the configured losses (a scalar tensor).
-    routing: over the flattened tokens. expert_counts: [E] assignments each expert processed.
-    losses: the unweighted components by name. dropped: assignments dropped over capacity."""
+    """hidden: same shape as the input. routing: over the flattened tokens. expert_counts: [E] assignments each
+    expert processed. dropped: assignments dropped over capacity. losses: the unweighted auxiliary losses by name;
+    aux_loss: their weighted sum (a scalar tensor). Both are computed on first access (decode steps that never read
+    them do not pay for them) and stay differentiable."""
 
-    hidden: Tensor
-    aux_loss: Tensor
-    routing: Routing
-    expert_counts: Tensor
-    losses: dict[str, Tensor] = field(default_factory=dict)
-    dropped: int = 0
+    def __init__(self, hidden: Tensor, routing: Routing, expert_counts: Tensor, dropped: int,
+                 loss_fn: Callable[[], tuple[dict[str, Tensor], Tensor]]):
+        self.hidden = hidden
+        self.routing = routing
+        self.expert_counts = expert_counts
+        self.dropped = dropped
+        self._loss_fn = loss_fn
+
+    @cached_property
+    def _computed_losses(self) -> tuple[dict[str, Tensor], Tensor]:
+        return self._loss_fn()
+
+    @property
+    def losses(self) -> dict[str, Tensor]:
+        return self._computed_losses[0]
+
+    @property
+    def aux_loss(self) -> Tensor:
+        return self._computed_losses[1]
+
+    def __repr__(self) -> str:
+        return (f"MoEOutput(hidden={tuple(self.hidden.shape)}, experts={self.routing.num_experts}, k={self.routing.k}, "
+                f"dropped={self.dropped})")
 
 
 @dataclass
@@ -127,9 +146,8 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         seq_len = hidden.shape[-2] if hidden.dim() >= 3 else x.shape[0]
-        losses, aux = self._losses(routing, seq_len)
         counts = torch.tensor(plan.counts, device=x.device)
-        return MoEOutput(out.view(hidden.shape), aux, routing, counts, losses, plan.dropped)
+        return MoEOutput(out.view(hidden.shape), routing, counts, plan.dropped, partial(self._losses, routing, seq_len))
 
     def _losses(self, routing: Routing, seq_len: int) -> tuple[dict[str, Tensor], Tensor]:
         w = self.loss_weights
