@@ -134,11 +134,14 @@ def run_case(case: LayerCase, repeats: int, copy_bytes: int | None = None) -> li
         x = torch.randn(1, tokens, case.hidden, requires_grad=case.train)
         grad = torch.randn(1, tokens, case.hidden) if case.train else None
         fns = {name: _runner(m, x, grad, name == "moekit") for name, m in contenders.items()}
+        evict = None
         if copy_bytes:
             src = torch.ones(copy_bytes // 4)
             dst = torch.empty_like(src)
             fns["copy"] = lambda src=src, dst=dst: dst.copy_(src)
-        ms = interleaved(fns, repeats)
+            # a decode step finds this layer's weights in memory, not in cache (the other layers ran in between)
+            evict = lambda src=src, dst=dst: dst.copy_(src)  # noqa: E731
+        ms = interleaved(fns, repeats, before=evict)
         copy_ms = ms.pop("copy", None)
         rec = {"case": case.name, "tokens": tokens, "hidden": case.hidden, "intermediate": case.intermediate,
                "experts": case.experts, "k": case.k, "shared": case.shared, "dtype": "float32",

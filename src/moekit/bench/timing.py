@@ -1,23 +1,31 @@
-"""Interleaved timing: every round runs each contender once, in a rotated order, so drift in machine load
-hits all of them alike; the result is the median per contender."""
+"""Interleaved timing: every round runs each contender once, in a fresh random order (seeded), so drift in machine
+load hits all of them alike and no contender always follows the same one (which would hand it a warm cache); the
+result is the median per contender."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time in milliseconds of each function over `repeats` interleaved rounds."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                before: Callable[[], object] | None = None, seed: int = 0) -> dict[str, float]:
+    """Median wall time in milliseconds of each function over `repeats` interleaved rounds. `before`, if given,
+    runs untimed before every timed call (for example to evict the caches, as a decode step finds them)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
+    rng = random.Random(seed)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
+    for _ in range(repeats):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            if before is not None:
+                before()
             start = time.perf_counter()
             fns[name]()
             samples[name].append((time.perf_counter() - start) * 1e3)
