@@ -165,10 +165,10 @@ def _threaded_forward(xs: Tensor, plan: DispatchPlan, experts: Experts, keep_hid
     def work(group: list[tuple[int, int, int]]) -> None:
         with torch.no_grad():  # grad mode is thread-local
             for e, s, t in group:
-                h = linear(xs[s:t], experts.up_weight(e), _row(experts.gate_up_proj_bias, e))
-                if keep_hidden:
-                    hidden[s:t] = h
-                ys[s:t] = linear(experts.act(h), experts.down_weight(e), _row(experts.down_proj_bias, e))
+                up_w, up_b = experts.up_weight(e), _row(experts.gate_up_proj_bias, e)
+                x = xs[s:t]
+                h = _linear_into(hidden[s:t], x, up_w, up_b) if keep_hidden else linear(x, up_w, up_b)
+                _linear_into(ys[s:t], experts.act(h), experts.down_weight(e), _row(experts.down_proj_bias, e))
 
     workers = torch.get_num_threads()
     list(_pool(workers).map(work, _work_groups(plan, workers, split=True)))
@@ -177,6 +177,22 @@ def _threaded_forward(xs: Tensor, plan: DispatchPlan, experts: Experts, keep_hid
 
 def _row(bias: Tensor | None, e: int) -> Tensor | None:
     return None if bias is None else bias[e]
+
+
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """out (contiguous rows) = x @ weight^T + bias, written in place (no temporary for big slices)."""
+    if 2 <= x.shape[0] <= 3:
+        return out.copy_(linear(x, weight, bias))
+    torch.mm(x, weight.t(), out=out)
+    return out if bias is None else out.add_(bias)
+
+
+def _mm_grad(g: Tensor, a: Tensor, b: Tensor, transposed: bool) -> None:
+    """An expert's weight gradient a @ b ([out, in]) written into its slice g, stored as [in, out] if transposed."""
+    if transposed:
+        torch.mm(b.t(), a.t(), out=g)
+    else:
+        torch.mm(a, b, out=g)
 
 
 class _ThreadedExperts(torch.autograd.Function):
@@ -206,9 +222,6 @@ class _ThreadedExperts(torch.autograd.Function):
                 g[idle] = 0
         g_up, g_down, g_bup, g_bdown = grads
 
-        def as_out_in(g: Tensor) -> Tensor:
-            return g.t() if experts.transposed else g
-
         def work(group: list[tuple[int, int, int]]) -> None:
             for e, s, t in group:
                 gy = grad_ys[s:t]
@@ -216,12 +229,12 @@ class _ThreadedExperts(torch.autograd.Function):
                     h = hidden[s:t].detach().requires_grad_()
                     a = experts.act(h)
                 with torch.no_grad():
-                    as_out_in(g_down[e]).copy_(gy.t() @ a.detach())
+                    _mm_grad(g_down[e], gy.t(), a.detach(), experts.transposed)
                     grad_a = gy @ experts.down_weight(e)
                 grad_h = torch.autograd.grad(a, h, grad_a)[0]
                 with torch.no_grad():
-                    as_out_in(g_up[e]).copy_(grad_h.t() @ xs[s:t])
-                    grad_xs[s:t] = grad_h @ experts.up_weight(e)
+                    _mm_grad(g_up[e], grad_h.t(), xs[s:t], experts.transposed)
+                    torch.mm(grad_h, experts.up_weight(e), out=grad_xs[s:t])
                     if g_bup is not None:
                         g_bup[e] = grad_h.sum(0)
                         g_bdown[e] = gy.sum(0)
