@@ -39,4 +39,32 @@ def run(args: argparse.Namespace) -> int:
         records.extend(run_case(case.scaled(4), args.repeats))
     print(format_table(records))
     print("\nFull benchmark: `moekit bench layer --json` (or `make bench`).")
+    _bridge_step()
     return 0
+
+
+def _bridge_step() -> None:
+    """A small random Qwen3-MoE built from its config (no download) run by transformers, then through moekit."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    import moekit.hf as mh
+
+    print("\n4. The Hugging Face bridge: a small random Qwen3-MoE (2 layers, 8 experts, top-2), built from its config")
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_experts=8,
+                            num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=32, vocab_size=512, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for block in mh.view(model):
+        print(f"   layer {block.layer}: {block.num_experts} experts, k={block.k}, "
+              f"gate_up_proj {tuple(block.experts.gate_up_proj.shape)} (the model's own tensor, not a copy)")
+    ids = torch.randint(0, config.vocab_size, (1, 24))
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+        ref_tokens = model.generate(ids, max_new_tokens=12, do_sample=False)
+        mh.accelerate(model)
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=12, do_sample=False)
+        mh.restore(model)
+    print(f"   after moekit.hf.accelerate: max |logit difference| {float((logits - ref_logits).abs().max()):.2e}, "
+          f"greedy tokens identical: {torch.equal(tokens, ref_tokens)}; moekit.hf.restore puts transformers' path back")

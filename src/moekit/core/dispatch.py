@@ -25,7 +25,10 @@ from moekit.errors import ConfigError, RoutingError
 
 DISPATCH_IMPLS = ("auto", "loop", "grouped_mm", "threads")
 _GEMV_ROWS = 8  # reading an expert's weights costs about as much as this many rows of its GEMM
-_THREADS_MIN_BYTES = 2**20  # smaller experts are computed faster than a thread pool hand-off
+# The thread pool pays a fixed few milliseconds per call on a 2-core machine (OpenMP's idle threads spin on a core
+# after every parallel op of the calling thread), so it needs this much work to win: weights read or GEMM FLOPs.
+_THREADS_MIN_BYTES = 64 * 2**20
+_THREADS_MIN_FLOPS = 4 * 10**9
 _THREADS_MIN_ROWS = 2  # decode (about one row per expert) is faster with one BLAS call per expert on all cores
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -264,15 +267,18 @@ def choose_impl(impl: str, xs: Tensor, experts: Experts, active_experts: int) ->
     """`loop`: one GEMM per active expert. `grouped_mm`: every expert in one torch._grouped_mm call, where its
     dtype (float32, bfloat16) and alignment rules allow, else `loop`. `threads`: experts concurrently on a thread
     pool, one core each, forward and backward. `auto`, as measured by `moekit bench layer` (docs/benchmarks.md):
-    threads when there is more than one core, experts of 1 MiB or more and at least two rows per active expert
-    on average; else grouped_mm when several experts get 64 rows or more in all; else loop."""
+    threads when there is more than one core, at least two rows per active expert on average and enough work
+    (64 MiB of expert weights or 4 GFLOP); else grouped_mm when several experts get 64 rows or more in all; else
+    loop."""
     if impl not in DISPATCH_IMPLS:
         raise ConfigError(f"dispatch={impl!r}: expected one of {', '.join(DISPATCH_IMPLS)}")
     if impl == "threads":
         return "threads"
-    if (impl == "auto" and torch.get_num_threads() > 1 and experts.bytes_per_expert() >= _THREADS_MIN_BYTES
-            and xs.shape[0] >= _THREADS_MIN_ROWS * active_experts):
-        return "threads"
+    if impl == "auto" and torch.get_num_threads() > 1 and xs.shape[0] >= _THREADS_MIN_ROWS * active_experts:
+        weight_bytes = active_experts * experts.bytes_per_expert()
+        flops = 2 * xs.shape[0] * experts.bytes_per_expert() // xs.element_size()
+        if weight_bytes >= _THREADS_MIN_BYTES or flops >= _THREADS_MIN_FLOPS:
+            return "threads"
     if impl == "loop" or not grouped_mm_supported(xs, experts):
         return "loop"
     if impl == "auto" and (active_experts < 2 or xs.shape[0] < 64):
