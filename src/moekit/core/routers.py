@@ -164,15 +164,21 @@ class TopKSoftmaxRouter(Router):
 
 
 @dataclass
-class DeepSeekV3Options(RouterOptions):
-    """n_group / topk_group: group-limited selection; normalize: `norm_topk_prob`; scaling:
-    `routed_scaling_factor`."""
+class GroupOptions(RouterOptions):
+    """DeepSeek-style options. n_group / topk_group: group-limited selection (only the best `topk_group` of
+    `n_group` expert groups compete); scaling: `routed_scaling_factor`; normalize: renormalise the kept weights."""
 
     n_group: int = 1
     topk_group: int = 1
-    normalize: bool = True
     scaling: float = 1.0
     logits_fp32: bool = True
+
+
+@dataclass
+class DeepSeekV3Options(GroupOptions):
+    """normalize: `norm_topk_prob`."""
+
+    normalize: bool = True
 
 
 @register_router("deepseek_v3")
@@ -194,15 +200,11 @@ class DeepSeekV3Router(Router):
 
 
 @dataclass
-class DeepSeekV2Options(RouterOptions):
-    """method: 'greedy' or 'group_limited_greedy'; scaling: `routed_scaling_factor`."""
+class DeepSeekV2Options(GroupOptions):
+    """method: 'greedy' or 'group_limited_greedy' (groups ranked by their best expert)."""
 
     method: str = "greedy"
-    n_group: int = 1
-    topk_group: int = 1
     normalize: bool = False
-    scaling: float = 1.0
-    logits_fp32: bool = True
 
 
 @register_router("deepseek_v2")
