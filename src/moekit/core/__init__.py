@@ -1,6 +1,6 @@
 """The MoE layer: routing, experts, dispatch, losses. Depends on torch only."""
 
-from moekit.core.dispatch import DispatchPlan, capacity_for, dispatch, plan_dispatch
+from moekit.core.dispatch import DispatchPlan, capacity_for, dispatch, plan_assignments, plan_dispatch
 from moekit.core.experts import ACTIVATIONS, Activation, Experts, SharedExperts
 from moekit.core.layer import LossWeights, MoE, MoEOutput
 from moekit.core.losses import seq_balance_loss, switch_balance_loss, update_correction_bias, z_loss
@@ -9,7 +9,7 @@ from moekit.core.routing import Routing, sigmoid_group_topk, softmax_group_topk,
 
 __all__ = [
     "ACTIVATIONS", "ROUTERS", "Activation", "DispatchPlan", "Experts", "LossWeights", "MoE", "MoEOutput", "Router",
-    "RouterOptions", "Routing", "SharedExperts", "build_router", "capacity_for", "dispatch", "plan_dispatch",
-    "register_router", "router_names", "seq_balance_loss", "sigmoid_group_topk", "softmax_group_topk",
-    "softmax_topk", "switch_balance_loss", "topk_softmax", "update_correction_bias", "z_loss",
+    "RouterOptions", "Routing", "SharedExperts", "build_router", "capacity_for", "dispatch", "plan_assignments",
+    "plan_dispatch", "register_router", "router_names", "seq_balance_loss", "sigmoid_group_topk",
+    "softmax_group_topk", "softmax_topk", "switch_balance_loss", "topk_softmax", "update_correction_bias", "z_loss",
 ]

@@ -54,13 +54,20 @@ def capacity_for(num_tokens: int, k: int, num_experts: int, factor: float) -> in
 
 def plan_dispatch(routing: Routing, num_experts: int, capacity: int | None = None) -> DispatchPlan:
     """Sort the assignments of `routing` by expert, dropping those over `capacity` (None: dropless)."""
-    num_tokens, k = routing.indices.shape
+    return plan_assignments(routing.indices, routing.weights, num_experts, capacity, routing.mask)
+
+
+def plan_assignments(indices: Tensor, weights: Tensor, num_experts: int, capacity: int | None = None,
+                     mask: Tensor | None = None) -> DispatchPlan:
+    """`plan_dispatch` from the routing decision alone: indices / weights / mask [T, k] (no logits needed, as in
+    a transformers experts forward)."""
+    num_tokens, k = indices.shape
     # slot-major flattening: every token's first choice precedes any second choice (GShard priority)
-    expert = routing.indices.t().reshape(-1)
-    weight = routing.weights.t().reshape(-1)
+    expert = indices.t().reshape(-1)
+    weight = weights.t().reshape(-1)
     token = torch.arange(num_tokens, device=expert.device).repeat(k)
-    if routing.mask is not None:
-        keep = routing.mask.t().reshape(-1)
+    if mask is not None:
+        keep = mask.t().reshape(-1)
         expert, weight, token = expert[keep], weight[keep], token[keep]
     if expert.numel():
         lo, hi = (int(v) for v in torch.aminmax(expert))

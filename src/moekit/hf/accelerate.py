@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from moekit.core.dispatch import DISPATCH_IMPLS, dispatch, plan_dispatch
-from moekit.core.routing import Routing
+from moekit.core.dispatch import DISPATCH_IMPLS, dispatch, plan_assignments
 from moekit.errors import ConfigError
 from moekit.hf.view import HFExperts, view
 
@@ -24,9 +23,7 @@ class _MoekitExpertsForward:
         self.impl = impl
 
     def __call__(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        # plan_dispatch reads only indices and weights; the logits stay with the router that produced them
-        routing = Routing(top_k_weights.new_empty(hidden.shape[0], 0), top_k_weights, top_k_index)
-        plan = plan_dispatch(routing, self.experts.num_experts)
+        plan = plan_assignments(top_k_index, top_k_weights, self.experts.num_experts)
         return dispatch(hidden, plan, self.experts, self.impl)
 
 
