@@ -19,7 +19,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from moekit.core.experts import Experts, linear
+from moekit.core.experts import ExpertsLike, linear
 from moekit.core.routing import Routing
 from moekit.errors import ConfigError, RoutingError
 
@@ -106,7 +106,7 @@ def _grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | N
     return out if bias is None else out + bias[expert]
 
 
-def _run_grouped(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+def _run_grouped(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike) -> Tensor:
     offsets = torch.tensor(plan.counts, device=xs.device).cumsum(0).to(torch.int32)
     w_up, w_down = experts.grouped_weights()
     h = _grouped_linear(xs, w_up, offsets, experts.gate_up_proj_bias, plan.expert)
@@ -123,7 +123,7 @@ def _slices(plan: DispatchPlan) -> list[tuple[int, int, int]]:
     return out
 
 
-def _run_loop(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+def _run_loop(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike) -> Tensor:
     outs = [experts.expert(xs[s:t], e) for e, s, t in _slices(plan)]
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -153,7 +153,7 @@ def _work_groups(plan: DispatchPlan, workers: int, split: bool) -> list[list[tup
     return [g for g in groups if g]
 
 
-def _run_threads(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
+def _run_threads(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike) -> Tensor:
     """Experts side by side on a thread pool, each GEMM on one core.
 
     On a CPU one BLAS call split over all cores is less efficient for an expert-sized GEMM (a few hundred rows) than
@@ -167,7 +167,7 @@ def _run_threads(xs: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
     return ys
 
 
-def _threaded_forward(xs: Tensor, plan: DispatchPlan, experts: Experts, keep_hidden: bool) -> tuple[Tensor, Tensor]:
+def _threaded_forward(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike, keep_hidden: bool) -> tuple[Tensor, Tensor]:
     ys = xs.new_empty(xs.shape[0], experts.hidden_size)
     hidden = xs.new_empty(xs.shape[0], experts.gate_up_proj.shape[-1 if experts.transposed else -2]) if keep_hidden \
         else xs.new_empty(0)
@@ -220,7 +220,7 @@ class _ThreadedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ys):
         xs, hidden = ctx.saved_tensors
-        experts: Experts = ctx.experts
+        experts: ExpertsLike = ctx.experts
         grad_ys = grad_ys.contiguous()
         grad_xs = torch.empty_like(xs)
         # every expert with rows writes its whole gradient slice below; only idle experts need zeros
@@ -260,7 +260,7 @@ def _aligned(t: Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
 
 
-def grouped_mm_supported(xs: Tensor, experts: Experts) -> bool:
+def grouped_mm_supported(xs: Tensor, experts: ExpertsLike) -> bool:
     if not hasattr(torch, "_grouped_mm") or xs.dtype not in _GROUPED_DTYPES:
         return False
     hidden = torch.empty(1, experts.intermediate_size, dtype=xs.dtype)  # stands for the activation output
@@ -270,7 +270,7 @@ def grouped_mm_supported(xs: Tensor, experts: Experts) -> bool:
 _RUNNERS = {"loop": _run_loop, "grouped_mm": _run_grouped, "threads": _run_threads}
 
 
-def choose_impl(impl: str, xs: Tensor, experts: Experts, active_experts: int) -> str:
+def choose_impl(impl: str, xs: Tensor, experts: ExpertsLike, active_experts: int) -> str:
     """`loop`: one GEMM per active expert. `grouped_mm`: every expert in one torch._grouped_mm call, where its
     dtype (float32, bfloat16) and alignment rules allow, else `loop`. `threads`: experts concurrently on a thread
     pool, one core each, forward and backward. `auto`, as measured by `moekit bench layer` (docs/benchmarks.md):
@@ -293,7 +293,7 @@ def choose_impl(impl: str, xs: Tensor, experts: Experts, active_experts: int) ->
     return "grouped_mm"
 
 
-def dispatch(x: Tensor, plan: DispatchPlan, experts: Experts, impl: str = "auto") -> Tensor:
+def dispatch(x: Tensor, plan: DispatchPlan, experts: ExpertsLike, impl: str = "auto") -> Tensor:
     """Run `experts` on x [T, H] as `plan` says; returns [T, H] in x's dtype (accumulated in float32 for
     half precisions)."""
     num_tokens, hidden = x.shape

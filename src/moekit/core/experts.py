@@ -9,7 +9,9 @@ The plain `gelu` MLP has no gate: gate_up_proj is [E, I, H].
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +69,27 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         y = torch.mm(weight, x.t()).t()
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+class ExpertsLike(Protocol):
+    """What dispatch needs from a set of experts: moekit's `Experts`, or a view of another library's experts module
+    over its own tensors (`moekit.hf.HFExperts`)."""
+
+    gate_up_proj: Tensor
+    down_proj: Tensor
+    gate_up_proj_bias: Tensor | None
+    down_proj_bias: Tensor | None
+    act: Callable[[Tensor], Tensor]
+    transposed: bool
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+
+    def up_weight(self, e: int) -> Tensor: ...
+    def down_weight(self, e: int) -> Tensor: ...
+    def expert(self, x: Tensor, e: int) -> Tensor: ...
+    def grouped_weights(self) -> tuple[Tensor, Tensor]: ...
+    def bytes_per_expert(self) -> int: ...
 
 
 class Experts(nn.Module):

@@ -35,7 +35,7 @@ class _HFGatedAct:
         return self.act_fn(gate) * up
 
 
-class HFExperts:
+class HFExperts:  # implements moekit.core.experts.ExpertsLike
     """A transformers experts module seen as moekit `Experts` (same attributes and methods, no copies)."""
 
     up_weight = Experts.up_weight
