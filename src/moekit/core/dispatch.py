@@ -293,6 +293,19 @@ def choose_impl(impl: str, xs: Tensor, experts: ExpertsLike, active_experts: int
     return "grouped_mm"
 
 
+def run_experts(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike, impl: str = "auto") -> Tensor:
+    """The expert FFNs on rows xs [N, H] already sorted by expert (`plan.counts[e]` rows for expert e; only
+    `plan.counts` and `plan.expert` are read). Returns [N, H], unweighted, in the same order."""
+    return _RUNNERS[choose_impl(impl, xs, experts, sum(1 for n in plan.counts if n))](xs, plan, experts)
+
+
+def sorted_plan(counts: list[int], device: torch.device | str | None = None) -> DispatchPlan:
+    """A plan for rows that already come sorted by expert (expert-parallel receivers): counts[e] rows each."""
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    empty = torch.empty(0, device=device)
+    return DispatchPlan(empty.long(), expert, empty, list(counts))
+
+
 def dispatch(x: Tensor, plan: DispatchPlan, experts: ExpertsLike, impl: str = "auto") -> Tensor:
     """Run `experts` on x [T, H] as `plan` says; returns [T, H] in x's dtype (accumulated in float32 for
     half precisions)."""
@@ -302,6 +315,6 @@ def dispatch(x: Tensor, plan: DispatchPlan, experts: ExpertsLike, impl: str = "a
     if plan.token.numel() == 0:
         return out.to(x.dtype)
     xs = x.index_select(0, plan.token).to(experts.gate_up_proj.dtype)
-    ys = _RUNNERS[choose_impl(impl, xs, experts, sum(1 for n in plan.counts if n))](xs, plan, experts)
+    ys = run_experts(xs, plan, experts, impl)
     ys = ys.to(acc_dtype) * plan.weight.to(acc_dtype).unsqueeze(-1)
     return out.index_add_(0, plan.token, ys).to(x.dtype)

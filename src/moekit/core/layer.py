@@ -64,6 +64,17 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def aux_losses(routing: Routing, seq_len: int, w: LossWeights) -> tuple[dict[str, Tensor], Tensor]:
+    """The unweighted auxiliary losses by name, and their sum weighted by `w`."""
+    losses: dict[str, Tensor] = {"balance": switch_balance_loss(routing), "z": z_loss(routing.logits)}
+    if w.seq:
+        losses["seq"] = seq_balance_loss(routing, max(seq_len, 1))
+    aux = w.balance * losses["balance"] + w.z * losses["z"]
+    if w.seq:
+        aux = aux + w.seq * losses["seq"]
+    return losses, aux
+
+
 class MoE(nn.Module):
     """A sparse Mixture-of-Experts feed-forward layer.
 
@@ -147,17 +158,9 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         seq_len = hidden.shape[-2] if hidden.dim() >= 3 else x.shape[0]
         counts = torch.tensor(plan.counts, device=x.device)
-        return MoEOutput(out.view(hidden.shape), routing, counts, plan.dropped, partial(self._losses, routing, seq_len))
+        losses = partial(aux_losses, routing, seq_len, self.loss_weights)
+        return MoEOutput(out.view(hidden.shape), routing, counts, plan.dropped, losses)
 
-    def _losses(self, routing: Routing, seq_len: int) -> tuple[dict[str, Tensor], Tensor]:
-        w = self.loss_weights
-        losses: dict[str, Tensor] = {"balance": switch_balance_loss(routing), "z": z_loss(routing.logits)}
-        if w.seq:
-            losses["seq"] = seq_balance_loss(routing, max(seq_len, 1))
-        aux = w.balance * losses["balance"] + w.z * losses["z"]
-        if w.seq:
-            aux = aux + w.seq * losses["seq"]
-        return losses, aux
 
     def update_bias(self, expert_counts: Tensor, gamma: float = 1e-3) -> None:
         """Auxiliary-loss-free balancing step (router must have `e_score_correction_bias`, e.g. deepseek_v3)."""

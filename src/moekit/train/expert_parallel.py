@@ -1,0 +1,124 @@
+"""Expert parallelism on torch.distributed: experts sharded across ranks, tokens exchanged with all_to_all.
+
+Every rank holds the router and shared experts (replicated, data-parallel) and E / W routed experts (rank r owns
+experts [r E/W, (r+1) E/W)). A forward pass on a rank's own tokens:
+  route locally -> sort assignments by expert (so they are grouped by owner rank) -> all_to_all the rows (uneven
+  splits) -> reorder the received rows by local expert -> run the local experts -> undo the reorder -> all_to_all
+  the outputs back -> weight and add per token.
+Both exchanges go through `torch.distributed.nn.functional.all_to_all_single`, so autograd flows through them; the
+same code runs on gloo (CPU) and nccl (GPU). Router and shared-expert gradients are per rank: all-reduce them (or
+wrap the model in DistributedDataParallel) as for any data-parallel parameter.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.nn.functional import all_to_all_single
+
+from moekit.core.dispatch import plan_dispatch, run_experts, sorted_plan
+from moekit.core.experts import Experts
+from moekit.core.layer import MoE, MoEOutput, aux_losses
+from moekit.errors import ConfigError
+
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
+class ExpertParallelMoE(nn.Module):
+    """An `MoE` whose routed experts are sharded over the ranks of `group` (default: the world)."""
+
+    def __init__(self, moe: MoE, group: dist.ProcessGroup | None = None):
+        super().__init__()
+        if not dist.is_initialized():
+            raise ConfigError("ExpertParallelMoE: torch.distributed is not initialised; expected init_process_group "
+                              "to have run (e.g. under torchrun)")
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if moe.num_experts % self.world:
+            raise ConfigError(f"num_experts={moe.num_experts}: expected a multiple of the world size {self.world}")
+        if moe.capacity_factor is not None:
+            raise ConfigError("ExpertParallelMoE: capacity_factor must be None (expert parallelism is dropless)")
+        self.num_experts = moe.num_experts
+        self.local_experts = moe.num_experts // self.world
+        self.first_expert = self.rank * self.local_experts
+        self.hidden_size = moe.hidden_size
+        self.dispatch_impl = moe.dispatch_impl
+        self.router = moe.router
+        self.shared_experts = moe.shared_experts
+        self.loss_weights = moe.loss_weights
+        self.experts = _slice_experts(moe.experts, self.first_expert, self.local_experts)
+
+    def forward(self, hidden: Tensor, k: int | None = None) -> MoEOutput:
+        x = hidden.reshape(-1, self.hidden_size)
+        routing = self.router(x, k)
+        plan = plan_dispatch(routing, self.num_experts)
+        counts = torch.tensor(plan.counts, dtype=torch.int64)
+        # recv_counts[s, j]: rows rank s sends for this rank's local expert j
+        recv_counts = torch.empty(self.world, self.local_experts, dtype=torch.int64)
+        dist.all_to_all_single(recv_counts, counts.view(self.world, self.local_experts).contiguous(), group=self.group)
+        send_splits = counts.view(self.world, self.local_experts).sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+
+        xs = x.index_select(0, plan.token).to(self.experts.gate_up_proj.dtype)
+        received = all_to_all_single(xs.new_empty(sum(recv_splits), xs.shape[1]), xs, recv_splits, send_splits,
+                                     group=self.group)
+        order = _expert_major(recv_counts)  # source-major (as received) -> expert-major (as the experts want)
+        local = received.index_select(0, order)
+        if local.shape[0]:
+            ys_local = run_experts(local, sorted_plan(recv_counts.sum(0).tolist()), self.experts, self.dispatch_impl)
+        else:  # no token chose this rank's experts
+            ys_local = local
+        ys_received = torch.empty_like(ys_local).index_copy(0, order, ys_local)
+        ys = all_to_all_single(ys_received.new_empty(xs.shape[0], ys_received.shape[1]), ys_received, send_splits,
+                               recv_splits, group=self.group)
+
+        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        out = torch.zeros(x.shape[0], self.hidden_size, dtype=acc)
+        out = out.index_add(0, plan.token, ys.to(acc) * plan.weight.to(acc).unsqueeze(-1)).to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        seq_len = hidden.shape[-2] if hidden.dim() >= 3 else x.shape[0]
+        local_counts = recv_counts.sum(0)
+        # auxiliary losses on this rank's tokens, as data parallelism computes them
+        return MoEOutput(out.view(hidden.shape), routing, local_counts, 0,
+                         partial(aux_losses, routing, seq_len, self.loss_weights))
+
+    def full_experts_state(self) -> dict[str, Tensor]:
+        """All ranks' experts gathered, by parameter name ([E, ...] each), on every rank: what a 1-rank `MoE`
+        loads (`moe.experts.load_state_dict`), so N-rank checkpoints load on 1 rank."""
+        state = {}
+        for name in _EXPERT_PARAMS:
+            local = getattr(self.experts, name)
+            if local is None:
+                continue
+            parts = [torch.empty_like(local) for _ in range(self.world)]
+            dist.all_gather(parts, local.detach().contiguous(), group=self.group)
+            state[name] = torch.cat(parts)
+        return state
+
+
+def _slice_experts(experts: Experts, first: int, count: int) -> Experts:
+    """A new `Experts` holding copies of experts [first, first + count) (this rank's shard)."""
+    local = Experts(count, experts.hidden_size, experts.intermediate_size, experts.act,
+                    bias=experts.gate_up_proj_bias is not None, transposed=experts.transposed,
+                    dtype=experts.gate_up_proj.dtype, device=experts.gate_up_proj.device)
+    with torch.no_grad():
+        for name in _EXPERT_PARAMS:
+            src = getattr(experts, name)
+            if src is not None:
+                getattr(local, name).copy_(src[first:first + count])
+    return local
+
+
+def _expert_major(recv_counts: Tensor) -> Tensor:
+    """Row permutation from the received order (by source rank, then local expert) to local-expert order (by
+    expert, then source rank). recv_counts: [W, E_local]."""
+    world, local = recv_counts.shape
+    starts = (torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)).view(world, local)
+    blocks = [torch.arange(int(starts[s, j]), int(starts[s, j] + recv_counts[s, j]))
+              for j in range(local) for s in range(world)]
+    return torch.cat(blocks) if blocks else torch.empty(0, dtype=torch.int64)
