@@ -96,8 +96,13 @@ def _read_texts(files: dict[str, Path], domain: str, limit: int | None, seed: in
     if limit is not None:
         order.sort(key=lambda source: _selection_key(domain, source, seed))
     docs: list[Document] = []
-    with tqdm(total=len(order) if limit is None else min(limit, len(order)), desc=f"corpus {domain}",
-              unit="file", leave=False, file=sys.stderr) as bar:
+    with tqdm(
+        total=len(order) if limit is None else min(limit, len(order)),
+        desc=f"corpus {domain}",
+        unit="file",
+        leave=False,
+        file=sys.stderr,
+    ) as bar:
         for source in order:
             if limit is not None and len(docs) >= limit:
                 break
