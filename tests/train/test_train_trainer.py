@@ -70,3 +70,19 @@ def test_bad_input(tmp_path):
     train("smoke", tmp_path / "run", stop_at=1, progress=False)
     with pytest.raises(ConfigError, match="recipe 'smoke' with other settings"):
         train("smoke", tmp_path / "run", resume=True, progress=False, lr=0.5)
+
+
+def test_cli_train_and_errors(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "moekit.cli.main", "train", "--recipe", "smoke", "--out", str(tmp_path / "run"),
+           "--stop-at", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "step 2: loss" in proc.stdout
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # same --out again, no --resume
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("moekit train: error:") and "not empty" in proc.stderr
+    proc = subprocess.run(cmd[:5] + ["nope"] + cmd[6:], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "recipe='nope'" in proc.stderr

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moekit.cli import bench, info, tour
+from moekit.cli import bench, info, tour, train
 from moekit.errors import MoekitError
 
-VERBS = {"bench": bench, "info": info, "tour": tour}
+VERBS = {"bench": bench, "info": info, "tour": tour, "train": train}
 
 
 def build_parser() -> argparse.ArgumentParser:

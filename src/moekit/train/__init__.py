@@ -1,4 +1,4 @@
-"""Training helpers: the offline two-domain corpus and its byte-level BPE tokenizer."""
+"""Training: the offline two-domain corpus and its tokenizer, the trainer, expert parallelism."""
 
 from moekit.train.corpus import Corpus, Document, build_corpus
 from moekit.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
