@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-full bench lint clean
+.PHONY: demo test test-full bench lint clean corpus-docs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import moekit, transformers, hypothesis, pytest"
 	touch $@
 
-demo: $(VENV)/.installed
+# Best effort: Debian's python3.11-doc gives the training corpus its English prose (without it moekit falls back to
+# Python's own pydoc_data topics). Needs root and the Debian mirror; never fails the build.
+corpus-docs:
+	@test -d /usr/share/doc/python3.11/html/_sources || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq python3.11-doc) >/dev/null 2>&1 || \
+		echo "note: python3.11-doc not installed; the corpus uses pydoc_data for prose"; }
+
+demo: $(VENV)/.installed corpus-docs
 	$(VENV)/bin/moekit tour
 
 test: $(VENV)/.installed
