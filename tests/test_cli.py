@@ -52,7 +52,10 @@ def test_user_errors_are_one_line_exit_2(capsys):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_tour_runs():
-    proc = run_cli("tour", "--repeats", "1")
+def test_tour_runs_and_writes_report(tmp_path):
+    proc = run_cli("tour", "--repeats", "1", "--out", str(tmp_path / "tour"))
     assert proc.returncode == 0, proc.stderr
     assert "tokens per expert" in proc.stdout and "prefill-8x2" in proc.stdout
+    assert "greedy tokens identical: True" in proc.stdout
+    page = (tmp_path / "tour" / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "tokens per expert" in page

@@ -49,14 +49,20 @@ class Recipe:
     seed: int = 0
 
 
-_TINY_MODEL = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+_TINY_MODEL = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, moe_intermediate_size=384,
                    num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
                    tie_word_embeddings=True)
+# the dense model with the same active FLOPs per token: one MLP as wide as the two chosen experts together
+_TINY_DENSE = {**{k: v for k, v in _TINY_MODEL.items() if k not in ("moe_intermediate_size", "num_experts",
+                                                                     "num_experts_per_tok", "norm_topk_prob")},
+               "model_type": "qwen3", "intermediate_size": 2 * 384}
 
 RECIPES: dict[str, Recipe] = {
-    "tiny": Recipe("tiny", _TINY_MODEL, vocab_size=4096, seq_len=256, batch_size=16, steps=1500, warmup=100,
-                   save_every=250),
+    "tiny": Recipe("tiny", _TINY_MODEL, vocab_size=4096, seq_len=256, batch_size=16, steps=1200, warmup=100,
+                   save_every=200),
+    "tiny-dense": Recipe("tiny-dense", _TINY_DENSE, vocab_size=4096, seq_len=256, batch_size=16, steps=1200,
+                         warmup=100, save_every=200, balance_coef=0.0, z_coef=0.0),
     "smoke": Recipe("smoke", {**_TINY_MODEL, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
                               "num_experts": 4, "num_hidden_layers": 2, "head_dim": 8, "max_position_embeddings": 64},
                     vocab_size=300, seq_len=32, batch_size=4, steps=6, warmup=2, grad_accum=2, max_docs_per_domain=20),
@@ -105,11 +111,14 @@ def _build_model(recipe: Recipe, vocab_size: int):
     import moekit.hf as mh
 
     kw = dict(recipe.model)
-    config = AutoConfig.for_model(kw.pop("model_type"), **kw, vocab_size=vocab_size, output_router_logits=True,
-                                  router_aux_loss_coef=recipe.balance_coef)
+    model_type = kw.pop("model_type")
+    moe = model_type in mh.FAMILIES
+    if moe:
+        kw.update(output_router_logits=True, router_aux_loss_coef=recipe.balance_coef)
+    config = AutoConfig.for_model(model_type, **kw, vocab_size=vocab_size)
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(config)
-    return mh.accelerate(model)
+    return mh.accelerate(model) if moe else model
 
 
 def _write_checkpoint(out: Path, model, opt: torch.optim.Optimizer, recipe: Recipe, step: int) -> None:
@@ -174,7 +183,8 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
     if resume:
         load_model(model, str(out / "checkpoint" / "model.safetensors"))
         opt.load_state_dict(torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True))
-    k = model.config.num_experts_per_tok
+    moe = hasattr(model.config, "num_experts_per_tok")
+    k = getattr(model.config, "num_experts_per_tok", 0)
     metrics_path = out / "metrics.jsonl"
     kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] \
         if resume and metrics_path.exists() else []
@@ -191,11 +201,16 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
         for micro in range(recipe.grad_accum):
             batch = batch_at(tokens, recipe, step, micro)
             out_ = model(input_ids=batch, labels=batch)
-            z, cvs, entropies = router_stats(out_.router_logits, k)
+            if moe:
+                z, cvs, entropies = router_stats(out_.router_logits, k)
+                balance = out_.aux_loss
+            else:
+                z = balance = torch.zeros(())
+                cvs, entropies = [], []
             loss = out_.loss + recipe.z_coef * z  # out_.loss already holds balance_coef * aux_loss
             (loss / recipe.grad_accum).backward()
-            for name, value in (("loss", loss), ("lm_loss", out_.loss - recipe.balance_coef * out_.aux_loss),
-                                ("balance", out_.aux_loss), ("z", z)):
+            for name, value in (("loss", loss), ("lm_loss", out_.loss - recipe.balance_coef * balance),
+                                ("balance", balance), ("z", z)):
                 sums[name] += value.item() / recipe.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip))
         opt.step()
@@ -212,6 +227,7 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
             _write_checkpoint(out, model, opt, recipe, step + 1)
     _write_checkpoint(out, model, opt, recipe, end)
     if end == recipe.steps:
-        mh.restore(model)
+        if moe:
+            mh.restore(model)
         mh.save(model.eval(), out / "model", force=True)
     return records
