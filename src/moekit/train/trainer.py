@@ -59,10 +59,10 @@ _TINY_DENSE = {**{k: v for k, v in _TINY_MODEL.items() if k not in ("moe_interme
                "model_type": "qwen3", "intermediate_size": 2 * 384}
 
 RECIPES: dict[str, Recipe] = {
-    "tiny": Recipe("tiny", _TINY_MODEL, vocab_size=4096, seq_len=256, batch_size=16, steps=1200, warmup=100,
-                   save_every=200),
-    "tiny-dense": Recipe("tiny-dense", _TINY_DENSE, vocab_size=4096, seq_len=256, batch_size=16, steps=1200,
-                         warmup=100, save_every=200, balance_coef=0.0, z_coef=0.0),
+    "tiny": Recipe("tiny", _TINY_MODEL, vocab_size=4096, seq_len=256, batch_size=16, steps=700, warmup=60,
+                   save_every=100),
+    "tiny-dense": Recipe("tiny-dense", _TINY_DENSE, vocab_size=4096, seq_len=256, batch_size=16, steps=700,
+                         warmup=60, save_every=100, balance_coef=0.0, z_coef=0.0),
     "smoke": Recipe("smoke", {**_TINY_MODEL, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
                               "num_experts": 4, "num_hidden_layers": 2, "head_dim": 8, "max_position_embeddings": 64},
                     vocab_size=300, seq_len=32, batch_size=4, steps=6, warmup=2, grad_accum=2, max_docs_per_domain=20),
