@@ -76,8 +76,10 @@ def _default_model_step() -> dict[str, bytes]:
     for domain in ("prose", "code"):
         texts = [d["text"] for d in docs if d["domain"] == domain]
         ppl = perplexity(model, tok.backend_tokenizer, texts, 256, max_tokens=4096)
-        print(f"   held-out {domain}: perplexity {ppl:.1f} on 4k tokens "
-              f"(model card, 30k tokens: {summary.get('held_out_perplexity', {}).get('moe', {}).get(domain, '-')})")
+        card = summary.get("held_out_perplexity", {})
+        note = (f" (model card, 30k tokens: {card['moe'][domain]:.1f}; the dense model of equal active FLOPs: "
+                f"{card['dense'][domain]:.1f})") if card else ""
+        print(f"   held-out {domain}: perplexity {ppl:.1f} on 4k tokens{note}")
         prompt = tok(texts[0][:120], return_tensors="pt").input_ids[:, :24]
         with torch.no_grad():
             ids = model.generate(prompt, max_new_tokens=40, do_sample=False)

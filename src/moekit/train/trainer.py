@@ -229,5 +229,7 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
     if end == recipe.steps:
         if moe:
             mh.restore(model)
-        mh.save(model.eval(), out / "model", force=True)
+            mh.save(model.eval(), out / "model", force=True)
+        else:
+            model.eval().save_pretrained(out / "model")
     return records
