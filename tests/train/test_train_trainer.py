@@ -86,3 +86,13 @@ def test_cli_train_and_errors(tmp_path):
     assert proc.stderr.strip().startswith("moekit train: error:") and "not empty" in proc.stderr
     proc = subprocess.run(cmd[:5] + ["nope"] + cmd[6:], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "recipe='nope'" in proc.stderr
+
+
+def test_dense_recipe_trains_and_saves(tmp_path):
+    recs = train("tiny-dense", tmp_path / "dense", progress=False, steps=2, warmup=1, vocab_size=300, seq_len=32,
+                 batch_size=2, max_docs_per_domain=10)
+    assert all(r["balance"] == 0 and r["load_cv"] == [] for r in recs)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense" / "model")
+    assert model.config.model_type == "qwen3" and model.config.intermediate_size == 768
