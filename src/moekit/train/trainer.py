@@ -21,6 +21,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor
 from tqdm import tqdm
 
+from moekit.core.losses import z_loss
 from moekit.errors import ConfigError, UnknownNameError
 from moekit.train.corpus import build_corpus
 from moekit.train.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_tokenizer
@@ -96,7 +97,7 @@ def router_stats(router_logits: tuple[Tensor, ...], k: int) -> tuple[Tensor, lis
     z, cvs, entropies = [], [], []
     for logits in router_logits:
         logits = logits.float()
-        z.append(torch.logsumexp(logits, -1).square().mean())
+        z.append(z_loss(logits))
         with torch.no_grad():
             probs = torch.softmax(logits, -1)
             load = torch.bincount(probs.topk(k, -1).indices.reshape(-1), minlength=probs.shape[-1]).float()
