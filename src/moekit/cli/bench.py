@@ -1,5 +1,5 @@
 """`moekit bench layer [--json] [--case NAME ...] [--repeats N] [--quick]`,
-`moekit bench hf-accelerate [--json] [--repeats N] [--quick]`."""
+`moekit bench hf-accelerate [--json] [--repeats N] [--quick]`, `moekit bench train [--json] [--repeats N] [--quick]`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     hf.add_argument("--json", action="store_true", help="print the records as a JSON list")
     hf.add_argument("--repeats", type=int, default=5, help="timed rounds per contender (median; default 5)")
     hf.add_argument("--quick", action="store_true", help="a tiny model: a smoke run, not a measurement")
+    tr = sub.add_parser("train", help="training-step throughput: moekit vs transformers blocks; EP 2 ranks vs 1")
+    tr.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    tr.add_argument("--repeats", type=int, default=5, help="timed rounds per contender (median; default 5)")
+    tr.add_argument("--quick", action="store_true", help="one round of small batches: a smoke run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +37,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--repeats={args.repeats}: expected a positive integer")
     if args.what == "hf-accelerate":
         records, cols = bench_hf_accelerate(args.repeats, args.quick), HF_COLUMNS
+    elif args.what == "train":
+        from moekit.bench.train import bench_train
+
+        records = bench_train(args.repeats, args.quick)
+        cols = sorted({k for r in records for k in r}, key=lambda k: (k != "case", k))
     else:
         records, cols = bench_layer(args.case, args.repeats, args.quick), None
     if args.json:
