@@ -86,6 +86,11 @@ def test_cli_train_and_errors(tmp_path):
     assert proc.stderr.strip().startswith("moekit train: error:") and "not empty" in proc.stderr
     proc = subprocess.run(cmd[:5] + ["nope"] + cmd[6:], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "recipe='nope'" in proc.stderr
+    new_out = tmp_path / "never"
+    proc = subprocess.run(cmd[:6] + ["--out", str(new_out), "--prose-dir", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert not new_out.exists()  # nothing written for a run that could not start
 
 
 def test_dense_recipe_trains_and_saves(tmp_path):

@@ -17,6 +17,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--steps", type=int, help="override the recipe's number of steps")
     p.add_argument("--stop-at", type=int, help="stop after this step (the schedule still follows --steps)")
+    p.add_argument("--prose-dir", help="English reST/text prose for the corpus (default: python3.11-doc or pydoc_data)")
+    p.add_argument("--code-dir", help="Python sources for the corpus (default: the standard library)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={value}: expected a positive integer")
-    overrides = {} if args.steps is None else {"steps": args.steps}
+    overrides = {name: value for name, value in (("steps", args.steps), ("prose_dir", args.prose_dir),
+                                                 ("code_dir", args.code_dir)) if value is not None}
     records = train(args.recipe, args.out, resume=args.resume, stop_at=args.stop_at, **overrides)
     if records:
         last = records[-1]

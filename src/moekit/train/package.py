@@ -70,7 +70,8 @@ def package(run_dir: str, dense_dir: str, out_dir: str) -> dict:
     run, dense_run, out = Path(run_dir), Path(dense_dir), Path(out_dir)
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     recipe = state["recipe"]
-    corpus = build_corpus(max_docs_per_domain=recipe["max_docs_per_domain"], seed=recipe["seed"])
+    corpus = build_corpus(recipe.get("prose_dir"), recipe.get("code_dir"), recipe["max_docs_per_domain"],
+                          recipe["seed"])
     tok = load_tokenizer(run / "tokenizer")
     results: dict[str, dict[str, float]] = {}
     models = {"moe": run / "model", "dense": dense_run / "model"}

@@ -46,6 +46,8 @@ class Recipe:
     balance_coef: float = 0.01
     z_coef: float = 1e-3
     max_docs_per_domain: int | None = None
+    prose_dir: str | None = None  # None: python3.11-doc's sources if installed, else pydoc_data
+    code_dir: str | None = None  # None: Python's standard library
     save_every: int = 0
     seed: int = 0
 
@@ -163,8 +165,8 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
     recipe = replace(get_recipe(recipe) if isinstance(recipe, str) else recipe, **overrides)
     out = Path(out_dir)
     start = _check_out_dir(out, recipe, resume)
+    corpus = build_corpus(recipe.prose_dir, recipe.code_dir, recipe.max_docs_per_domain, recipe.seed)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(max_docs_per_domain=recipe.max_docs_per_domain, seed=recipe.seed)
     if resume:
         tok = load_tokenizer(out / "tokenizer")
     else:
