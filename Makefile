@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 # Python's own pydoc_data topics). Needs root and the Debian mirror; never fails the build.
 corpus-docs:
 	@test -d /usr/share/doc/python3.11/html/_sources || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		(apt-get update -qq && apt-get install -y -qq python3.11-doc) >/dev/null 2>&1 || \
+		(timeout 300 apt-get update -qq && timeout 300 apt-get install -y -qq python3.11-doc) >/dev/null 2>&1 || \
 		echo "note: python3.11-doc not installed; the corpus uses pydoc_data for prose"; }
 
 demo: $(VENV)/.installed corpus-docs
