@@ -263,8 +263,8 @@ def _aligned(t: Tensor) -> bool:
 def grouped_mm_supported(xs: Tensor, experts: ExpertsLike) -> bool:
     if not hasattr(torch, "_grouped_mm") or xs.dtype not in _GROUPED_DTYPES:
         return False
-    hidden = torch.empty(1, experts.intermediate_size, dtype=xs.dtype)  # stands for the activation output
-    return all(_aligned(t) for t in (xs, hidden, *experts.grouped_weights()))
+    hidden_row_bytes = experts.intermediate_size * xs.element_size()  # the activation output's row stride
+    return hidden_row_bytes % 16 == 0 and all(_aligned(t) for t in (xs, *experts.grouped_weights()))
 
 
 _RUNNERS = {"loop": _run_loop, "grouped_mm": _run_grouped, "threads": _run_threads}
@@ -309,12 +309,16 @@ def sorted_plan(counts: list[int], device: torch.device | str | None = None) -> 
 def dispatch(x: Tensor, plan: DispatchPlan, experts: ExpertsLike, impl: str = "auto") -> Tensor:
     """Run `experts` on x [T, H] as `plan` says; returns [T, H] in x's dtype (accumulated in float32 for
     half precisions)."""
-    num_tokens, hidden = x.shape
-    acc_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-    out = torch.zeros(num_tokens, hidden, dtype=acc_dtype, device=x.device)
     if plan.token.numel() == 0:
-        return out.to(x.dtype)
+        return torch.zeros_like(x)
     xs = x.index_select(0, plan.token).to(experts.gate_up_proj.dtype)
-    ys = run_experts(xs, plan, experts, impl)
+    return combine(run_experts(xs, plan, experts, impl), plan, x)
+
+
+def combine(ys: Tensor, plan: DispatchPlan, x: Tensor) -> Tensor:
+    """Expert outputs ys [N, H] (in `plan`'s order) weighted and added per token: [T, H] in x's dtype,
+    accumulated in float32 for half precisions."""
+    acc_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    out = torch.zeros(x.shape[0], ys.shape[-1], dtype=acc_dtype, device=x.device)
     ys = ys.to(acc_dtype) * plan.weight.to(acc_dtype).unsqueeze(-1)
     return out.index_add_(0, plan.token, ys).to(x.dtype)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.nn.functional import all_to_all_single
 
-from moekit.core.dispatch import plan_dispatch, run_experts, sorted_plan
+from moekit.core.dispatch import combine, plan_dispatch, run_experts, sorted_plan
 from moekit.core.experts import Experts
 from moekit.core.layer import MoE, MoEOutput, aux_losses
 from moekit.errors import ConfigError
@@ -76,9 +76,7 @@ class ExpertParallelMoE(nn.Module):
         ys = all_to_all_single(ys_received.new_empty(xs.shape[0], ys_received.shape[1]), ys_received, send_splits,
                                recv_splits, group=self.group)
 
-        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-        out = torch.zeros(x.shape[0], self.hidden_size, dtype=acc)
-        out = out.index_add(0, plan.token, ys.to(acc) * plan.weight.to(acc).unsqueeze(-1)).to(x.dtype)
+        out = combine(ys, plan, x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         seq_len = hidden.shape[-2] if hidden.dim() >= 3 else x.shape[0]

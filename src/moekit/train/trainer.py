@@ -146,11 +146,12 @@ def _check_out_dir(out: Path, recipe: Recipe, resume: bool) -> int:
     if resume:
         if not state_file.exists():
             raise ConfigError(f"{out}: expected a training directory with checkpoint/state.json to resume")
-        saved = json.loads(state_file.read_text())["recipe"]
+        state = json.loads(state_file.read_text())
+        saved = state["recipe"]
         if saved != json.loads(json.dumps(asdict(recipe))):
             raise ConfigError(f"{state_file}: recipe {saved.get('name')!r} with other settings; expected recipe "
                               f"{recipe.name!r} as saved to resume it")
-        return int(json.loads(state_file.read_text())["step"])
+        return int(state["step"])
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: directory is not empty; expected a new --out (or --resume to continue it)")
     return 0
