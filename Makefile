@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-full bench lint clean corpus-docs
+.PHONY: demo test test-full bench lint clean corpus-docs browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ corpus-docs:
 	@test -d /usr/share/doc/python3.11/html/_sources || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		(timeout 300 apt-get update -qq && timeout 300 apt-get install -y -qq python3.11-doc) >/dev/null 2>&1 || \
 		echo "note: python3.11-doc not installed; the corpus uses pydoc_data for prose"; }
+
+# headless Chromium for the test that renders inspect's HTML report (skipped when absent); best effort
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(timeout 300 apt-get update -qq && timeout 400 apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+		echo "note: chromium not installed; the report rendering test will be skipped"; }
 
 demo: $(VENV)/.installed corpus-docs
 	$(VENV)/bin/moekit tour
