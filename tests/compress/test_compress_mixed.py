@@ -1,0 +1,79 @@
+"""Mixed precision: the integer program is optimal (against enumeration), respects the byte budget, and gives more
+bits to the experts the statistics say are important."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import moekit.hf as mh
+from hf.tiny import tiny_model
+from moekit.compress.mixed import CANDIDATES, allocate
+from moekit.compress.qformat import BITS
+from moekit.compress.quantize import apply_quant, plan_quant, resident_bytes
+from moekit.errors import ConfigError
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_is_the_enumerated_optimum(seed):
+    rng = np.random.default_rng(seed)
+    n, f = 5, 4
+    cost = np.sort(rng.integers(10, 100, (n, f)), axis=1)
+    damage = np.sort(rng.random((n, f)), axis=1)[:, ::-1]  # more bytes, less damage
+    budget = float(cost[:, 0].sum() + rng.integers(0, cost[:, -1].sum() - cost[:, 0].sum()))
+    choice = allocate(damage, cost, budget)
+    best = min(sum(damage[i, c] for i, c in enumerate(cs)) for cs in itertools.product(range(f), repeat=n)
+                if sum(cost[i, c] for i, c in enumerate(cs)) <= budget)
+    assert sum(cost[i, c] for i, c in enumerate(choice)) <= budget
+    assert sum(damage[i, c] for i, c in enumerate(choice)) == pytest.approx(best, rel=1e-9)
+
+
+def test_allocation_refuses_an_impossible_budget():
+    with pytest.raises(ConfigError, match="at least 30 bytes"):
+        allocate(np.ones((3, 2)), np.array([[10, 20]] * 3), 29)
+
+
+def _identical_experts(model):
+    """Every expert of a layer gets expert 0's weights, so only the importance tells them apart."""
+    with torch.no_grad():
+        for b in mh.view(model):
+            for w in (b.experts.module.gate_up_proj, b.experts.module.down_proj):
+                w.copy_(w[:1].expand_as(w))
+    return model
+
+
+def test_mixed_budget_is_respected_and_important_experts_get_more_bits():
+    model = _identical_experts(tiny_model("qwen3_moe", hidden_size=64, moe_intermediate_size=32))
+    load = [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]
+    order = [3, 0, 5, 1, 4, 2]  # planted: expert order[i] has load[i]
+    stats = {"layers": [{"layer": layer, "load": [load[order.index(e)] for e in range(6)]} for layer in (0, 1)]}
+    ternary = plan_quant(model, None, "ternary").expert_bytes
+    int8 = plan_quant(model, None, "int8").expert_bytes
+    budget = (ternary + int8) // 2
+    plan = plan_quant(model, stats, f"mixed:{budget}")
+    assert plan.expert_bytes <= budget
+    for layer in (0, 1):
+        bits = [BITS[plan.layers[layer][e]] for e in order]  # most important first
+        assert bits == sorted(bits, reverse=True) and bits[0] > bits[-1]
+    apply_quant(model, plan)
+    assert resident_bytes(model)["experts"] == plan.expert_bytes <= budget
+
+
+def test_mixed_without_stats_and_with_room_for_everything():
+    model = tiny_model("mixtral")
+    plan = plan_quant(model, None, "mixed:10MB")
+    assert [f for fs in plan.layers.values() for f in fs] == [CANDIDATES[-1]] * 12  # all bf16
+    with pytest.raises(ConfigError, match="mixed:100: the experts need at least"):
+        plan_quant(model, None, "mixed:100")
+
+
+def test_mixed_stats_errors():
+    model = tiny_model("mixtral")
+    with pytest.raises(ConfigError, match="stats: expected"):
+        plan_quant(model, {"layers": [{"layer": 0}]}, "mixed:30000")
+    with pytest.raises(ConfigError, match=r"stats.layers \(layer 1\): expected a non-negative `load` of 6"):
+        plan_quant(model, {"layers": [{"layer": 0, "load": [1 / 6] * 6}, {"layer": 1, "load": [1]}]},
+                   "mixed:30000")
