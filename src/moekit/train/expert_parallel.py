@@ -5,7 +5,7 @@ experts [r E/W, (r+1) E/W)). A forward pass on a rank's own tokens:
   route locally -> sort assignments by expert (so they are grouped by owner rank) -> all_to_all the rows (uneven
   splits) -> reorder the received rows by local expert -> run the local experts -> undo the reorder -> all_to_all
   the outputs back -> weight and add per token.
-Both exchanges go through `torch.distributed.nn.functional.all_to_all_single`, so autograd flows through them; the
+Both exchanges go through torch's functional `all_to_all_single_autograd`, so autograd flows through them; the
 same code runs on gloo (CPU) and nccl (GPU). Router and shared-expert gradients are per rank: all-reduce them (or
 wrap the model in DistributedDataParallel) as for any data-parallel parameter.
 """
@@ -17,7 +17,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moekit.core.dispatch import combine, plan_dispatch, run_experts, sorted_plan
 from moekit.core.experts import Experts
@@ -64,8 +64,7 @@ class ExpertParallelMoE(nn.Module):
         recv_splits = recv_counts.sum(1).tolist()
 
         xs = x.index_select(0, plan.token).to(self.experts.gate_up_proj.dtype)
-        received = all_to_all_single(xs.new_empty(sum(recv_splits), xs.shape[1]), xs, recv_splits, send_splits,
-                                     group=self.group)
+        received = _exchange(xs, recv_splits, send_splits, self.group)
         order = _expert_major(recv_counts)  # source-major (as received) -> expert-major (as the experts want)
         local = received.index_select(0, order)
         if local.shape[0]:
@@ -73,8 +72,7 @@ class ExpertParallelMoE(nn.Module):
         else:  # no token chose this rank's experts
             ys_local = local
         ys_received = torch.empty_like(ys_local).index_copy(0, order, ys_local)
-        ys = all_to_all_single(ys_received.new_empty(xs.shape[0], ys_received.shape[1]), ys_received, send_splits,
-                               recv_splits, group=self.group)
+        ys = _exchange(ys_received, send_splits, recv_splits, self.group)
 
         out = combine(ys, plan, x)
         if self.shared_experts is not None:
@@ -97,6 +95,12 @@ class ExpertParallelMoE(nn.Module):
             dist.all_gather(parts, local.detach().contiguous(), group=self.group)
             state[name] = torch.cat(parts)
         return state
+
+
+def _exchange(rows: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None) -> Tensor:
+    """all_to_all of rows with uneven splits, differentiable (the backward is the reverse exchange)."""
+    out = all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group or dist.group.WORLD)
+    return out.wait() if hasattr(out, "wait") else out
 
 
 def _slice_experts(experts: Experts, first: int, count: int) -> Experts:

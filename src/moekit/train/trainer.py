@@ -12,18 +12,22 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
-from torch import Tensor
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from moekit.core.losses import z_loss
+from moekit.core.losses import update_correction_bias, z_loss
 from moekit.errors import ConfigError, UnknownNameError
+from moekit.train.checkpointing import check_out_dir, read_checkpoint, write_checkpoint
 from moekit.train.corpus import build_corpus
+from moekit.train.moe_model import MoEBlock, moe_blocks, use_moekit_layers
+from moekit.train.parallel import Runtime, average_gradients, clip_gradients, full_state, init_runtime, shard_experts
 from moekit.train.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_tokenizer
 
 
@@ -50,6 +54,9 @@ class Recipe:
     code_dir: str | None = None  # None: Python's standard library
     save_every: int = 0
     seed: int = 0
+    # moekit.MoE keyword arguments (router, router_options, ...): the model's MoE blocks become moekit layers
+    moe_layer: dict[str, Any] | None = None
+    bias_update_rate: float = 0.0  # DeepSeek-V3 auxiliary-loss-free balancing step per training step (0: off)
 
 
 _TINY_MODEL = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, moe_intermediate_size=384,
@@ -108,7 +115,7 @@ def router_stats(router_logits: tuple[Tensor, ...], k: int) -> tuple[Tensor, lis
     return torch.stack(z).mean(), cvs, entropies
 
 
-def _build_model(recipe: Recipe, vocab_size: int):
+def _build_model(recipe: Recipe, vocab_size: int, rt: Runtime | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import moekit.hf as mh
@@ -116,63 +123,77 @@ def _build_model(recipe: Recipe, vocab_size: int):
     kw = dict(recipe.model)
     model_type = kw.pop("model_type")
     moe = model_type in mh.FAMILIES
-    if moe:
+    if recipe.moe_layer is not None and not moe:
+        raise ConfigError(f"recipe {recipe.name!r}: moe_layer needs an MoE model_type; got {model_type!r}")
+    if rt is not None and rt.world > 1 and recipe.moe_layer is None:
+        raise ConfigError(f"recipe {recipe.name!r}: expert parallelism runs moekit layers; expected moe_layer to be "
+                          "set (e.g. --set 'moe_layer={}')")
+    if moe and recipe.moe_layer is None:
         kw.update(output_router_logits=True, router_aux_loss_coef=recipe.balance_coef)
     config = AutoConfig.for_model(model_type, **kw, vocab_size=vocab_size)
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(config)
+    if recipe.moe_layer is not None:
+        blocks = use_moekit_layers(model, recipe.moe_layer, recipe.balance_coef, recipe.z_coef)
+        if recipe.bias_update_rate and not all(hasattr(b.moe.router, "e_score_correction_bias") for b in blocks):
+            raise ConfigError(f"recipe {recipe.name!r}: bias_update_rate needs a router with e_score_correction_bias;"
+                              " expected moe_layer router 'deepseek_v3'")
+        if rt is not None and rt.world > 1:
+            shard_experts(model)
+        return model
     return mh.accelerate(model) if moe else model
 
 
-def _write_checkpoint(out: Path, model, opt: torch.optim.Optimizer, recipe: Recipe, step: int) -> None:
-    """checkpoint/ = model.safetensors + optimizer.pt + state.json, replaced atomically."""
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".checkpoint-"))
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"recipe": asdict(recipe), "step": step}))
-    final = out / "checkpoint"
-    if final.exists():
-        old = out / ".checkpoint-old"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+def _moekit_step_stats(blocks: list[MoEBlock], rt: Runtime) -> tuple[Tensor, dict[str, Tensor], list[Tensor],
+                                                                        list[float], list[float]]:
+    """Layer-mean aux loss (weighted, differentiable), layer-mean unweighted losses by name, and per layer the
+    global expert counts, router entropy and mean experts per token."""
+    outs = [b.last for b in blocks]
+    aux = torch.stack([o.aux_loss for o in outs]).mean()
+    losses = {name: torch.stack([o.losses[name] for o in outs]).mean().detach() for name in outs[0].losses}
+    counts, entropies, per_token = [], [], []
+    with torch.no_grad():
+        for o in outs:
+            counts.append(rt.all_reduce(o.routing.counts().to(torch.float64)))
+            probs = o.routing.probs if o.routing.probs is not None else torch.softmax(o.routing.logits.float(), -1)
+            entropies.append(float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()))
+            per_token.append(float(o.routing.experts_per_token().float().mean()))
+    return aux, losses, counts, entropies, per_token
 
 
-def _check_out_dir(out: Path, recipe: Recipe, resume: bool) -> int:
-    """The step to start from; refuses a non-empty directory without `resume` and another recipe's directory."""
-    state_file = out / "checkpoint" / "state.json"
-    if resume:
-        if not state_file.exists():
-            raise ConfigError(f"{out}: expected a training directory with checkpoint/state.json to resume")
-        state = json.loads(state_file.read_text())
-        saved = state["recipe"]
-        if saved != json.loads(json.dumps(asdict(recipe))):
-            raise ConfigError(f"{state_file}: recipe {saved.get('name')!r} with other settings; expected recipe "
-                              f"{recipe.name!r} as saved to resume it")
-        return int(state["step"])
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: directory is not empty; expected a new --out (or --resume to continue it)")
-    return 0
+def _step_hooks(blocks: list[MoEBlock], step: int, total: int) -> None:
+    """Routers with a schedule (e.g. SMoE-Dropout's growing k) get `set_step(step, total)` before each step."""
+    for b in blocks:
+        for owner in (b.moe, b.moe.router):
+            hook = getattr(owner, "set_step", None)
+            if hook is not None:
+                hook(step, total)
+                break
 
 
 def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = False, stop_at: int | None = None,
-          progress: bool = True, **overrides: Any) -> list[dict]:
+          progress: bool = True, init: Callable[[nn.Module], None] | None = None, **overrides: Any) -> list[dict]:
     """Train `recipe` into out_dir (metrics.jsonl, tokenizer/, checkpoint/, model/ at the end). `stop_at` ends
-    early at that step (the schedule still follows `recipe.steps`). Returns the metrics records of this call."""
+    early at that step (the schedule still follows `recipe.steps`). `init(model)`, if given, runs on the freshly
+    built model before the first step of a new run. Under torchrun (WORLD_SIZE > 1) the experts are sharded over
+    the ranks and each rank trains on its slice of every batch; only rank 0 writes. Returns this call's metrics."""
     import moekit.hf as mh
 
     recipe = replace(get_recipe(recipe) if isinstance(recipe, str) else recipe, **overrides)
+    rt = init_runtime()
+    if recipe.batch_size % rt.world:
+        raise ConfigError(f"batch_size={recipe.batch_size}: expected a multiple of the {rt.world} ranks")
     out = Path(out_dir)
-    start = _check_out_dir(out, recipe, resume)
+    start = check_out_dir(out, recipe, resume)
     corpus = build_corpus(recipe.prose_dir, recipe.code_dir, recipe.max_docs_per_domain, recipe.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        tok = load_tokenizer(out / "tokenizer")
-    else:
-        tok = train_tokenizer(corpus, vocab_size=recipe.vocab_size)
-        save_tokenizer(tok, out / "tokenizer", model_max_length=recipe.seq_len)
+    rt.barrier()  # every rank has checked the directory before rank 0 fills it
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            tok = train_tokenizer(corpus, vocab_size=recipe.vocab_size)
+            save_tokenizer(tok, out / "tokenizer", model_max_length=recipe.seq_len)
+    rt.barrier()
+    tok = load_tokenizer(out / "tokenizer")
     eos = tok.token_to_id(EOS_TOKEN)
     ids: list[int] = []
     for text in corpus.texts("train"):
@@ -182,58 +203,120 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
     if tokens.numel() <= recipe.seq_len:
         raise ConfigError(f"corpus train split: {tokens.numel()} tokens; expected more than seq_len={recipe.seq_len}")
 
-    model = _build_model(recipe, tok.get_vocab_size())
+    model = _build_model(recipe, tok.get_vocab_size(), rt)
+    if init is not None and not resume:
+        init(model)
+    blocks = moe_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     if resume:
-        load_model(model, str(out / "checkpoint" / "model.safetensors"))
-        opt.load_state_dict(torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True))
-    moe = hasattr(model.config, "num_experts_per_tok")
+        read_checkpoint(out, model, opt, rt)
+    hf_moe = not blocks and hasattr(model.config, "num_experts_per_tok")
     k = getattr(model.config, "num_experts_per_tok", 0)
     metrics_path = out / "metrics.jsonl"
-    kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] \
-        if resume and metrics_path.exists() else []
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    if rt.main:
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] \
+            if resume and metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))
     end = min(recipe.steps, stop_at or recipe.steps)
     records = []
     model.train()
-    for step in tqdm(range(start, end), desc=f"train {recipe.name}", unit="step", disable=not progress,
+    for step in tqdm(range(start, end), desc=f"train {recipe.name}", unit="step", disable=not (progress and rt.main),
                      initial=start, total=end):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(recipe, step)
-        sums = {"loss": 0.0, "lm_loss": 0.0, "balance": 0.0, "z": 0.0}
+        _step_hooks(blocks, step, recipe.steps)
+        sums: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0, "balance": 0.0, "z": 0.0}
+        step_counts: list[Tensor] = []
+        extra: dict[str, list[float]] = {}
         for micro in range(recipe.grad_accum):
-            batch = batch_at(tokens, recipe, step, micro)
+            batch = batch_at(tokens, recipe, step, micro).chunk(rt.world)[rt.rank]
+            for b in blocks:
+                b.token_ids = batch
             out_ = model(input_ids=batch, labels=batch)
-            if moe:
+            if blocks:
+                aux, losses, counts, entropies, per_token = _moekit_step_stats(blocks, rt)
+                loss, lm_loss = out_.loss + aux, out_.loss
+                balance, z = losses.get("balance", torch.zeros(())), losses.get("z", torch.zeros(()))
+                step_counts = counts if not step_counts else [a + c for a, c in zip(step_counts, counts, strict=True)]
+                cvs = [float(c.std(unbiased=False) / c.mean().clamp_min(1e-12)) for c in counts]
+                extra = {"experts_per_token": per_token,
+                         **{f"aux_{n}": [float(v)] for n, v in losses.items() if n not in ("balance", "z")}}
+            elif hf_moe:
                 z, cvs, entropies = router_stats(out_.router_logits, k)
                 balance = out_.aux_loss
+                loss = out_.loss + recipe.z_coef * z  # out_.loss already holds balance_coef * aux_loss
+                lm_loss = out_.loss - recipe.balance_coef * balance
             else:
                 z = balance = torch.zeros(())
                 cvs, entropies = [], []
-            loss = out_.loss + recipe.z_coef * z  # out_.loss already holds balance_coef * aux_loss
+                loss = lm_loss = out_.loss
             (loss / recipe.grad_accum).backward()
-            for name, value in (("loss", loss), ("lm_loss", out_.loss - recipe.balance_coef * balance),
-                                ("balance", balance), ("z", z)):
+            for name, value in (("loss", loss), ("lm_loss", lm_loss), ("balance", balance), ("z", z)):
                 sums[name] += value.item() / recipe.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip))
+        average_gradients(model, rt)
+        grad_norm = clip_gradients(model, recipe.clip, rt)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if recipe.bias_update_rate:
+            for b, counts in zip(blocks, step_counts, strict=True):
+                update_correction_bias(b.moe.router.e_score_correction_bias, counts, recipe.bias_update_rate)
+        if rt.world > 1:  # the logged losses are the global batch's
+            sums = {n: float(rt.all_reduce(torch.tensor(v, dtype=torch.float64))) / rt.world for n, v in sums.items()}
         seconds = time.perf_counter() - t0
         rec = {"step": step + 1, "lr": lr_at(recipe, step), **{n: round(v, 6) for n, v in sums.items()},
                "grad_norm": round(grad_norm, 4), "load_cv": [round(c, 4) for c in cvs],
                "router_entropy": [round(e, 4) for e in entropies],
+               **{n: [round(x, 4) for x in v] for n, v in extra.items()},
                "tokens_per_s": round(recipe.batch_size * recipe.seq_len * recipe.grad_accum / seconds, 1)}
         records.append(rec)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if rt.main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
         if recipe.save_every and (step + 1) % recipe.save_every == 0:
-            _write_checkpoint(out, model, opt, recipe, step + 1)
-    _write_checkpoint(out, model, opt, recipe, end)
+            write_checkpoint(out, model, opt, recipe, step + 1, rt)
+    write_checkpoint(out, model, opt, recipe, end, rt)
     if end == recipe.steps:
-        if moe:
+        if blocks:
+            _save_moekit_model(out / "model", model, recipe, tok.get_vocab_size(), rt)
+        elif rt.main and hf_moe:
             mh.restore(model)
             mh.save(model.eval(), out / "model", force=True)
-        else:
+        elif rt.main:
             model.eval().save_pretrained(out / "model")
     return records
+
+
+def _save_moekit_model(path: Path, model: nn.Module, recipe: Recipe, vocab_size: int, rt: Runtime) -> None:
+    """model/ of a run with moekit layers: model.safetensors (1-rank layout) + run.json (recipe, vocabulary size),
+    read back by `load_run`. Collective."""
+    state = full_state(model, rt, {n: t.detach().clone() for n, t in model.state_dict().items()})
+    if not rt.main:
+        return
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".model-"))
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "run.json").write_text(json.dumps({"recipe": asdict(recipe), "vocab_size": vocab_size}, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> nn.Module:
+    """The trained model of a finished run (`run_dir` or its `model/`), in eval mode on one process: a native
+    transformers model, or the recipe's model with moekit layers for runs with `moe_layer`."""
+    path = Path(run_dir)
+    path = path / "model" if (path / "model").is_dir() else path
+    if (path / "run.json").exists():
+        saved = json.loads((path / "run.json").read_text())
+        recipe = Recipe(**saved["recipe"])
+        model = _build_model(recipe, saved["vocab_size"])
+        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"{path / 'model.safetensors'}: does not match run.json's recipe (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]})")
+        return model.eval()
+    if (path / "config.json").exists():
+        import moekit.hf as mh
+
+        return mh.load(path).eval()
+    raise ConfigError(f"{path}: expected a finished run directory (model/run.json or model/config.json)")
