@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.core.dispatch import DISPATCH_IMPLS, capacity_for, dispatch, plan_dispatch
-from moekit.core.experts import Activation, Experts, SharedExperts
+from moekit.core.dispatch import DISPATCH_IMPLS, capacity_for
+from moekit.core.experts import Activation, SharedExperts
 from moekit.core.losses import seq_balance_loss, switch_balance_loss, update_correction_bias, z_loss
-from moekit.core.routers import build_router
+from moekit.core.routers import Router, build_router
 from moekit.core.routing import Routing
+from moekit.core.step import Dispatcher
 from moekit.errors import ConfigError, ShapeError
 
 
@@ -64,14 +65,22 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def aux_losses(routing: Routing, seq_len: int, w: LossWeights) -> tuple[dict[str, Tensor], Tensor]:
-    """The unweighted auxiliary losses by name, and their sum weighted by `w`."""
-    losses: dict[str, Tensor] = {"balance": switch_balance_loss(routing), "z": z_loss(routing.logits)}
+def aux_losses(routing: Routing, seq_len: int, w: LossWeights,
+               router: Router | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """The unweighted auxiliary losses by name, and their sum weighted by `w` (the router's own losses with their
+    own weights). The balance loss is the router's (`Router.balance_loss`; absent for fixed or balanced routing)."""
+    balance = switch_balance_loss(routing) if router is None else router.balance_loss(routing)
+    losses: dict[str, Tensor] = {"z": z_loss(routing.logits)}
+    aux = w.z * losses["z"]
+    if balance is not None:
+        losses["balance"] = balance
+        aux = aux + w.balance * balance
     if w.seq:
         losses["seq"] = seq_balance_loss(routing, max(seq_len, 1))
-    aux = w.balance * losses["balance"] + w.z * losses["z"]
-    if w.seq:
         aux = aux + w.seq * losses["seq"]
+    for name, (loss, weight) in ({} if router is None else router.extra_losses(routing)).items():
+        losses[name] = loss
+        aux = aux + weight * loss
     return losses, aux
 
 
@@ -79,7 +88,8 @@ class MoE(nn.Module):
     """A sparse Mixture-of-Experts feed-forward layer.
 
     hidden_size H, intermediate_size I (width of one routed expert), num_experts E, k experts per token.
-    router: a registered router name (`moekit.core.routers.router_names()`), with `router_options`.
+    router: a registered router name (`moekit.core.routers.router_names()`), with `router_options`; research
+    routers and expert kinds are in `moekit.core.catalog` (docs/routers.md).
     activation: swiglu | geglu | gelu | gpt_oss. num_shared_experts: experts every token uses, each of width
     `shared_intermediate_size` (default: the routed expert width), gated by a sigmoid if `shared_gate`.
     granularity m (DeepSeekMoE fine-grained segmentation): E*m experts of width I/m, k*m of them per token.
@@ -132,8 +142,8 @@ class MoE(nn.Module):
         self.loss_weights = loss_weights or LossWeights()
         act = Activation(activation, alpha, limit)
         self.router = build_router(router, hidden_size, self.num_experts, self.k, router_options)
-        self.experts = Experts(self.num_experts, hidden_size, intermediate_size // granularity, act, bias,
-                               dtype=dtype, device=device)
+        self.experts = self.router.make_experts(self.num_experts, hidden_size, intermediate_size // granularity, act,
+                                                bias, dtype, device)
         self.shared_experts = None
         if num_shared_experts:
             width = shared_intermediate_size or intermediate_size // granularity
@@ -141,26 +151,32 @@ class MoE(nn.Module):
                                                 dtype=dtype, device=device)
         self.router.to(device=device, dtype=dtype)
 
-    def forward(self, hidden: Tensor, k: int | None = None) -> MoEOutput:
+    def forward(self, hidden: Tensor, k: int | None = None, *, token_ids: Tensor | None = None) -> MoEOutput:
         """hidden [..., H] -> MoEOutput. `k` overrides the number of experts per token for this call (for
-        "self-slimmable" inference, Sparse MoE as the New Dropout)."""
+        "self-slimmable" inference, Sparse MoE as the New Dropout). `token_ids` [...] (the input ids, one per
+        token of `hidden`) is read by routers that route by token id (`hash`)."""
         if hidden.shape[-1] != self.hidden_size or hidden.dim() < 1:
             raise ShapeError(f"hidden: expected last dimension hidden_size={self.hidden_size}, "
                              f"got shape {list(hidden.shape)}")
         x = hidden.reshape(-1, self.hidden_size)
-        routing = self.router(x, k)
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = capacity_for(x.shape[0], routing.k, self.num_experts, self.capacity_factor)
-        plan = plan_dispatch(routing, self.num_experts, capacity)
-        out = dispatch(x, plan, self.experts, self.dispatch_impl)
+        if token_ids is not None:
+            if token_ids.numel() != x.shape[0]:
+                raise ShapeError(f"token_ids: expected one id per token ({x.shape[0]}), got shape "
+                                 f"{list(token_ids.shape)}")
+            token_ids = token_ids.reshape(-1)
+        step = self.router.run(x, k, token_ids, Dispatcher(self.experts, self.capacity_factor, self.dispatch_impl))
+        out = step.out
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         seq_len = hidden.shape[-2] if hidden.dim() >= 3 else x.shape[0]
-        counts = torch.tensor(plan.counts, device=x.device)
-        losses = partial(aux_losses, routing, seq_len, self.loss_weights)
-        return MoEOutput(out.view(hidden.shape), routing, counts, plan.dropped, losses)
+        losses = partial(aux_losses, step.routing, seq_len, self.loss_weights, self.router)
+        return MoEOutput(out.view(hidden.shape), step.routing, step.counts, step.dropped, losses)
 
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Training progress, for routers with a schedule (SMoE-Dropout's k); a no-op for the others."""
+        hook = getattr(self.router, "set_step", None)
+        if hook is not None:
+            hook(step, total_steps)
 
     def update_bias(self, expert_counts: Tensor, gamma: float = 1e-3) -> None:
         """Auxiliary-loss-free balancing step (router must have `e_score_correction_bias`, e.g. deepseek_v3)."""

@@ -1,8 +1,11 @@
 """Routers: modules that own the router parameters and apply one routing rule, and the name registry.
 
-Every router is called the same way, `router(hidden [T, H], k=None) -> Routing`, and is registered under a name
-so that `MoE(router="topk", router_options={...})` and later research routers plug in alike. A router's options are
-its own small dataclass (`Router.Options`); unknown option names are refused with the list of valid ones.
+Every router is called the same way, `router(hidden [T, H], k=None, token_ids=None) -> Routing`, and is registered
+under a name so that `MoE(router="topk", router_options={...})` and the research routers (`moekit.core.catalog`)
+plug in alike. A router's options are its own small dataclass (`Router.Options`); unknown option names are refused
+with the list of valid ones. Besides the rule, a router says which balance loss its layer uses (`balance_loss`),
+adds its paper's own losses (`extra_losses`), and may run the whole routed part of the layer (`run`) when its idea
+is an expert structure rather than a routing rule.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.core.experts import Activation, Experts
+from moekit.core.losses import switch_balance_loss
 from moekit.core.routing import (
     Routing,
     check_groups,
@@ -27,6 +32,7 @@ from moekit.core.routing import (
     topk_softmax,
     widen,
 )
+from moekit.core.step import Dispatcher, Step
 from moekit.errors import ConfigError, RoutingError, ShapeError, UnknownNameError
 
 ROUTERS: dict[str, type[Router]] = {}
@@ -108,11 +114,21 @@ class Router(nn.Module):
     def rule(self, logits: Tensor, k: int) -> Routing:
         raise NotImplementedError
 
-    def forward(self, hidden: Tensor, k: int | None = None) -> Routing:
+    def check_input(self, hidden: Tensor, k: int | None) -> int:
+        """Validate hidden [T, H] and the per-call k; returns the k to use."""
         if hidden.dim() != 2 or hidden.shape[-1] != self.hidden_size:
             raise ShapeError(f"router input: expected shape [T, {self.hidden_size}], got {list(hidden.shape)}")
         k = self.k if k is None else k
         check_k(k, self.num_experts)
+        return k
+
+    def forward(self, hidden: Tensor, k: int | None = None, token_ids: Tensor | None = None) -> Routing:  # noqa: ARG002
+        """hidden [T, H] -> Routing. `token_ids` [T] is read by routers that route by token id (hash)."""
+        k = self.check_input(hidden, k)
+        return self.rule(self.checked_logits(hidden), k)
+
+    def checked_logits(self, hidden: Tensor) -> Tensor:
+        """`logits(hidden)`, refusing NaN with a message that says how many tokens have it."""
         logits = self.logits(hidden)
         if torch.isnan(logits).any():
             raise RoutingError(
@@ -120,7 +136,26 @@ class Router(nn.Module):
                 f"{int(torch.isnan(logits).any(-1).sum())} of {logits.shape[0]} tokens; expected finite values "
                 "(check the layer input and router weight for NaN/inf)"
             )
-        return self.rule(logits, k)
+        return logits
+
+    def make_experts(self, num_experts: int, hidden_size: int, intermediate_size: int, act: Activation, bias: bool,
+                     dtype: torch.dtype | None, device: torch.device | str | None) -> nn.Module:
+        """The routed experts of this router's layer: E fused experts. FiLM-modulated experts override this;
+        expert kinds with extra modules sized by the expert width (a weak or a small expert) build them here."""
+        return Experts(num_experts, hidden_size, intermediate_size, act, bias, dtype=dtype, device=device)
+
+    def run(self, x: Tensor, k: int | None, token_ids: Tensor | None, dispatcher: Dispatcher) -> Step:
+        """The routed part of the layer on x [T, H]: route, then dispatch to the chosen experts."""
+        return dispatcher(x, self(x, k, token_ids))
+
+    def balance_loss(self, routing: Routing) -> Tensor | None:
+        """The load-balancing loss of this router's layer (weighted by `LossWeights.balance`); None where the
+        routing is fixed or balanced by construction, so no balance loss is trained."""
+        return switch_balance_loss(routing)
+
+    def extra_losses(self, routing: Routing) -> dict[str, tuple[Tensor, float]]:  # noqa: ARG002
+        """The paper's own auxiliary losses: name -> (unweighted loss, its weight in `aux_loss`)."""
+        return {}
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, k={self.k}, {self.options}"

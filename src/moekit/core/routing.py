@@ -6,7 +6,7 @@ produce the logits and pick a rule; the math lives here so it can be tested on h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ class Routing:
     mask:    [T, k] bool, False on padded slots; None means every slot is real. Routers that give a token a
              variable number of experts (top-p, null experts) pad to a common k and mark the padding here.
     probs:   [T, E] the per-expert scores the balance losses average (softmax, or normalised sigmoid).
+    aux:     tensors a research router keeps for its own losses (e.g. the logits of null experts).
     """
 
     logits: Tensor
@@ -31,6 +32,7 @@ class Routing:
     indices: Tensor
     mask: Tensor | None = None
     probs: Tensor | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
