@@ -44,7 +44,7 @@ class ToyLM(nn.Module):
 
 
 def planted_lm(first: list[int], num_experts: int, perm: list[int] | None = None, second: list[int] | None = None,
-               k: int = 1, seed: int = 0) -> ToyLM:
+               k: int = 1, seed: int = 0, shared: bool = False) -> ToyLM:
     """See the module docstring. Vocabulary size len(first)."""
     torch.manual_seed(seed)
     E = num_experts
@@ -54,7 +54,7 @@ def planted_lm(first: list[int], num_experts: int, perm: list[int] | None = None
     perm = perm or list(range(E))
     moes = []
     for router_weight in (torch.eye(E), torch.eye(E)[perm].t().contiguous()):
-        moe = MoE(E, 8, E, k=k, router="topk", dispatch="loop")
+        moe = MoE(E, 8, E, k=k, router="topk", dispatch="loop", num_shared_experts=int(shared))
         with torch.no_grad():
             moe.router.weight.copy_(router_weight)
             moe.experts.down_proj.zero_()

@@ -143,7 +143,7 @@ def select_windows(tokenizer, docs: Sequence[TextDoc], seq_len: int, max_tokens:
     return sorted(out, key=lambda w: (w.doc, w.start))
 
 
-def _batches(wins: list[Window], batch_size: int) -> list[list[int]]:
+def batch_numbers(wins: list[Window], batch_size: int = 8) -> list[list[int]]:
     """Window numbers grouped into batches of equal length (no padding needed)."""
     by_len: dict[int, list[int]] = {}
     for n, w in enumerate(wins):
@@ -202,7 +202,7 @@ def trace(model: nn.Module, docs: Sequence[TextDoc] | None = None, tokenizer=Non
 
     try:
         with routing_hooks(layers, record):
-            for batch in tqdm(_batches(wins, batch_size), desc="trace", unit="batch", disable=not progress):
+            for batch in tqdm(batch_numbers(wins, batch_size), desc="trace", unit="batch", disable=not progress):
                 ids = torch.stack([wins[n].ids for n in batch])  # [B, L]
                 seen.clear()
                 model(ids.to(device))

@@ -1,5 +1,15 @@
 """Routing statistics, each a function of a `Trace` (and of the model and data where it needs activations)."""
 
+from moekit.inspect.stats.activations import (
+    ExpertActivations,
+    ablation_loss_deltas,
+    describe_outliers,
+    expert_activations,
+    expert_health,
+    lm_loss,
+    outlier_ranking,
+    super_experts,
+)
 from moekit.inspect.stats.routing import (
     balance,
     coactivation,
@@ -21,6 +31,9 @@ from moekit.inspect.stats.specialization import (
     top_tokens,
 )
 
-__all__ = ["balance", "coactivation", "counts", "dead_experts", "domain_share", "domain_specialization", "entropy",
-           "load", "mass_coverage", "membership", "position_effects", "tcess", "token_specialization",
-           "token_specialization_baseline", "top_tokens", "transitions"]
+__all__ = [
+    "ExpertActivations", "ablation_loss_deltas", "balance", "coactivation", "counts", "dead_experts",
+    "describe_outliers", "domain_share", "domain_specialization", "entropy", "expert_activations", "expert_health",
+    "lm_loss", "load", "mass_coverage", "membership", "outlier_ranking", "position_effects", "super_experts", "tcess",
+    "token_specialization", "token_specialization_baseline", "top_tokens", "transitions",
+]
