@@ -3,7 +3,8 @@ in some layers, as pruning or merging leave them): the family's tensors under th
 manifest, and a modeling file that lets plain transformers load them with `trust_remote_code=True`.
 
 Layout written by `save_manifest` (into the temporary directory `save` renames into place):
-  config.json            the family's config plus `moekit_layers` {layer: {num_experts, intermediate_size}} and
+  config.json            the family's config plus `moekit_layers` {layer: {num_experts, intermediate_size[, widths]}}
+                         (`widths`: per-expert widths of a layer of `moekit.hf.ragged.RaggedExperts`) and
                          `auto_map` {"AutoModelForCausalLM": "modeling_moekit.MoekitForCausalLM"}
   moekit.json            {"format": "moekit-hf", "version": 1, "family": model_type, "layers": ...}
   modeling_moekit.py     the family's causal LM class, whose __init__ resizes the listed layers (needs only torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from moekit.hf.families import Family, family_of
 from moekit.hf.headers import INDEX, SINGLE, CheckpointError, read_checkpoint
+from moekit.hf.ragged import RaggedExperts, make_ragged
 from moekit.hf.view import decoder_layers, view
 
 MANIFEST = "moekit.json"
@@ -72,6 +74,8 @@ _Base = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["{model_type}"])
 
 {resize_source}
 
+{ragged_source}
+
 class MoekitForCausalLM(_Base):
     # the experts are the family's own (decorated with use_experts_implementation); transformers finds that by
     # reading the defining module's source, which for this class is this file, so say it here
@@ -83,6 +87,8 @@ class MoekitForCausalLM(_Base):
             block = getattr(self.model.layers[int(layer)], "{block}")
             resize_block(block, spec["num_experts"], spec["intermediate_size"], config.hidden_size, "{router}",
                          "{experts}", {transposed}, {bias})
+            if "widths" in spec:
+                make_ragged(block, spec["widths"], config.hidden_size, "{experts}")
 '''
 
 
@@ -91,8 +97,10 @@ def layer_shapes(model: nn.Module) -> dict[int, tuple[int, int]]:
     config = model.config
     family = family_of(config)
     want = (family.num_experts(config), family.width(config))
-    shapes = {b.layer: (b.num_experts, b.experts.intermediate_size) for b in view(model)}
-    return {layer: shape for layer, shape in shapes.items() if shape != want}
+    blocks = view(model)
+    ragged = {b.layer for b in blocks if isinstance(b.experts.module, RaggedExperts)}
+    shapes = {b.layer: (b.num_experts, b.experts.intermediate_size) for b in blocks}
+    return {layer: shape for layer, shape in shapes.items() if shape != want or layer in ragged}
 
 
 def check_float_experts(model: nn.Module) -> None:
@@ -132,6 +140,9 @@ def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB"
     config = model.config
     family = family_of(config)
     layers = {str(i): {"num_experts": e, "intermediate_size": w} for i, (e, w) in layer_shapes(model).items()}
+    for block in view(model):
+        if isinstance(block.experts.module, RaggedExperts):
+            layers[str(block.layer)]["widths"] = block.experts.module.widths
     seen: set[int] = set()
     state = {}
     for name, t in model.state_dict().items():  # safetensors refuses shared storage: a tied tensor's 2nd name copies
@@ -164,7 +175,8 @@ def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB"
 def _modeling_source(family: Family) -> str:
     return _MODELING.format(name=family.name, model_type=family.model_type, block=family.block,
                             router=family.router, experts=family.experts, transposed=family.transposed,
-                            bias=family.bias, resize_source=inspect.getsource(resize_block))
+                            bias=family.bias, resize_source=inspect.getsource(resize_block),
+                            ragged_source=inspect.getsource(RaggedExperts) + "\n\n" + inspect.getsource(make_ragged))
 
 
 def read_manifest(directory: Path) -> dict:
@@ -172,13 +184,14 @@ def read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
         layers = {int(i): (int(s["num_experts"]), int(s["intermediate_size"])) for i, s in manifest["layers"].items()}
+        widths = {int(i): [int(w) for w in s["widths"]] for i, s in manifest["layers"].items() if "widths" in s}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise CheckpointError(f"{path}: corrupt manifest: expected JSON with 'format', 'version' and 'layers' "
-                              f"{{layer: {{num_experts, intermediate_size}}}}") from None
+                              f"{{layer: {{num_experts, intermediate_size[, widths]}}}}") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                               f"expected {FORMAT!r} version {VERSION}")
-    return {"family": manifest.get("family"), "layers": layers}
+    return {"family": manifest.get("family"), "layers": layers, "widths": widths}
 
 
 def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
@@ -200,6 +213,9 @@ def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **k
     for layer, (experts, width) in manifest["layers"].items():
         resize_block(getattr(layers[layer], family.block), experts, width, config.hidden_size, family.router,
                      family.experts, family.transposed, family.bias)
+        if layer in manifest["widths"]:
+            make_ragged(getattr(layers[layer], family.block), manifest["widths"][layer], config.hidden_size,
+                        family.experts)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     _check_tensors(directory, expected, {name: info.shape for name, info in headers.items()})
     state = {}

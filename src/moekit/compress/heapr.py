@@ -1,0 +1,99 @@
+"""HEAPr: atomic-expert (neuron) pruning scored in output space.
+
+Atomic expert k of expert e is (gate row k, up row k, down column k); its contribution to the block output for
+token t is r_te h_tk w_k (r_te the routing weight, h_tk the neuron's activation, w_k = down[:, k]). With the
+Fisher approximation of the loss Hessian at the block output, M = E_t[g_t g_t^T] (g_t the gradient of the
+calibration loss at the block output for token t), removing it costs about
+
+    S_k = E_t[(r_te h_tk)^2] * w_k^T M w_k
+
+(HEAPr's score; the expectation over all calibration tokens, 0 where e is not routed). Scores are ranked
+globally across layers; the lowest `ratio` of all atomic experts go, every expert keeping at least one. Experts
+end with different widths, stored as `moekit.hf.ragged.RaggedExperts` (saved through the moekit manifest).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.compress.calibrate import Stats
+from moekit.compress.plan import Plan
+from moekit.compress.weights import read_experts, write_block
+from moekit.errors import ConfigError
+from moekit.hf.ragged import make_ragged
+from moekit.hf.view import view
+
+
+@torch.no_grad()
+def heapr_scores(model: nn.Module, stats: Stats) -> dict[int, torch.Tensor]:
+    """{layer: S [E, I]} for every MoE block (stats must hold gradients: calibrate(..., grads=True))."""
+    out = {}
+    for block, s in zip(view(model), stats.layers, strict=True):
+        if block.experts.transposed:
+            raise ConfigError(f"heapr: {block.family.name} experts (transposed, interleaved, with biases) have no "
+                              f"ragged layout; expected another family")
+        if s.grad is None:
+            raise ConfigError("heapr: the calibration statistics hold no gradients; expected calibrate(..., "
+                              "grads=True)")
+        m = s.grad.t() @ s.grad / len(s.grad)  # [H, H]
+        routed = s.gate_weight()  # [T, E]
+        w = read_experts(block)
+        scores = torch.zeros(block.num_experts, w.width)
+        for e in range(block.num_experts):
+            tokens = routed[:, e] > 0
+            if not tokens.any():
+                continue
+            x = s.x[tokens].to(block.experts.gate_up_proj.dtype)
+            h = block.experts.act(F.linear(x, block.experts.up_weight(e))).float()  # [n, I]
+            energy = (routed[tokens, e, None] * h).pow(2).sum(dim=0) / len(s.x)  # E_t[(r h_k)^2]
+            curvature = torch.einsum("hk,hg,gk->k", w.down[e], m, w.down[e])  # w_k^T M w_k
+            scores[e] = energy * curvature
+        out[block.layer] = scores
+    return out
+
+
+def plan_heapr(model: nn.Module, stats: Stats, ratio: float) -> Plan:
+    """Remove the `ratio` of all atomic experts (every layer, every expert) with the lowest HEAPr score."""
+    scores = heapr_scores(model, stats)
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    remove = round(ratio * len(flat))
+    order = torch.argsort(flat, stable=True)
+    keep_mask = torch.ones(len(flat), dtype=torch.bool)
+    keep_mask[order[:remove]] = False
+    layers, start = {}, 0
+    for layer, s in scores.items():
+        mask = keep_mask[start: start + s.numel()].reshape(s.shape)
+        start += s.numel()
+        neurons = []
+        for e in range(s.shape[0]):
+            kept = mask[e].nonzero().flatten().tolist()
+            neurons.append(kept or [int(s[e].argmax())])  # an expert keeps at least its best neuron
+        layers[layer] = {"keep": list(range(s.shape[0])), "neurons": neurons}
+    kept = sum(len(n) for d in layers.values() for n in d["neurons"])
+    return Plan("heapr", ratio, layers, summary={"neurons_before": len(flat), "neurons_after": kept})
+
+
+def apply_heapr(model: nn.Module, plan: Plan) -> None:
+    for block in view(model):
+        entry = plan.layers.get(block.layer)
+        if entry is None:
+            continue
+        w = read_experts(block)
+        neurons = [torch.tensor(n, dtype=torch.long) for n in entry["neurons"]]
+        widths = [len(n) for n in neurons]
+        if len(set(widths)) == 1:
+            if widths[0] == w.width:
+                continue
+            idx = torch.stack(neurons)  # [E, I'] every expert the same width: the family's own layout
+            gate = torch.stack([w.gate[e, idx[e]] for e in range(len(idx))])
+            up = torch.stack([w.up[e, idx[e]] for e in range(len(idx))])
+            down = torch.stack([w.down[e][:, idx[e]] for e in range(len(idx))])
+            params = block.router_params()
+            write_block(block, type(w)(gate, up, down), params["weight"].detach(), params.get("bias"),
+                        params.get("e_score_correction_bias"))
+            continue
+        ragged = make_ragged(block.block, widths, w.gate.shape[2], block.family.experts)
+        ragged.pack([w.gate[e, n] for e, n in enumerate(neurons)], [w.up[e, n] for e, n in enumerate(neurons)],
+                    [w.down[e][:, n] for e, n in enumerate(neurons)])

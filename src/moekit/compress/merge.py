@@ -1,0 +1,215 @@
+"""Expert merging: each layer's experts fall into E' groups and each group becomes one expert.
+
+- `msmoe` (M-SMoE, Merge Then Compress): the E' most frequently routed experts are dominant; every other expert
+  joins the dominant expert whose router logits are most similar (cosine of the logit columns over the
+  calibration tokens); members' neurons are permuted to line up with the dominant expert's (Hungarian matching,
+  `scipy.optimize.linear_sum_assignment`, on each neuron's gate row, up row and down column); the group's expert is
+  the routing-frequency weighted average of the aligned members.
+- `submoe` (Sub-MoE): experts are grouped by the cosine similarity of their outputs on the calibration tokens
+  (average-linkage agglomerative clustering to E' groups); per group a joint SVD of the members' concatenated
+  weights gives a shared basis on the hidden-size side, truncated to one expert's rank, and the members' own
+  coefficient matrices are averaged with their routing frequencies (identical experts merge exactly). Where the
+  hidden size is no larger than one expert's rank (moekit-tiny: H = 256, I = 384) the subspace is all of it and
+  the merge is the frequency-weighted average of the members (no neuron alignment).
+
+The router keeps one row per group. A group's row is fitted so its logit matches the log-sum-exp of the members'
+logits on the calibration tokens (least squares; with the router bias as intercept where there is one): under
+softmax routing exp(logit) of the group is then the sum of its members' exp(logit), so the group receives about
+the probability mass its members had, and the checkpoint keeps its family's native router (no remapping table).
+A one-member group keeps its own row.
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from moekit.compress.calibrate import LayerStats, Stats
+from moekit.compress.plan import Plan
+from moekit.compress.prune import drop_count, super_experts
+from moekit.compress.weights import ExpertWeights, read_experts, write_block
+from moekit.hf.view import BlockView, view
+
+
+def merge_weights(stats: LayerStats, members: list[int]) -> list[float]:
+    """Members' routing frequencies, normalised (uniform when none of them was ever selected)."""
+    f = stats.counts()[members]
+    total = float(f.sum())
+    return [1.0 / len(members)] * len(members) if total == 0 else [float(v) / total for v in f]
+
+
+def align(reference: Tensor, other: Tensor) -> list[int]:
+    """perm such that other's neuron perm[j] matches reference's neuron j (features [I, D]; maximises the summed
+    dot products)."""
+    cost = -(reference @ other.t()).double().numpy()
+    rows, cols = linear_sum_assignment(cost)
+    perm = [0] * len(rows)
+    for r, c in zip(rows, cols, strict=True):
+        perm[r] = int(c)
+    return perm
+
+
+def fit_router_rows(block: BlockView, stats: LayerStats, groups: list[list[int]]) -> tuple[Tensor, Tensor | None]:
+    """One router row [H] per group (and a bias per group where the router has one): least squares fit of the
+    members' log-sum-exp logit on the calibration inputs."""
+    params = block.router_params()
+    weight = params["weight"].detach().float()
+    bias = params.get("bias")
+    bias = None if bias is None else bias.detach().float()
+    x = stats.x
+    design = torch.cat([x, torch.ones(len(x), 1)], dim=1) if bias is not None else x
+    rows, biases = [], []
+    for members in groups:
+        if len(members) == 1:
+            rows.append(weight[members[0]])
+            if bias is not None:
+                biases.append(bias[members[0]])
+            continue
+        target = torch.logsumexp(stats.logits[:, members], dim=1, keepdim=True)  # [T, 1]
+        solution = torch.linalg.lstsq(design.double(), target.double()).solution.float()[:, 0]
+        rows.append(solution[: x.shape[1]])
+        if bias is not None:
+            biases.append(solution[-1])
+    return torch.stack(rows), (torch.stack(biases) if bias is not None else None)
+
+
+def _router_entry(block: BlockView, stats: LayerStats, groups: list[list[int]]) -> dict:
+    rows, bias = fit_router_rows(block, stats, groups)
+    entry = {"router": rows.tolist()}
+    if bias is not None:
+        entry["router_bias"] = bias.tolist()
+    return entry
+
+
+def _dominants(stats: LayerStats, count: int, protected: set[int]) -> list[int]:
+    f = stats.counts()
+    order = sorted(range(len(f)), key=lambda e: (e not in protected, -float(f[e]), e))
+    return sorted(order[:count])
+
+
+def plan_msmoe(model: nn.Module, stats: Stats, ratio: float, protect_super: bool = False) -> Plan:
+    protected = super_experts(model, stats) if protect_super else {}
+    layers = {}
+    for block, s in zip(view(model), stats.layers, strict=True):
+        keep = _dominants(s, block.num_experts - drop_count(block.num_experts, ratio),
+                          set(protected.get(block.layer, [])))
+        cols = s.logits / s.logits.norm(dim=0, keepdim=True).clamp(min=1e-12)
+        sim = cols.t() @ cols  # [E, E] cosine of router-logit columns
+        groups = [[d] for d in keep]
+        for e in range(block.num_experts):
+            if e not in keep:
+                groups[max(range(len(keep)), key=lambda g: (float(sim[e, keep[g]]), -g))].append(e)
+        w = read_experts(block)
+        perms = [[align(w.neurons(g[0]), w.neurons(m)) for m in g] for g in groups]
+        layers[block.layer] = {"keep": keep, "groups": groups, "perms": perms,
+                               "weights": [merge_weights(s, g) for g in groups], **_router_entry(block, s, groups)}
+    return Plan("msmoe", ratio, layers, {"protect_super": protect_super})
+
+
+def _cluster(sim: Tensor, count: int) -> list[list[int]]:
+    """Average-linkage agglomerative clustering of a similarity matrix [E, E] into `count` clusters."""
+    clusters = [[e] for e in range(sim.shape[0])]
+    while len(clusters) > count:
+        best, pair = -float("inf"), (0, 1)
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                score = float(sim[clusters[a]][:, clusters[b]].mean())
+                if score > best:
+                    best, pair = score, (a, b)
+        a, b = pair
+        clusters[a] = sorted(clusters[a] + clusters.pop(b))
+    return clusters
+
+
+@torch.no_grad()
+def output_similarity(block: BlockView, stats: LayerStats, max_tokens: int = 512) -> Tensor:
+    """[E, E] cosine similarity of the experts' outputs on the same calibration tokens (flattened [T * H])."""
+    x = stats.x[:max_tokens].to(block.experts.gate_up_proj.dtype)
+    outs = torch.stack([block.experts.expert(x, e).float().flatten() for e in range(block.num_experts)])
+    outs = outs / outs.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return outs @ outs.t()
+
+
+def plan_submoe(model: nn.Module, stats: Stats, ratio: float, protect_super: bool = False) -> Plan:
+    protected = super_experts(model, stats) if protect_super else {}
+    layers = {}
+    for block, s in zip(view(model), stats.layers, strict=True):
+        sim = output_similarity(block, s)
+        guard = protected.get(block.layer, [])
+        for a in guard:  # a super expert joins no group
+            sim[a, :] = sim[:, a] = -2.0
+            sim[a, a] = 1.0
+        clusters = _cluster(sim, block.num_experts - drop_count(block.num_experts, ratio))
+        f = s.counts()
+        groups = [sorted(c, key=lambda e: (-float(f[e]), e)) for c in clusters]
+        groups.sort(key=lambda g: g[0])
+        layers[block.layer] = {"keep": [g[0] for g in groups], "groups": groups,
+                               "weights": [merge_weights(s, g) for g in groups], **_router_entry(block, s, groups)}
+    return Plan("submoe", ratio, layers, {"protect_super": protect_super})
+
+
+def _avg(tensors: list[Tensor | None], weights: list[float]) -> Tensor | None:
+    if tensors[0] is None:
+        return None
+    return sum(w * t for w, t in zip(weights, tensors, strict=True))
+
+
+def merge_aligned(w: ExpertWeights, members: list[int], weights: list[float], perms: list[list[int]]) -> tuple:
+    """The weighted average of the members after permuting each one's neurons: (gate, up, down, biases...)."""
+    parts = []
+    for m, perm in zip(members, perms, strict=True):
+        p = torch.tensor(perm, dtype=torch.long)
+        parts.append((w.gate[m][p], w.up[m][p], w.down[m][:, p],
+                      None if w.gate_bias is None else w.gate_bias[m][p],
+                      None if w.up_bias is None else w.up_bias[m][p],
+                      None if w.down_bias is None else w.down_bias[m]))
+    return tuple(_avg([part[i] for part in parts], weights) for i in range(6))
+
+
+def _top_basis(gram: Tensor, rank: int) -> Tensor:
+    """The `rank` leading eigenvectors [H, rank] of a symmetric Gram matrix [H, H]."""
+    values, vectors = torch.linalg.eigh(gram.double())
+    return vectors[:, values.argsort(descending=True)[:rank]]
+
+
+def subspace_merge(w: ExpertWeights, members: list[int], weights: list[float]) -> tuple:
+    """Sub-MoE: a joint SVD of the members' concatenated weights gives a shared basis on the hidden-size side
+    (the leading eigenvectors of the summed Gram matrix, the same subspace), truncated to one expert's rank; each
+    member's coefficients in it are averaged with `weights` and mapped back."""
+    gate_up = [torch.cat([w.gate[m], w.up[m]], dim=0).double() for m in members]  # each [2I, H]
+    basis = _top_basis(sum(t.t() @ t for t in gate_up), min(2 * w.width, gate_up[0].shape[1]))  # [H, r]
+    merged_up = (sum(f * (t @ basis) for f, t in zip(weights, gate_up, strict=True)) @ basis.t()).float()
+    down = [w.down[m].double() for m in members]  # each [H, I]
+    basis = _top_basis(sum(t @ t.t() for t in down), min(w.width, down[0].shape[0]))  # [H, r]
+    merged_down = (basis @ sum(f * (basis.t() @ t) for f, t in zip(weights, down, strict=True))).float()
+    biases = [_avg([None if b is None else b[m] for m in members], weights)
+              for b in (w.gate_bias, w.up_bias, w.down_bias)]
+    return (merged_up[: w.width], merged_up[w.width:], merged_down, *biases)
+
+
+def write_groups(block: BlockView, entry: dict, merged: list[tuple]) -> None:
+    """Write the merged experts (one tuple of canonical tensors per group) and the plan's router rows."""
+    stacked = [None if merged[0][i] is None else torch.stack([m[i] for m in merged]) for i in range(6)]
+    params = block.router_params()
+    corr = params.get("e_score_correction_bias")
+    corr = None if corr is None else corr[torch.tensor(entry["keep"], dtype=torch.long)]
+    bias = torch.tensor(entry["router_bias"]) if "router_bias" in entry else None
+    write_block(block, ExpertWeights(*stacked), torch.tensor(entry["router"]), bias, corr)
+
+
+def apply_merge(model: nn.Module, plan: Plan) -> None:
+    for block in view(model):
+        entry = plan.layers.get(block.layer)
+        if entry is None:
+            continue
+        w = read_experts(block)
+        merged = []
+        for g, members in enumerate(entry["groups"]):
+            if plan.method == "msmoe":
+                merged.append(merge_aligned(w, members, entry["weights"][g], entry["perms"][g]))
+            elif len(members) == 1:
+                merged.append(tuple(None if t is None else t[members[0]] for t in w.tensors()))
+            else:
+                merged.append(subspace_merge(w, members, entry["weights"][g]))
+        write_groups(block, entry, merged)
