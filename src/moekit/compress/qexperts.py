@@ -50,8 +50,9 @@ class DispatchedQuantizedExperts(QuantizedExperts):
         return n * torch.empty(0, dtype=self.compute_dtype).element_size()
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        """hidden [T, H], top_k_index / top_k_weights [T, k] -> [T, H]; index num_experts (or < 0) = no expert."""
-        valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
+        """hidden [T, H], top_k_index / top_k_weights [T, k] -> [T, H]. An index of num_experts (or < 0) means no
+        expert, and an assignment of weight 0 (a skipped expert, `moekit.compress.skip`) is not computed."""
+        valid = (top_k_index >= 0) & (top_k_index < self.num_experts) & (top_k_weights != 0)
         mask = None if bool(valid.all()) else valid
         plan = plan_assignments(top_k_index, top_k_weights, self.num_experts, mask=mask)
         if plan.token.numel() == 0:

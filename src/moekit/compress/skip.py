@@ -1,0 +1,182 @@
+"""Dynamic expert skipping at inference (NAEE's dynamic skipping, MC-MoE's online pruning): a token keeps its
+highest-weight expert, and drops each other chosen expert j whose routing weight is under a per-layer fraction of
+the top one, w_j < threshold_L * w_top.
+
+`calibrate_skip(model, docs, tokenizer, target=0.5)` sets threshold_L to the target quantile of the ratios
+w_j / w_top (j = the second and later experts) layer L sees on calibration text while the layers before it already
+skip with theirs, so that fraction of them is skipped in every layer; `max_loss_increase=x` instead finds the
+largest common target whose calibration loss rises by at most x nats per token. `apply_skip(model, thresholds)`
+applies them (reversibly) and counts the experts per token. A skipped expert's weight becomes 0 (the kept weights
+are not renormalised); quantized experts (`DispatchedQuantizedExperts`) then do not compute it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from moekit.data import DataError, TextDoc, context_length, windows
+from moekit.errors import ConfigError
+from moekit.hf.view import view
+
+DEFAULT_TOKENS = 16_384
+_SEQ = 512
+
+
+def weight_ratios(weights: Tensor) -> Tensor:
+    """weights [T, k] -> [T, k-1]: each token's second and later routing weights over its top one."""
+    w = weights.detach().float().sort(dim=-1, descending=True).values
+    return w[:, 1:] / w[:, :1].clamp_min(1e-30)
+
+
+def skip_mask(weights: Tensor, threshold: float) -> Tensor:
+    """[T, k] bool: the assignments a threshold drops (never a token's top-weight expert)."""
+    w = weights.detach().float()
+    top = w.amax(dim=-1, keepdim=True)
+    drop = w < threshold * top
+    first_top = torch.zeros_like(drop)
+    first_top.scatter_(1, w.argmax(dim=-1, keepdim=True), True)
+    return drop & ~first_top
+
+
+def quantile_threshold(ratios: Tensor, target: float) -> float:
+    """The threshold under which a `target` fraction of `ratios` lies: midway between the sorted ratios either
+    side of the cut (0 for target 0, above every ratio for target 1)."""
+    r = ratios.reshape(-1).sort().values
+    n = r.numel()
+    m = round(target * n)
+    if n == 0 or m == 0:
+        return 0.0
+    if m >= n:
+        return float(r[-1]) * (1 + 1e-6) + 1e-12
+    return float(r[m - 1] + r[m]) / 2
+
+
+class SkipHooks:
+    """Skipping applied to a model through forward hooks on its routers. `experts_per_token()`: the average number
+    of experts each token ran on, per MoE layer, since the hooks were added (or `reset()`). `remove()` undoes it."""
+
+    def __init__(self, model: nn.Module, thresholds: Sequence[float]):
+        blocks = view(model)
+        if len(thresholds) != len(blocks):
+            raise ConfigError(f"thresholds: {len(thresholds)} values for {len(blocks)} MoE layers; expected one per "
+                              f"layer")
+        if any(not t >= 0 for t in thresholds):
+            raise ConfigError(f"thresholds: {list(thresholds)}; expected values >= 0")
+        self.layers = [b.layer for b in blocks]
+        self.kept = [0] * len(blocks)
+        self.tokens = [0] * len(blocks)
+        self.handles = [b.router.register_forward_hook(self._hook(i, float(t)))
+                        for i, (b, t) in enumerate(zip(blocks, thresholds, strict=True))]
+
+    def _hook(self, i: int, threshold: float):
+        def hook(_module, _inputs, output):
+            logits, weights, indices = output
+            drop = skip_mask(weights, threshold)
+            self.kept[i] += int(weights.numel() - drop.sum())
+            self.tokens[i] += weights.shape[0]
+            return logits, weights.masked_fill(drop, 0.0), indices
+        return hook
+
+    def experts_per_token(self) -> list[float]:
+        return [k / t if t else 0.0 for k, t in zip(self.kept, self.tokens, strict=True)]
+
+    def reset(self) -> None:
+        self.kept = [0] * len(self.layers)
+        self.tokens = [0] * len(self.layers)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def apply_skip(model: nn.Module, thresholds: Sequence[float]) -> SkipHooks:
+    """Skip low-weight experts in every MoE layer of `model` (thresholds in `view(model)` order) until `.remove()`."""
+    return SkipHooks(model, thresholds)
+
+
+def _windows(model: nn.Module, docs: Sequence[TextDoc], tokenizer, max_tokens: int) -> list[Tensor]:
+    seq = min(_SEQ, context_length(model))
+    ws = [w.ids for w in windows(tokenizer, docs, seq, max_tokens) if w.ids.numel() >= 2]
+    if not ws:
+        raise DataError("calibration data: no window of 2 or more tokens; expected text for skip calibration")
+    return ws
+
+
+@torch.no_grad()
+def _ratios(model: nn.Module, ws: list[Tensor], layer: int, earlier: Sequence[float]) -> Tensor:
+    """The weight ratios MoE layer number `layer` (in view order) sees while `earlier` thresholds skip before it."""
+    block = view(model)[layer]
+    seen: list[Tensor] = []
+    handle = block.router.register_forward_hook(lambda _m, _i, out: seen.append(weight_ratios(out[1])))
+    hooks = apply_skip(model, [*earlier, *[0.0] * (len(view(model)) - len(earlier))])
+    try:
+        for ids in tqdm(ws, desc=f"skip calibration, MoE layer {block.layer}", unit="window", leave=False):
+            model(input_ids=ids[None])
+    finally:
+        handle.remove()
+        hooks.remove()
+    return torch.cat(seen)
+
+
+def _thresholds(model: nn.Module, ws: list[Tensor], target: float) -> list[float]:
+    """Layer by layer, each calibrated on what it routes with the layers before it already skipping."""
+    out: list[float] = []
+    for layer in range(len(view(model))):
+        out.append(quantile_threshold(_ratios(model, ws, layer, out), target))
+    return out
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, ws: list[Tensor]) -> float:
+    total, count = 0.0, 0
+    for ids in ws:
+        logits = model(input_ids=ids[None, :-1]).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits[0], ids[1:], reduction="sum"))
+        count += ids.numel() - 1
+    return total / count
+
+
+def calibrate_skip(model: nn.Module, docs: Sequence[TextDoc], tokenizer, target: float | None = 0.5,
+                   max_loss_increase: float | None = None, max_tokens: int = DEFAULT_TOKENS,
+                   steps: int = 6) -> list[float]:
+    """Per-layer skip thresholds (in `view(model)` order) from the routing weights `model` gives the calibration
+    `docs`: each layer's `target` quantile of w_j / w_top over the second and later experts, or, with
+    `max_loss_increase` (nats per token), the largest common target (by `steps` bisection steps) whose
+    calibration loss rises by at most that much."""
+    if max_loss_increase is None and (target is None or not 0 <= target <= 1):
+        raise ConfigError(f"target={target!r}: expected a fraction in [0, 1] of second and later experts to skip")
+    if max_loss_increase is not None and not max_loss_increase >= 0:
+        raise ConfigError(f"max_loss_increase={max_loss_increase!r}: expected a non-negative loss in nats per token")
+    ws = _windows(model, docs, tokenizer, max_tokens)
+    if max_loss_increase is None:
+        return _thresholds(model, ws, target)
+    base = _loss(model, ws)
+    lo, hi, best = 0.0, 1.0, [0.0] * len(view(model))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        thresholds = _thresholds(model, ws, mid)
+        hooks = apply_skip(model, thresholds)
+        try:
+            ok = _loss(model, ws) - base <= max_loss_increase
+        finally:
+            hooks.remove()
+        lo, hi, best = (mid, hi, thresholds) if ok else (lo, mid, best)
+    return best
+
+
+@torch.no_grad()
+def experts_per_token(model: nn.Module, docs: Sequence[TextDoc], tokenizer, thresholds: Sequence[float],
+                      max_tokens: int = DEFAULT_TOKENS) -> list[float]:
+    """The average experts per token in each MoE layer when `thresholds` apply, measured on `docs`."""
+    hooks = apply_skip(model, thresholds)
+    try:
+        for ids in _windows(model, docs, tokenizer, max_tokens):
+            model(input_ids=ids[None])
+        return hooks.experts_per_token()
+    finally:
+        hooks.remove()
