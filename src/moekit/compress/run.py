@@ -1,0 +1,191 @@
+"""`compress_checkpoint`: what `moekit compress` does, end to end, writing nothing outside `out` and nothing into
+`out` until everything is ready (a sibling temporary directory renamed into place; the input is only read).
+
+Data: `data` calibrates (the methods read routing statistics, hidden states or gradients from it); perplexity is
+measured on held-out documents: `eval_data`, else moekit-tiny's held-out split when the model is moekit-tiny,
+else none (ppl null). Documents whose text is also in the calibration data are left out of the evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.compress import METHODS, apply, calibrate, check_ratio, plan, token_windows
+from moekit.compress.calibrate import Stats
+from moekit.data import DataError, TextDoc, default_documents, read_documents
+from moekit.errors import ConfigError
+from moekit.eval import load_model_and_tokenizer, perplexity
+from moekit.hf.checkpoint import save
+from moekit.hf.headers import CheckpointError, read_checkpoint
+from moekit.hf.view import view
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def checkpoint_dtype(directory: Path) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's bytes."""
+    by: dict[str, int] = {}
+    for info in read_checkpoint(directory).values():
+        if info.dtype in _DTYPES:
+            by[info.dtype] = by.get(info.dtype, 0) + info.nbytes
+    return _DTYPES[max(by, key=by.get)] if by else torch.float32
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """{"params": every parameter once, "active": the parameters one token uses (all but the routed experts,
+    plus k experts' worth per MoE layer at the layer's mean expert size)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel()
+    active = total
+    for block in view(model):
+        routed = sum(p.numel() for p in block.experts.module.parameters())
+        active -= routed - block.k * routed // block.num_experts
+    return {"params": total, "active": active}
+
+
+def check_out(out: Path, model_dir: Path, force: bool) -> None:
+    source = model_dir.resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise CheckpointError(f"{out}: is or holds the input checkpoint {source}; expected another output directory")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; expected a directory to write into")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out}: not empty; expected an empty or new directory (or --force)")
+
+
+def _held_out(eval_data: list[str] | None, is_default: bool, calibration: list[TextDoc]) -> list[TextDoc]:
+    docs = read_documents(eval_data) if eval_data else (default_documents() if is_default else [])
+    seen = {d.text for d in calibration}
+    return [d for d in docs if d.text not in seen]
+
+
+def _ppl(model: nn.Module, tokenizer, docs: list[TextDoc], max_tokens: int) -> dict | None:
+    if not docs or tokenizer is None:
+        return None
+    return perplexity(copy.deepcopy(model).float(), tokenizer, docs, max_tokens=max_tokens)
+
+
+def _quant_stats(stats: Stats | None) -> dict | None:
+    if stats is None:
+        return None
+    return {"layers": [{"layer": s.layer, "load": s.counts().tolist()} for s in stats.layers]}
+
+
+def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: str | None = None,
+                        ratio: float | None = None, quant: str | None = None, data: list[str] | None = None,
+                        eval_data: list[str] | None = None, task: str | None = None, protect_super: bool = False,
+                        force: bool = False, cal_tokens: int = 8192, eval_tokens: int = 16384,
+                        progress: bool = True) -> dict:
+    """Compress the checkpoint at `model_path` (None: moekit-tiny) into `out` (checkpoint, plan.json,
+    report.json); returns the report."""
+    if method is None and quant is None:
+        raise ConfigError("--method / --quant: expected a method, a quantization, or both")
+    if method is not None:
+        if method not in METHODS:
+            raise ConfigError(f"--method {method}: expected one of {', '.join(METHODS)}")
+        if ratio is None:
+            raise ConfigError(f"--ratio: method {method} needs a ratio in (0, 1)")
+        check_ratio(ratio, "--ratio")
+        if not data:
+            raise DataError(f"--data: method {method} needs calibration data (a .jsonl or text file); expected "
+                            f"--data FILE (held-out evaluation text must be other documents)")
+    elif ratio is not None:
+        raise ConfigError("--ratio: given without --method; expected both or neither")
+    if quant is not None:
+        from moekit.compress.quantize import parse_spec
+
+        parse_spec(quant)
+    from moekit.default import default_model_path
+
+    out = Path(out).resolve()
+    check_out(out, Path(model_path) if model_path else default_model_path(), force)
+    cal_docs = read_documents(data) if data else []
+    path, model, tokenizer, is_default = load_model_and_tokenizer(model_path)
+    eval_docs = _held_out(eval_data, is_default, cal_docs)
+    if cal_docs and tokenizer is None:
+        raise DataError(f"{path}: no tokenizer files; expected tokenizer.json to read the calibration text")
+    dtype = checkpoint_dtype(path)
+    before = param_counts(model)
+    experts_before = {b.layer: b.num_experts for b in view(model)}
+    caught: list[str] = []
+    stats = None
+    if cal_docs:
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            stats = calibrate(model, token_windows(tokenizer, cal_docs, model, cal_tokens),
+                              grads=method == "heapr", progress=progress)
+        caught = [str(r.message) for r in records]
+    ppl_before = _ppl(model, tokenizer, eval_docs, eval_tokens)
+    p = None
+    if method is not None:
+        p = plan(model, stats, method, ratio, task=task, protect_super=protect_super)
+        apply(model, p)
+    after = param_counts(model)
+    quant_plan = None
+    if quant is not None:
+        from moekit.compress.quantize import apply_quant, plan_quant
+
+        quant_plan = plan_quant(model, _quant_stats(stats), quant)
+        apply_quant(model, quant_plan)
+    model = model.to(dtype)
+    ppl_after = _ppl(model, tokenizer, eval_docs, eval_tokens)
+    blocks = view(model)
+    report = {
+        "model": str(path), "method": method, "ratio": ratio, "quant": quant, "task": task,
+        "protect_super": protect_super, "calibration": {"files": data, "tokens": stats.tokens if stats else 0},
+        "evaluation": {"files": eval_data or ("moekit-tiny held-out split" if is_default else None),
+                       "documents": len(eval_docs), "tokens": ppl_before["tokens"] if ppl_before else 0},
+        "bytes_before": checkpoint_bytes(path), "bytes_after": None,
+        "params_before": before["params"], "params_after": after["params"],
+        "active_params_before": before["active"], "active_params_after": after["active"],
+        "ppl_before": ppl_before["ppl"] if ppl_before else None, "ppl_after": ppl_after["ppl"] if ppl_after else None,
+        "ppl_domains_before": (ppl_before or {}).get("domains"), "ppl_domains_after": (ppl_after or {}).get("domains"),
+        "experts_per_layer_before": experts_before, "experts_per_layer": {b.layer: b.num_experts for b in blocks},
+        "experts_per_token": {b.layer: b.k for b in blocks}, "dtype": str(dtype).removeprefix("torch."),
+        "warnings": caught,
+    }
+    _write(model, out, force, report, p, quant_plan)
+    return report
+
+
+def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan) -> None:
+    """Checkpoint, plan.json and report.json into a temporary sibling, then renamed to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.compress-", dir=out.parent))
+    try:
+        save(model, tmp, force=True)
+        report["bytes_after"] = checkpoint_bytes(tmp)
+        report["layout"] = "moekit-manifest" if (tmp / "moekit.json").exists() else "native"
+        if p is not None:
+            p.save(tmp / "plan.json")
+        if quant_plan is not None:
+            (tmp / "quant_plan.json").write_text(quant_plan.to_json())
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+        if old is not None:
+            if not force:
+                raise CheckpointError(f"{out}: appeared while compressing; expected it absent (or --force)")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""Perplexity of a causal LM on labelled documents, by sliding window, overall and per domain.
+
+Each document is scored on its own (tokens, then EOS where the tokenizer has one): windows of `seq_len` tokens
+advance by `stride`; each token is predicted once, by the window that first covers it, with up to
+seq_len - stride tokens of context before it (the first window predicts all but its first token). A document's
+first token has no context and is not scored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from moekit.data import DataError, TextDoc, context_length, default_documents, encode, read_documents
+
+
+def _doc_nll(model: nn.Module, ids: list[int], seq_len: int, stride: int) -> tuple[float, int]:
+    """(summed NLL in nats, tokens predicted) of one document."""
+    total, count, scored = 0.0, 0, 1  # scored: tokens [0, scored) already predicted (the first never is)
+    for start in range(0, max(len(ids) - 1, 1), stride):
+        end = min(start + seq_len, len(ids))
+        window = torch.tensor(ids[start:end]).unsqueeze(0)
+        if window.shape[1] < 2 or end <= scored:
+            break
+        logits = model(input_ids=window).logits[0, :-1].float()  # predicts positions start+1 .. end-1
+        targets = window[0, 1:]
+        first = scored - (start + 1)  # skip the positions an earlier window predicted
+        total += float(F.cross_entropy(logits[first:], targets[first:], reduction="sum"))
+        count += len(targets) - first
+        scored = end
+        if end == len(ids):
+            break
+    return total, count
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, docs: Sequence[TextDoc], seq_len: int | None = None,
+               stride: int | None = None, max_tokens: int | None = None, progress: bool = True) -> dict:
+    """{"ppl", "nll", "tokens", "seq_len", "stride", "documents", "domains": {domain: {"ppl", "nll", "tokens"}}}
+    over `docs` (at most `max_tokens` predicted tokens, whole documents cut at the cap; domains only when some
+    document has a label). seq_len defaults to min(512, the model's context); stride to seq_len // 2."""
+    seq_len = seq_len or min(512, context_length(model))
+    stride = stride or max(1, seq_len // 2)
+    if not 1 <= stride <= seq_len or seq_len < 2:
+        raise DataError(f"seq_len={seq_len}, stride={stride}: expected 2 <= seq_len and 1 <= stride <= seq_len")
+    sums: dict[str | None, list[float]] = {}
+    used = 0
+    for doc in tqdm(docs, desc="perplexity", unit="doc", disable=not progress, leave=False):
+        ids = encode(tokenizer, doc.text)
+        if max_tokens is not None:
+            ids = ids[: max_tokens - used + 1]
+        if len(ids) < 2:
+            continue
+        nll, count = _doc_nll(model, ids, seq_len, stride)
+        entry = sums.setdefault(doc.domain, [0.0, 0])
+        entry[0] += nll
+        entry[1] += count
+        used += count
+        if max_tokens is not None and used >= max_tokens:
+            break
+    if used == 0:
+        raise DataError("evaluation data: no document of two or more tokens; expected some text to score")
+    nll = sum(v[0] for v in sums.values())
+    out = {"ppl": math.exp(nll / used), "nll": nll / used, "tokens": used, "seq_len": seq_len, "stride": stride,
+           "documents": len(docs)}
+    if any(domain is not None for domain in sums):
+        out["domains"] = {str(d): {"ppl": math.exp(v[0] / v[1]), "nll": v[0] / v[1], "tokens": int(v[1])}
+                          for d, v in sorted(sums.items(), key=lambda kv: str(kv[0])) if v[1]}
+    return out
+
+
+def load_model_and_tokenizer(model_path: str | os.PathLike | None) -> tuple[Path, nn.Module, object | None, bool]:
+    """(directory, model in float32, tokenizer or None when the checkpoint has none, is it moekit-tiny)."""
+    from moekit.default import default_model_path
+    from moekit.hf.checkpoint import load
+
+    path = Path(model_path) if model_path is not None else default_model_path()
+    model = load(path, dtype=torch.float32)
+    tokenizer = None
+    if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return path, model, tokenizer, path.resolve() == default_model_path().resolve()
+
+
+def evaluate_checkpoint(model_path: str | None, data: list[str] | None, seq_len: int | None = None,
+                        stride: int | None = None, max_tokens: int | None = None) -> dict:
+    """`moekit eval`: perplexity of a checkpoint (None: moekit-tiny) on `data` files (None: moekit-tiny's
+    held-out split, for moekit-tiny only)."""
+    path, model, tokenizer, is_default = load_model_and_tokenizer(model_path)
+    if tokenizer is None:
+        raise DataError(f"{path}: no tokenizer files; expected tokenizer.json next to the weights")
+    if not data and not is_default:
+        raise DataError("--data: expected a data file (only moekit-tiny has a default held-out split)")
+    docs = read_documents(data) if data else default_documents()
+    result = perplexity(model, tokenizer, docs, seq_len, stride, max_tokens)
+    return {"model": str(path), "data": data or "moekit-tiny held-out split", **result}
