@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moekit.cli import bench, compress, info, tour, train
+from moekit.cli import bench, compress, info, inspect, tour, train
 from moekit.cli import eval as eval_verb
 from moekit.errors import MoekitError
 
-VERBS = {"bench": bench, "compress": compress, "eval": eval_verb, "info": info, "tour": tour, "train": train}
+VERBS = {"bench": bench, "compress": compress, "eval": eval_verb, "info": info, "inspect": inspect, "tour": tour, "train": train}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,6 +81,13 @@ def find_layers(model: nn.Module) -> list[MoELayer]:
                      sigmoid=b.family.routing == "sigmoid_group_topk") for b in blocks]
 
 
+def body(model: nn.Module) -> nn.Module:
+    """What to run to see every MoE layer: a transformers model's base model (its LM head is not needed to route),
+    otherwise the model itself."""
+    base = getattr(model, "base_model", None) if getattr(model, "config", None) is not None else None
+    return base if isinstance(base, nn.Module) else model
+
+
 @contextmanager
 def routing_hooks(layers: list[MoELayer], record: Callable[[int, Routing], None]):
     """While active, every forward of layer i calls record(i, routing)."""

@@ -49,8 +49,8 @@ def layer_stats(trace: Trace, i: int, tokenizer=None) -> dict:
 
 
 def compute_stats(trace: Trace, model: nn.Module | None = None, docs: Sequence[TextDoc] | None = None,
-                  tokenizer=None, *, super_factor: float = 5.0, activation_tokens: int | None = 8192,
-                  ablation_tokens: int | None = 4096, progress: bool = True) -> dict:
+                  tokenizer=None, *, super_factor: float = 5.0, activation_tokens: int | None = 4096,
+                  ablation_tokens: int | None = 2048, progress: bool = True) -> dict:
     """The stats.json dict of `trace`. With `model` (and the docs / tokenizer the trace was made from; None:
     moekit-tiny's defaults) it also measures activations: super experts with ablation, the largest outlier of the
     model whether or not it is super (`top_outlier`), and expert health."""

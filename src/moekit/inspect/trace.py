@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from moekit.core.routing import Routing
 from moekit.data import TextDoc, Window, context_length, default_documents, windows
 from moekit.errors import ConfigError
-from moekit.inspect.layers import InspectError, find_layers, routing_hooks
+from moekit.inspect.layers import InspectError, body, find_layers, routing_hooks
 from moekit.inspect.store import DiskStore, MemoryStore
 
 MASS_LEVELS = (0.5, 0.9)
@@ -193,6 +193,7 @@ def trace(model: nn.Module, docs: Sequence[TextDoc] | None = None, tokenizer=Non
     domain_id = {n: j for j, n in enumerate(names)}
     device = next(model.parameters()).device
     store = DiskStore(out_dir) if out_dir is not None else MemoryStore()
+    runner = body(model)
     seen: dict[int, Routing] = {}
 
     def record(i: int, routing: Routing) -> None:
@@ -205,7 +206,7 @@ def trace(model: nn.Module, docs: Sequence[TextDoc] | None = None, tokenizer=Non
             for batch in tqdm(batch_numbers(wins, batch_size), desc="trace", unit="batch", disable=not progress):
                 ids = torch.stack([wins[n].ids for n in batch])  # [B, L]
                 seen.clear()
-                model(ids.to(device))
+                runner(ids.to(device))
                 if len(seen) != len(layers):
                     raise InspectError(f"{type(model).__name__}: {len(seen)} of {len(layers)} MoE layers ran; "
                                        "expected every MoE layer to route every token")

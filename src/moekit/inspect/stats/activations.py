@@ -17,7 +17,7 @@ from moekit.core.experts import ExpertsLike, linear
 from moekit.core.routing import Routing
 from moekit.data import TextDoc, Window, context_length
 from moekit.errors import ConfigError
-from moekit.inspect.layers import MoELayer, expert_input_hooks, find_layers
+from moekit.inspect.layers import MoELayer, body, expert_input_hooks, find_layers
 from moekit.inspect.trace import batch_numbers, resolve_data, select_windows
 
 
@@ -94,7 +94,7 @@ class _SharedProbe:
 
 @torch.no_grad()
 def expert_activations(model: nn.Module, docs: Sequence[TextDoc] | None = None, tokenizer=None, *,
-                       seq_len: int | None = None, max_tokens: int | None = 8192, zero_tol: float = 0.01,
+                       seq_len: int | None = None, max_tokens: int | None = 4096, zero_tol: float = 0.01,
                        progress: bool = True) -> ExpertActivations:
     """One pass over the data recording every expert's activations (see ExpertActivations). Each expert is run
     again on the tokens routed to it, so the numbers do not depend on how the model dispatches."""
@@ -126,11 +126,12 @@ def expert_activations(model: nn.Module, docs: Sequence[TextDoc] | None = None, 
             zeros[i][e] += int((a < zero_tol * rms).sum())
 
     probe = _SharedProbe(layers)
+    runner = body(model)
     device = next(model.parameters()).device
     try:
         with expert_input_hooks(layers, record):
             for batch in tqdm(_batches(wins), desc="activations", unit="batch", disable=not progress):
-                model(torch.stack([w.ids for w in batch]).to(device))
+                runner(torch.stack([w.ids for w in batch]).to(device))
                 dom = torch.tensor([names.index(w.domain) if w.domain in names else -1 for w in batch]
                                    ).repeat_interleave(len(batch[0].ids))
                 for i in range(L):
@@ -174,7 +175,7 @@ def _mean_loss(model: nn.Module, batches: list[list[Window]], loss_fn: Callable[
 
 @torch.no_grad()
 def ablation_loss_deltas(model: nn.Module, experts: list[tuple[int, int]], docs: Sequence[TextDoc] | None = None,
-                         tokenizer=None, *, seq_len: int | None = None, max_tokens: int | None = 4096,
+                         tokenizer=None, *, seq_len: int | None = None, max_tokens: int | None = 2048,
                          loss_fn: Callable[[nn.Module, Tensor], Tensor] = lm_loss) -> tuple[float, list[float]]:
     """The model's loss on the data, and for each (traced layer i, expert e) in `experts` how much it rises when
     that expert alone is removed (its down_proj, and bias, zeroed: it contributes nothing). The weights are
@@ -225,8 +226,8 @@ def describe_outliers(model: nn.Module, candidates: list[tuple[int, int, float, 
 
 
 def super_experts(model: nn.Module, docs: Sequence[TextDoc] | None = None, tokenizer=None, *, factor: float = 5.0,
-                  activations: ExpertActivations | None = None, max_tokens: int | None = 8192,
-                  ablation_tokens: int | None = 4096, seq_len: int | None = None, progress: bool = True,
+                  activations: ExpertActivations | None = None, max_tokens: int | None = 4096,
+                  ablation_tokens: int | None = 2048, seq_len: int | None = None, progress: bool = True,
                   loss_fn: Callable[[nn.Module, Tensor], Tensor] = lm_loss) -> list[dict]:
     """Super experts: experts whose largest |down_proj output| is at least `factor` times the median of that
     maximum over all experts of the model, each confirmed by ablation (`describe_outliers`). `layer` is the model's
