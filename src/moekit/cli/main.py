@@ -9,7 +9,8 @@ from moekit.cli import bench, compress, info, inspect, tour, train
 from moekit.cli import eval as eval_verb
 from moekit.errors import MoekitError
 
-VERBS = {"bench": bench, "compress": compress, "eval": eval_verb, "info": info, "inspect": inspect, "tour": tour, "train": train}
+VERBS = {"bench": bench, "compress": compress, "eval": eval_verb, "info": info, "inspect": inspect, "tour": tour,
+         "train": train}
 
 
 def build_parser() -> argparse.ArgumentParser:
