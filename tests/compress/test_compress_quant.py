@@ -178,3 +178,45 @@ def test_plan_json_round_trip_and_bad_input():
     apply_quant(model, plan)
     with pytest.raises(ConfigError, match="already quantized"):
         plan_quant(model, None, "int8")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v2"])
+def test_save_then_load_gives_the_same_logits(model_type, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moekit.hf.manifest import MANIFEST, QFORMAT
+
+    model = tiny_model(model_type)
+    budget = (plan_quant(model, None, "ternary").expert_bytes + plan_quant(model, None, "int8").expert_bytes) // 2
+    plan = plan_quant(model, None, f"mixed:{budget}")
+    assert len({f for fs in plan.layers.values() for f in fs}) > 1  # a real mix of formats goes through the file
+    apply_quant(model, plan)
+    expected = _logits(model)
+    out = mh.save(model, tmp_path / "out")
+    assert (out / MANIFEST).exists() and (out / QFORMAT).exists()
+    loaded = mh.load(out, attn_implementation="eager")
+    assert torch.equal(_logits(loaded), expected)
+    assert [b.experts.module.formats for b in mh.view(loaded)] == list(plan.layers.values())
+    assert resident_bytes(loaded)["experts"] == plan.expert_bytes
+    plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, attn_implementation="eager").eval()
+    assert type(mh.view(plain)[0].experts.module).__name__ == "QuantizedExperts"  # the checkpoint's own copy
+    torch.testing.assert_close(_logits(plain), expected, atol=1e-6, rtol=0)
+
+
+def test_quantized_checkpoint_errors(tmp_path):
+    import json
+    import shutil
+
+    from moekit.hf.headers import CheckpointError
+    from moekit.hf.manifest import MANIFEST
+
+    model = tiny_model("olmoe")
+    apply_quant(model, plan_quant(model, None, "int4"))
+    out = mh.save(model, tmp_path / "out")
+    manifest = json.loads((out / MANIFEST).read_text())
+    for fmt, match in (("int5", "quant format 'int5'; expected one of"), ("int8", r"expects .*gate_up_q.0.codes")):
+        bad = shutil.copytree(out, tmp_path / fmt)
+        manifest["quant"]["0"]["formats"][0] = fmt
+        (bad / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError, match=match):
+            mh.load(bad)

@@ -20,7 +20,14 @@ from torch import nn
 
 from moekit.hf.families import family_of
 from moekit.hf.headers import CheckpointError, read_checkpoint
-from moekit.hf.manifest import MANIFEST, check_float_experts, layer_shapes, load_manifest, save_manifest
+from moekit.hf.manifest import (
+    MANIFEST,
+    check_float_experts,
+    layer_shapes,
+    load_manifest,
+    quantized_layers,
+    save_manifest,
+)
 
 CONFIG = "config.json"
 
@@ -87,9 +94,9 @@ def _source_dir(model: nn.Module) -> Path | None:
 
 def save(model: nn.Module, out_dir: str | os.PathLike, force: bool = False, max_shard_size: str = "2GB") -> Path:
     """Save `model` to `out_dir` atomically, as safetensors sharded above `max_shard_size`: in its family's native
-    layout when every MoE layer has the config's expert count and width, else with a moekit manifest and a
-    modeling file (see `moekit.hf.manifest`). `out_dir` may not be (or contain) the directory the model was loaded
-    from, and must be empty unless `force`. Returns the output directory."""
+    layout when every MoE layer has the config's expert count and width and float experts, else with a moekit
+    manifest and a modeling file (see `moekit.hf.manifest`). `out_dir` may not be (or contain) the directory the
+    model was loaded from, and must be empty unless `force`. Returns the output directory."""
     out = Path(out_dir).resolve()
     source = _source_dir(model)
     if source is not None and (out == source or out in source.parents):
@@ -100,7 +107,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, force: bool = False, max_
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out_dir}: not empty; expected an empty or new directory (or force=True)")
     check_float_experts(model)
-    native = not layer_shapes(model)
+    native = not layer_shapes(model) and not quantized_layers(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
     try:

@@ -10,6 +10,9 @@ Layout written by `save_manifest` (into the temporary directory `save` renames i
   modeling_moekit.py     the family's causal LM class, whose __init__ resizes the listed layers (needs only torch
                          and transformers; `resize_block` below is copied into it verbatim)
   model*.safetensors     tensors by their in-memory names (fused experts), sharded above `max_shard_size`
+Quantized experts (`moekit.compress.quantize`) add `moekit_quant` {layer: {formats, group_size}} to config.json and
+`quant` to moekit.json, and `moekit_qformat.py` (a copy of `moekit.compress.qformat`, torch only), which the
+modeling file imports to put `QuantizedExperts` in those layers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +33,8 @@ from moekit.hf.view import decoder_layers, view
 
 MANIFEST = "moekit.json"
 MODELING = "modeling_moekit.py"
+QFORMAT = "moekit_qformat.py"
+_QUANT_TENSOR = re.compile(r"\.(gate_up_q|down_q)\.\d+\.")
 FORMAT = "moekit-hf"
 VERSION = 1
 
@@ -68,7 +74,7 @@ import torch
 import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
+{quant_import}
 _Base = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["{model_type}"])
 
 
@@ -89,7 +95,18 @@ class MoekitForCausalLM(_Base):
                          "{experts}", {transposed}, {bias})
             if "widths" in spec:
                 make_ragged(block, spec["widths"], config.hidden_size, "{experts}")
+{quant_swap}'''
+
+_QUANT_SWAP = '''        for layer, spec in config.moekit_quant.items():
+            block = getattr(self.model.layers[int(layer)], "{block}")
+            setattr(block, "{experts}", QuantizedExperts.like(getattr(block, "{experts}"), spec["formats"],
+                                                             spec["group_size"], {transposed}, {bias}))
 '''
+
+
+def quantized_layers(model: nn.Module) -> dict[int, dict]:
+    """{layer: {formats, group_size}} of every MoE layer whose experts are held quantized."""
+    return {b.layer: b.experts.module.quant_spec() for b in view(model) if hasattr(b.experts.module, "quant_spec")}
 
 
 def layer_shapes(model: nn.Module) -> dict[int, tuple[int, int]]:
@@ -143,6 +160,7 @@ def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB"
     for block in view(model):
         if isinstance(block.experts.module, RaggedExperts):
             layers[str(block.layer)]["widths"] = block.experts.module.widths
+    quant = {str(layer): spec for layer, spec in quantized_layers(model).items()}
     seen: set[int] = set()
     state = {}
     for name, t in model.state_dict().items():  # safetensors refuses shared storage: a tied tensor's 2nd name copies
@@ -164,19 +182,26 @@ def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB"
     config = copy.deepcopy(config)
     config.moekit_layers = layers
     config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.MoekitForCausalLM"}
+    manifest = {"format": FORMAT, "version": VERSION, "family": family.model_type, "layers": layers}
+    if quant:
+        from moekit.compress import qformat  # the format lives with the quantizer; torch only, copied verbatim
+
+        config.moekit_quant = manifest["quant"] = quant
+        (directory / QFORMAT).write_text(inspect.getsource(qformat))
     config.save_pretrained(directory)
-    (directory / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": VERSION,
-                                                  "family": family.model_type, "layers": layers}, indent=1))
-    (directory / MODELING).write_text(_modeling_source(family))
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (directory / MODELING).write_text(_modeling_source(family, bool(quant)))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
 
 
-def _modeling_source(family: Family) -> str:
-    return _MODELING.format(name=family.name, model_type=family.model_type, block=family.block,
-                            router=family.router, experts=family.experts, transposed=family.transposed,
-                            bias=family.bias, resize_source=inspect.getsource(resize_block),
-                            ragged_source=inspect.getsource(RaggedExperts) + "\n\n" + inspect.getsource(make_ragged))
+def _modeling_source(family: Family, quant: bool = False) -> str:
+    names = {"block": family.block, "experts": family.experts, "transposed": family.transposed, "bias": family.bias}
+    return _MODELING.format(name=family.name, model_type=family.model_type, router=family.router, **names,
+                            resize_source=inspect.getsource(resize_block),
+                            ragged_source=inspect.getsource(RaggedExperts) + "\n\n" + inspect.getsource(make_ragged),
+                            quant_import=f"from .{QFORMAT[:-3]} import QuantizedExperts\n" if quant else "",
+                            quant_swap=_QUANT_SWAP.format(**names) if quant else "")
 
 
 def read_manifest(directory: Path) -> dict:
@@ -185,13 +210,22 @@ def read_manifest(directory: Path) -> dict:
         manifest = json.loads(path.read_text())
         layers = {int(i): (int(s["num_experts"]), int(s["intermediate_size"])) for i, s in manifest["layers"].items()}
         widths = {int(i): [int(w) for w in s["widths"]] for i, s in manifest["layers"].items() if "widths" in s}
+        quant = {int(i): {"formats": [str(f) for f in s["formats"]], "group_size": int(s["group_size"])}
+                 for i, s in manifest.get("quant", {}).items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-        raise CheckpointError(f"{path}: corrupt manifest: expected JSON with 'format', 'version' and 'layers' "
-                              f"{{layer: {{num_experts, intermediate_size[, widths]}}}}") from None
+        raise CheckpointError(f"{path}: corrupt manifest: expected JSON with 'format', 'version', 'layers' "
+                              f"{{layer: {{num_experts, intermediate_size[, widths]}}}} and optionally 'quant' "
+                              f"{{layer: {{formats, group_size}}}}") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                               f"expected {FORMAT!r} version {VERSION}")
-    return {"family": manifest.get("family"), "layers": layers, "widths": widths}
+    if quant:
+        from moekit.compress.qformat import BITS
+
+        bad = sorted({f for spec in quant.values() for f in spec["formats"] if f not in BITS})
+        if bad:
+            raise CheckpointError(f"{path}: quant format {bad[0]!r}; expected one of {', '.join(BITS)}")
+    return {"family": manifest.get("family"), "layers": layers, "widths": widths, "quant": quant}
 
 
 def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
@@ -207,7 +241,7 @@ def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **k
                               f"{family.model_type!r}; expected the same")
     headers = read_checkpoint(directory)
     config.auto_map = {}  # built here from moekit's own code, not the checkpoint's modeling file
-    dtype = dtype or _main_dtype(headers)
+    dtype = dtype or _main_dtype({name: info for name, info in headers.items() if not _QUANT_TENSOR.search(name)})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     layers = decoder_layers(model)
     for layer, (experts, width) in manifest["layers"].items():
@@ -216,6 +250,14 @@ def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **k
         if layer in manifest["widths"]:
             make_ragged(getattr(layers[layer], family.block), manifest["widths"][layer], config.hidden_size,
                         family.experts)
+    if manifest["quant"]:
+        from moekit.compress.qexperts import DispatchedQuantizedExperts  # quantized experts run by moekit's dispatch
+
+        for layer, spec in manifest["quant"].items():
+            block = getattr(layers[layer], family.block)
+            experts = DispatchedQuantizedExperts.like(getattr(block, family.experts), spec["formats"],
+                                                      spec["group_size"], family.transposed, family.bias)
+            setattr(block, family.experts, experts)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     _check_tensors(directory, expected, {name: info.shape for name, info in headers.items()})
     state = {}
