@@ -178,3 +178,41 @@ def _gated_shared(x: Tensor, shared, y: Tensor) -> Tensor:
         return y
     g = float(shared.shared_expert_gate.weight.detach().double() @ x)
     return y / (1 + math.exp(-g))
+
+
+def ref_top_p(logits: Tensor, p: float) -> list[dict[int, float]]:
+    """Per token {expert: weight}: the fewest experts, best first, whose softmax mass reaches p; weights unchanged."""
+    out = []
+    for row in logits.double().tolist():
+        probs = _softmax(row)
+        chosen, mass = {}, 0.0
+        for i in _ranked(probs):
+            chosen[i] = probs[i]
+            mass += probs[i]
+            if mass >= p:
+                break
+        out.append(chosen)
+    return out
+
+
+def ref_null_experts(logits: Tensor, k: int, num_real: int) -> list[dict[int, float]]:
+    """Per token {real expert: weight}: top-k over real + null experts, null ones dropped, the rest renormalised."""
+    out = []
+    for row in logits.double().tolist():
+        probs = _softmax(row)
+        real = [i for i in _ranked(probs)[:k] if i < num_real]
+        total = sum(probs[i] for i in real)
+        out.append({i: probs[i] / total for i in real})
+    return out
+
+
+def ref_expert_choice(logits: Tensor, capacity: int) -> list[dict[int, float]]:
+    """Per token {expert: softmax prob}: every expert takes the `capacity` tokens with the highest probability."""
+    probs = [_softmax(row) for row in logits.double().tolist()]
+    out: list[dict[int, float]] = [{} for _ in probs]
+    for e in range(len(probs[0]) if probs else 0):
+        column = [row[e] for row in probs]
+        for t in _ranked(column)[:capacity]:
+            out[t][e] = probs[t][e]
+    return out
+

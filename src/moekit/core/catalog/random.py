@@ -17,7 +17,7 @@ from torch import Tensor
 
 from moekit.core.catalog._util import drop_weight
 from moekit.core.routers import Router, RouterOptions, register_router
-from moekit.core.routing import Routing
+from moekit.core.routing import Routing, widen
 from moekit.core.step import Dispatcher, Step
 from moekit.errors import ConfigError
 
@@ -47,7 +47,7 @@ def consistency_loss(y1: Tensor, y2: Tensor) -> Tensor:
     """mean_t ||y1_t - y2_t||^2 / H."""
     if y1.shape[0] == 0:
         return y1.new_zeros((), dtype=torch.float32)
-    return (y1.float() - y2.float()).square().mean()
+    return (widen(y1) - widen(y2)).square().mean()
 
 
 @register_router("random")
