@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moekit.errors import MoekitError
 from moekit.inspect.plots import all_plots
+from moekit.inspect.store import current_umask
 from moekit.inspect.summary import compute_stats
 from moekit.inspect.trace import trace
 
@@ -44,6 +45,7 @@ _CAPTIONS = {
                          "red line are super experts, confirmed by ablation in the table below.",
     "expert_health.png": "HoME's expert collapse: fraction of near-zero activations inside each expert.",
 }
+
 
 
 class ReportError(MoekitError, ValueError):
@@ -131,6 +133,7 @@ def write_report(stats: dict, out_dir: str | os.PathLike, inputs: Sequence[str |
     plots = all_plots(stats)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is not
     try:
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1, allow_nan=False))
         for name, png in plots.items():
@@ -172,6 +175,11 @@ def inspect_model(model_path: str | os.PathLike | None = None, data: Sequence[st
         except (OSError, ValueError) as err:
             raise ReportError(f"{model_path}: no tokenizer there ({type(err).__name__}); expected the tokenizer "
                               "files next to the checkpoint") from None
+    from moekit.hf import accelerate
+
+    accelerate(model)  # our own copy: moekit's dispatch runs the experts faster, the family's router still routes
     t = trace(model, docs, tokenizer, max_tokens=max_tokens, progress=progress)
-    stats = compute_stats(t, model, docs, tokenizer, progress=progress)
+    cap = t.num_tokens  # the activation and ablation passes never read more than was traced
+    stats = compute_stats(t, model, docs, tokenizer, activation_tokens=min(4096, cap),
+                          ablation_tokens=min(2048, cap), progress=progress)
     return write_report(stats, out_dir, inputs), stats

@@ -19,6 +19,13 @@ from moekit.errors import MoekitError
 META = "trace.json"
 
 
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class TraceStoreError(MoekitError, ValueError):
     """A trace directory that cannot be written or read."""
 
@@ -59,6 +66,7 @@ class DiskStore:
                                       "directory (or an earlier trace to replace)")
             self.dir.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(dir=self.dir.parent, prefix=f".{self.dir.name}.tmp"))
+            self.tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is not
 
     def add(self, chunk: dict[str, Tensor]) -> None:
         name = f"chunk-{len(self.chunks):05d}.safetensors"
