@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moekit.inspect.report import DEFAULT_MAX_TOKENS, DEFAULT_OUT, inspect_model
+from moekit.inspect.summary import summary_lines
 
 HELP = "routing analysis of an MoE model: report.html, stats.json and plots"
 
@@ -21,11 +22,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report, stats = inspect_model(args.model, args.data, args.out, args.max_tokens or None)
-    for ly in stats["layers"]:
-        print(f"layer {ly['layer']}: load CV {ly['cv']:.3f}, entropy {ly['entropy_mean']:.3f}, "
-              f"dead {ly['dead_experts'] or '-'}, token specialisation {ly['token_specialization']:.3f}, "
-              f"domain specialisation {ly['domain_specialization']:.3f}")
-    supers = ", ".join(f"layer {s['layer']} expert {s['expert']}" for s in stats["super_experts"]) or "none"
-    print(f"super experts: {supers}")
+    for line in summary_lines(stats):
+        print(line)
     print(f"Report: {report}")
     return 0

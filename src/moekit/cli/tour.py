@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         _layer_step()
         _bench_step(args.repeats)
         _bridge_step()
+        images.update(_inspect_step())
     _write_report(Path(args.out), "".join(tee.parts), images)
     print(f"\nReport: {Path(args.out) / 'report.html'}")
     return 0
@@ -146,6 +147,28 @@ def _bridge_step() -> None:
         mh.restore(model)
     print(f"   after accelerate: max |logit difference| {float((logits - ref_logits).abs().max()):.2e}, "
           f"greedy tokens identical: {torch.equal(tokens, ref_tokens)}; restore puts transformers' path back")
+
+
+def _inspect_step() -> dict[str, bytes]:
+    """Routing statistics of moekit-tiny on 2k held-out tokens (prose and code); `moekit inspect` does it all."""
+    from moekit.default import DEFAULT_MODEL_DIR, default_model, default_tokenizer
+    from moekit.inspect import compute_stats, trace
+    from moekit.inspect.plots import domain_plot, load_heatmap
+    from moekit.inspect.summary import summary_lines
+
+    print("\n5. Inspecting the routing: moekit-tiny on 2,048 held-out tokens, half prose, half code")
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        print("   (not packaged in this checkout; skipped)")
+        return {}
+    from moekit.hf import accelerate
+
+    model = accelerate(default_model())
+    stats = compute_stats(trace(model, None, default_tokenizer(), max_tokens=2048, progress=False))
+    for line in summary_lines(stats):
+        print("   " + line)
+    print("   Full report (plots, super experts, expert health): `moekit inspect` writes inspect-out/report.html")
+    return {"expert load per layer (moekit inspect)": load_heatmap(stats),
+            "domain specialisation (moekit inspect)": domain_plot(stats)}
 
 
 def _write_report(out: Path, text: str, images: dict[str, bytes]) -> None:

@@ -78,3 +78,18 @@ def compute_stats(trace: Trace, model: nn.Module | None = None, docs: Sequence[T
     out["expert_max_abs"] = acts.max_abs
     out["expert_health"] = st.expert_health(model, activations=acts)
     return out
+
+
+def summary_lines(stats: dict) -> list[str]:
+    """A few lines of text for a terminal: per layer balance, entropy, dead experts and specialisation."""
+    lines = []
+    for ly in stats["layers"]:
+        lines.append(f"layer {ly['layer']}: load CV {ly['cv']:.3f} (max/mean {ly['max_over_mean']:.2f}), entropy "
+                     f"{ly['entropy_mean']:.3f} of {ly['entropy']['max']:.3f}, dead {ly['dead_experts'] or '-'}, "
+                     f"token-id specialisation {ly['token_specialization']:.3f} (shuffled "
+                     f"{ly['token_specialization_baseline']:.3f}), domain {ly['domain_specialization']:.3f}")
+    if stats.get("super_experts_checked"):
+        supers = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['ratio']:.1f}x median, loss "
+                           f"{s['ablation_loss_delta']:+.3f} when removed)" for s in stats["super_experts"])
+        lines.append(f"super experts: {supers or 'none'}")
+    return lines
