@@ -85,7 +85,7 @@ def write_block(block: BlockView, w: ExpertWeights, router_weight: Tensor, route
     """Replace the block's experts by `w` and its router rows by router_weight [E', H] (router_bias / the
     DeepSeek-V3 correction_bias [E'] where the router has one), in the model's dtype, and update every expert
     count the modules keep. k is lowered to E' when fewer experts remain; group-limited routing whose groups no
-    longer divide E' falls back to one group (plain top-k)."""
+    longer split E' into groups of two or more falls back to one group (plain top-k)."""
     module = block.experts.module
     old = module.gate_up_proj
     like = {"dtype": old.dtype, "device": old.device}
@@ -130,7 +130,7 @@ def write_router(block: BlockView, weight: Tensor, bias: Tensor | None = None,
         if isinstance(getattr(module, "top_k", None), int) and module.top_k > count:
             module.top_k = count
         groups = getattr(module, "num_group", None) or getattr(module, "n_group", None)
-        if isinstance(groups, int) and groups > 1 and count % groups:
+        if isinstance(groups, int) and groups > 1 and (count % groups or count // groups < 2):
             for name in ("num_group", "n_group", "topk_group"):
                 if hasattr(module, name):
                     setattr(module, name, 1)
@@ -157,7 +157,8 @@ def sync_config(model: nn.Module, blocks: list[BlockView]) -> None:
         if isinstance(getattr(module, "num_experts_per_tok", None), int):
             module.num_experts_per_tok = family.k(config)
     groups = getattr(config, "n_group", None)
-    if isinstance(groups, int) and groups > 1 and any(b.num_experts % groups for b in blocks):
+    if isinstance(groups, int) and groups > 1 and any(b.num_experts % groups or b.num_experts // groups < 2
+                                                      for b in blocks):
         config.n_group, config.topk_group = 1, 1
         for b in blocks:
             for name in ("num_group", "n_group", "topk_group"):

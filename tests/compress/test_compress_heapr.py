@@ -1,0 +1,117 @@
+"""HEAPr: calibration gradients equal autograd's at the block output, scores equal a per-token reference, neurons
+that add nothing go first, experts end with different widths that run as the padded layout does."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moekit.compress as mc
+import moekit.hf as mh
+from hf.tiny import tiny_model
+from moekit.compress.calibrate import CalibrationWarning
+from moekit.compress.heapr import heapr_scores
+from moekit.compress.weights import read_experts, write_block
+from moekit.errors import ConfigError
+from moekit.hf.ragged import RaggedExperts
+
+
+def _windows(n: int = 3, length: int = 20) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(3, 97, (length,), generator=g), None) for _ in range(n)]
+
+
+def _stats(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        return mc.calibrate(model, _windows(), grads=True, progress=False)
+
+
+def test_calibration_gradient_is_the_loss_gradient_at_the_block_output():
+    model = tiny_model("qwen3_moe")
+    stats = _stats(model)
+    ids = _windows()[0][0][None]
+    block = mh.view(model)[1].block
+    delta = torch.zeros(1, ids.shape[1], 40, requires_grad=True)
+    handle = block.register_forward_hook(lambda _m, _a, out: out + delta)
+    try:
+        logits = model(input_ids=ids).logits
+        F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").backward()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(stats.layers[1].grad[: ids.shape[1]], delta.grad[0], rtol=1e-4, atol=1e-6)
+
+
+def test_scores_match_a_per_token_reference():
+    model = tiny_model("mixtral")
+    stats = _stats(model)
+    scores = heapr_scores(model, stats)
+    block, s = mh.view(model)[0], stats.layers[0]
+    w = read_experts(block)
+    t = len(s.x)
+    m = sum(torch.outer(s.grad[i], s.grad[i]) for i in range(t)) / t
+    for e in (0, 3):
+        for k in (0, 7):
+            energy = 0.0
+            for i in range(t):
+                r = sum(float(s.weights[i, j]) for j in range(s.indices.shape[1]) if int(s.indices[i, j]) == e)
+                h = F.silu(w.gate[e, k] @ s.x[i]) * (w.up[e, k] @ s.x[i])
+                energy += float(r * h) ** 2
+            want = energy / t * float(w.down[e][:, k] @ m @ w.down[e][:, k])
+            assert float(scores[0][e, k]) == pytest.approx(want, rel=1e-4, abs=1e-12)
+
+
+def test_neurons_that_add_nothing_are_pruned_first():
+    model = tiny_model("qwen3_moe")
+    dead = {0: [(0, 3), (2, 5), (4, 0)], 1: [(1, 1), (5, 19)]}
+    for block in mh.view(model):
+        w = read_experts(block)
+        for e, k in dead[block.layer]:
+            w.down[e][:, k] = 0.0
+        params = block.router_params()
+        write_block(block, w, params["weight"].detach())
+    stats = _stats(model)
+    total = sum(b.num_experts * b.experts.intermediate_size for b in mh.view(model))
+    p = mc.plan(model, stats, "heapr", 5 / total)
+    for layer, entry in p.layers.items():
+        removed = {(e, k) for e, kept in enumerate(entry["neurons"]) for k in range(20) if k not in kept}
+        assert removed == set(dead[layer])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "olmoe"])
+def test_ragged_experts_run_like_the_padded_layout(family):
+    model = tiny_model(family)
+    p = mc.plan(model, _stats(model), "heapr", 0.3)
+    pruned = mc.apply(copy.deepcopy(model), p)
+    ids = torch.randint(3, 97, (1, 15))
+    # reference: the original model with the removed neurons zeroed (same function, original layout)
+    zeroed = copy.deepcopy(model)
+    for block in mh.view(zeroed):
+        w = read_experts(block)
+        for e, kept in enumerate(p.layers[block.layer]["neurons"]):
+            mask = torch.zeros(w.width, dtype=torch.bool)
+            mask[kept] = True
+            w.down[e][:, ~mask] = 0.0
+        write_block(block, w, block.router_params()["weight"].detach(), None,
+                    block.router_params().get("e_score_correction_bias"))
+    assert any(isinstance(b.experts.module, RaggedExperts) for b in mh.view(pruned))
+    widths = [len(n) for entry in p.layers.values() for n in entry["neurons"]]
+    assert len(set(widths)) > 1
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, zeroed(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_heapr_refuses_gpt_oss_and_statistics_without_gradients():
+    model = tiny_model("gpt_oss")
+    with pytest.raises(ConfigError, match="GPT-OSS"):
+        mc.plan(model, _stats(model), "heapr", 0.2)
+    other = tiny_model("qwen3_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        stats = mc.calibrate(other, _windows(), grads=False, progress=False)
+    with pytest.raises(ConfigError, match="gradients"):
+        mc.plan(other, stats, "heapr", 0.2)
