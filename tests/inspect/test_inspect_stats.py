@@ -55,6 +55,14 @@ def test_domains_to_disjoint_experts_and_tcess():
         stats.tcess(t, 0, "c")
 
 
+def test_domain_specialisation_against_labels_shuffled_over_documents():
+    model = planted_lm([0, 1, 2, 3], num_experts=4)
+    docs = docs_of(*[[0, 1, 1]] * 10, domain="a") + docs_of(*[[2, 3, 3]] * 10, domain="b")
+    t = trace(model, docs, TOK, progress=False)
+    assert stats.domain_specialization(t, 0) == pytest.approx(1.0)
+    assert stats.domain_specialization_baseline(t, 0) < 0.5
+
+
 def test_domains_routed_alike_have_no_domain_specialisation():
     model = planted_lm([0, 1, 2, 3], num_experts=4)
     t = trace(model, docs_of([0, 1, 2, 3], domain="a") + docs_of([3, 2, 1, 0], domain="b"), TOK, progress=False)

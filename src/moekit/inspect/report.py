@@ -54,7 +54,8 @@ class ReportError(MoekitError, ValueError):
 
 def _layer_table(stats: dict) -> str:
     head = ("<tr><th>layer</th><th>CV</th><th>max/mean</th><th>entropy (mean)</th><th>experts for 50% / 90% "
-            "of load</th><th>dead</th><th>near-dead</th><th>token spec. (shuffled)</th><th>domain spec.</th></tr>")
+            "of load</th><th>dead</th><th>near-dead</th><th>token spec. (shuffled)</th><th>domain spec. (labels "
+            "shuffled)</th></tr>")
     rows = []
     for ly in stats["layers"]:
         m = ly["mass_coverage"]
@@ -62,7 +63,7 @@ def _layer_table(stats: dict) -> str:
                     f"<td>{ly['entropy_mean']:.3f}</td><td>{m['load_50']} / {m['load_90']}</td>"
                     f"<td>{ly['dead_experts'] or '-'}</td><td>{ly['near_dead_experts'] or '-'}</td>"
                     f"<td>{ly['token_specialization']:.3f} ({ly['token_specialization_baseline']:.3f})</td>"
-                    f"<td>{ly['domain_specialization']:.3f}</td></tr>")
+                    f"<td>{ly['domain_specialization']:.3f} ({ly['domain_specialization_baseline']:.3f})</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 

@@ -39,6 +39,7 @@ def layer_stats(trace: Trace, i: int, tokenizer=None) -> dict:
         "dead_experts": dead["dead"], "near_dead_experts": dead["near_dead"],
         "domain_share": st.domain_share(trace, i),
         "domain_specialization": st.domain_specialization(trace, i),
+        "domain_specialization_baseline": st.domain_specialization_baseline(trace, i),
         "tcess": {d: st.tcess(trace, i, d).tolist() for d in trace.domain_names},
         "token_specialization": st.token_specialization(trace, i),
         "token_specialization_baseline": st.token_specialization_baseline(trace, i),
@@ -87,7 +88,8 @@ def summary_lines(stats: dict) -> list[str]:
         lines.append(f"layer {ly['layer']}: load CV {ly['cv']:.3f} (max/mean {ly['max_over_mean']:.2f}), entropy "
                      f"{ly['entropy_mean']:.3f} of {ly['entropy']['max']:.3f}, dead {ly['dead_experts'] or '-'}, "
                      f"token-id specialisation {ly['token_specialization']:.3f} (shuffled "
-                     f"{ly['token_specialization_baseline']:.3f}), domain {ly['domain_specialization']:.3f}")
+                     f"{ly['token_specialization_baseline']:.3f}), domain {ly['domain_specialization']:.3f} (labels "
+                     f"shuffled over documents {ly['domain_specialization_baseline']:.3f})")
     if stats.get("super_experts_checked"):
         supers = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['ratio']:.1f}x median, loss "
                            f"{s['ablation_loss_delta']:+.3f} when removed)" for s in stats["super_experts"])

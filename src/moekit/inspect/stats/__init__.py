@@ -25,6 +25,7 @@ from moekit.inspect.stats.routing import (
 from moekit.inspect.stats.specialization import (
     domain_share,
     domain_specialization,
+    domain_specialization_baseline,
     tcess,
     token_specialization,
     token_specialization_baseline,
@@ -33,7 +34,8 @@ from moekit.inspect.stats.specialization import (
 
 __all__ = [
     "ExpertActivations", "ablation_loss_deltas", "balance", "coactivation", "counts", "dead_experts",
-    "describe_outliers", "domain_share", "domain_specialization", "entropy", "expert_activations", "expert_health",
+    "describe_outliers", "domain_share", "domain_specialization", "domain_specialization_baseline",
+    "entropy", "expert_activations", "expert_health",
     "lm_loss", "load", "mass_coverage", "membership", "outlier_ranking", "position_effects", "super_experts", "tcess",
     "token_specialization", "token_specialization_baseline", "top_tokens", "transitions",
 ]

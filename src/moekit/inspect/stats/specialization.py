@@ -82,9 +82,9 @@ def top_tokens(trace: Trace, i: int, n: int = 5, min_count: int = 5) -> list[lis
     return out
 
 
-def _domain_joint(trace: Trace, i: int) -> Tensor:
+def _domain_joint(trace: Trace, i: int, domain_ids: Tensor | None = None) -> Tensor:
     rows, experts = _real(trace, i)
-    dom = trace.domain_ids[rows]
+    dom = (trace.domain_ids if domain_ids is None else domain_ids)[rows]
     labelled = dom >= 0
     return _joint(dom[labelled], experts[labelled], max(len(trace.domain_names), 1), trace.num_experts[i])
 
@@ -97,16 +97,34 @@ def domain_share(trace: Trace, i: int) -> dict[str, list[float]]:
     return {name: share[d].tolist() for d, name in enumerate(trace.domain_names)}
 
 
-def domain_specialization(trace: Trace, i: int) -> float:
-    """I(expert; domain) / H(domain) over the labelled assignments, 0..1: 1 when an expert's identity tells the
-    domain for certain (domains routed to disjoint experts), 0 when every domain spreads over experts alike."""
-    joint = _domain_joint(trace, i).t()  # [E, D]: the expert is the condition here
+def _mutual_information_ratio(joint: Tensor) -> float:
+    """I(E; D) / H(D) of a [D, E] count table."""
+    joint = joint.t()  # [E, D]: the expert is the condition here
     total = joint.sum()
     h_d = float(_entropy(joint.sum(dim=0)))
     if total == 0 or h_d == 0:
         return 0.0
     h_cond = float(((joint.sum(dim=1) / total) * _entropy(joint)).sum())
     return max(0.0, 1.0 - h_cond / h_d)
+
+
+def domain_specialization(trace: Trace, i: int) -> float:
+    """I(expert; domain) / H(domain) over the labelled assignments, 0..1: 1 when an expert's identity tells the
+    domain for certain (domains routed to disjoint experts), 0 when every domain spreads over experts alike."""
+    return _mutual_information_ratio(_domain_joint(trace, i))
+
+
+def domain_specialization_baseline(trace: Trace, i: int, seed: int = 0) -> float:
+    """`domain_specialization` with the documents' labels shuffled among the documents (same domain sizes in
+    documents): what document-to-document variation alone gives."""
+    doc = trace.doc
+    labels = torch.full((int(doc.max()) + 1,), -1, dtype=torch.long)
+    labels[doc] = trace.domain_ids
+    seen = torch.unique(doc)
+    perm = seen[torch.randperm(seen.numel(), generator=torch.Generator().manual_seed(seed))]
+    shuffled = labels.clone()
+    shuffled[seen] = labels[perm]
+    return _mutual_information_ratio(_domain_joint(trace, i, shuffled[doc]))
 
 
 def tcess(trace: Trace, i: int, domain: str | None = None) -> Tensor:
