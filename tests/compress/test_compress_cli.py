@@ -1,0 +1,150 @@
+"""`moekit compress`: writes checkpoint, plan.json and report.json; never changes the input (hashes); refuses an
+output that is the input or not empty (without --force); an interrupted run leaves nothing; bad input is one
+line on stderr and exit code 2; too little calibration text warns with the count and goes on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import moekit.hf as mh
+from hf.tiny import tiny_model
+from moekit.cli.main import main
+from moekit.compress.plan import Plan
+from moekit.compress.run import compress_checkpoint
+from moekit.default import DEFAULT_MODEL_DIR, default_test_split
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Qwen3-MoE checkpoint with moekit-tiny's tokenizer, calibration and held-out data files."""
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_model("qwen3_moe", vocab_size=4096)
+    mh.save(model, root / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEFAULT_MODEL_DIR / name, root / "model" / name)
+    docs = default_test_split()
+    code = [d for d in docs if d["domain"] == "code"]
+    prose = [d for d in docs if d["domain"] == "prose"]
+    cal = [{**d, "text": d["text"][:1500]} for d in code[:2] + prose[:2]]
+    held = [{**d, "text": d["text"][:800]} for d in code[2:4] + prose[2:4]]
+    (root / "cal.jsonl").write_text("\n".join(json.dumps(d) for d in cal))
+    (root / "held.jsonl").write_text("\n".join(json.dumps(d) for d in held))
+    (root / "short.txt").write_text("a few words")
+    return root
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(("method", "layout"), [("frequency", "native"), ("heapr", "moekit-manifest")])
+def test_compress_writes_checkpoint_plan_and_report(setup, capsys, method, layout):
+    before = _hashes(setup / "model")
+    out = setup / f"out-{method}"
+    code, _, err = _run(["compress", str(setup / "model"), "--method", method, "--ratio", "0.5", "--data",
+                         str(setup / "cal.jsonl"), "--eval-data", str(setup / "held.jsonl"), "--out", str(out)],
+                        capsys)
+    assert code == 0, err
+    assert _hashes(setup / "model") == before
+    report = json.loads((out / "report.json").read_text())
+    assert report["layout"] == layout
+    for key in ("bytes_before", "bytes_after", "params_before", "params_after", "ppl_before", "ppl_after",
+                "experts_per_layer", "active_params_after", "experts_per_token"):
+        assert report[key] is not None, key
+    expert_bytes = 2 * 6 * 3 * 20 * 40 * 4  # layers * experts * (gate, up, down) * I * H * float32
+    assert report["bytes_before"] - report["bytes_after"] == pytest.approx(expert_bytes / 2, rel=0.1)
+    assert report["params_after"] < report["params_before"]
+    assert set(report["ppl_domains_after"]) == {"code", "prose"}
+    assert Plan.load(out / "plan.json").method == method
+    loaded = mh.load(out)
+    assert [b.num_experts for b in mh.view(loaded)] == list(report["experts_per_layer"].values())
+    if method == "frequency":
+        assert report["experts_per_layer"] == {"0": 3, "1": 3}
+
+
+def test_default_model_is_unchanged_after_compress(setup, capsys):
+    before = _hashes(DEFAULT_MODEL_DIR)
+    code, _, err = _run(["compress", "--method", "frequency", "--ratio", "0.25", "--data", str(setup / "cal.jsonl"),
+                         "--cal-tokens", "512", "--eval-tokens", "256", "--out", str(setup / "tiny-out")], capsys)
+    assert code == 0, err
+    assert _hashes(DEFAULT_MODEL_DIR) == before
+    report = json.loads((setup / "tiny-out" / "report.json").read_text())
+    assert report["experts_per_layer"] == {str(i): 6 for i in range(4)}
+    assert report["evaluation"]["files"] == "moekit-tiny held-out split"
+
+
+def test_output_that_is_the_input_or_not_empty_is_refused(setup, capsys):
+    before = _hashes(setup / "model")
+    base = ["compress", str(setup / "model"), "--method", "frequency", "--ratio", "0.5", "--data",
+            str(setup / "cal.jsonl")]
+    for out in (setup / "model", setup / "model" / "sub"):
+        code, _, err = _run([*base, "--out", str(out)], capsys)
+        assert code == 2 and "input checkpoint" in err and err.count("\n") == 1
+    busy = setup / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    code, _, err = _run([*base, "--out", str(busy)], capsys)
+    assert code == 2 and "not empty" in err
+    assert (busy / "keep.txt").read_text() == "mine"
+    code, _, err = _run([*base, "--out", str(busy), "--force"], capsys)
+    assert code == 0, err
+    assert not (busy / "keep.txt").exists() and (busy / "report.json").exists()
+    assert _hashes(setup / "model") == before
+
+
+def test_an_interrupted_run_leaves_no_checkpoint(setup, monkeypatch):
+    def interrupted(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Plan, "save", interrupted)
+    out = setup / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        compress_checkpoint(str(setup / "model"), out, "frequency", 0.5, data=[str(setup / "cal.jsonl")],
+                            progress=False)
+    assert not out.exists()
+    assert not [p for p in setup.iterdir() if p.name.startswith(".interrupted")]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--method", "frequency", "--ratio", "0", "--data", "cal.jsonl"], "--ratio=0.0: expected a fraction"),
+    (["--method", "frequency", "--ratio", "1.2", "--data", "cal.jsonl"], "--ratio=1.2: expected a fraction"),
+    (["--method", "msmoe", "--ratio", "0.5"], "--data: method msmoe needs calibration data"),
+    (["--ratio", "0.5"], "--method / --quant"),
+    (["--method", "frequency", "--ratio", "0.5", "--data", "missing.jsonl"], "missing.jsonl"),
+])
+def test_bad_input_is_one_line_and_exit_2(setup, capsys, extra, message):
+    extra = [str(setup / e) if e.endswith(".jsonl") else e for e in extra]
+    code, _, err = _run(["compress", str(setup / "model"), *extra, "--out", str(setup / "bad")], capsys)
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+    assert not (setup / "bad").exists()
+
+
+def test_too_little_calibration_text_warns_with_the_count(setup, capsys):
+    code, _, err = _run(["compress", str(setup / "model"), "--method", "frequency", "--ratio", "0.5", "--data",
+                         str(setup / "short.txt"), "--out", str(setup / "short-out")], capsys)
+    assert code == 0
+    assert "warning: calibration data: " in err and "experts never selected" in err
+    assert json.loads((setup / "short-out" / "report.json").read_text())["warnings"]
+
+
+def test_eval_cli_prints_perplexity_per_domain(setup, capsys):
+    code, out, err = _run(["eval", str(setup / "model"), "--data", str(setup / "held.jsonl"), "--seq-len", "64"],
+                          capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["domains"]) == {"code", "prose"}
+    assert result["tokens"] == sum(d["tokens"] for d in result["domains"].values())
+    assert torch.isfinite(torch.tensor(result["ppl"]))
