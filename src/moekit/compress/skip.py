@@ -6,8 +6,9 @@ the top one, w_j < threshold_L * w_top.
 w_j / w_top (j = the second and later experts) layer L sees on calibration text while the layers before it already
 skip with theirs, so that fraction of them is skipped in every layer; `max_loss_increase=x` instead finds the
 largest common target whose calibration loss rises by at most x nats per token. `apply_skip(model, thresholds)`
-applies them (reversibly) and counts the experts per token. A skipped expert's weight becomes 0 (the kept weights
-are not renormalised); quantized experts (`DispatchedQuantizedExperts`) then do not compute it.
+applies them with `moekit.hf.reroute` (reversible with `unroute`; it renormalises the kept weights where the family
+renormalises its top-k, and counts the experts per token). A skipped slot keeps weight 0, so quantized experts
+(`DispatchedQuantizedExperts`) do not compute it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from tqdm import tqdm
 
 from moekit.data import DataError, TextDoc, context_length, windows
 from moekit.errors import ConfigError
+from moekit.hf.reroute import experts_per_token as rerouted_experts_per_token
+from moekit.hf.reroute import reroute, unroute
 from moekit.hf.view import view
 
 DEFAULT_TOKENS = 16_384
@@ -32,71 +35,24 @@ def weight_ratios(weights: Tensor) -> Tensor:
     return w[:, 1:] / w[:, :1].clamp_min(1e-30)
 
 
-def skip_mask(weights: Tensor, threshold: float) -> Tensor:
-    """[T, k] bool: the assignments a threshold drops (never a token's top-weight expert)."""
-    w = weights.detach().float()
-    top = w.amax(dim=-1, keepdim=True)
-    drop = w < threshold * top
-    first_top = torch.zeros_like(drop)
-    first_top.scatter_(1, w.argmax(dim=-1, keepdim=True), True)
-    return drop & ~first_top
-
-
 def quantile_threshold(ratios: Tensor, target: float) -> float:
     """The threshold under which a `target` fraction of `ratios` lies: midway between the sorted ratios either
-    side of the cut (0 for target 0, above every ratio for target 1)."""
+    side of the cut (0 for target 0, above every ratio below 1 for target 1)."""
     r = ratios.reshape(-1).sort().values
     n = r.numel()
     m = round(target * n)
     if n == 0 or m == 0:
         return 0.0
     if m >= n:
-        return float(r[-1]) * (1 + 1e-6) + 1e-12
+        return min(1.0, float(r[-1]) * (1 + 1e-6) + 1e-12)
     return float(r[m - 1] + r[m]) / 2
 
 
-class SkipHooks:
-    """Skipping applied to a model through forward hooks on its routers. `experts_per_token()`: the average number
-    of experts each token ran on, per MoE layer, since the hooks were added (or `reset()`). `remove()` undoes it."""
-
-    def __init__(self, model: nn.Module, thresholds: Sequence[float]):
-        blocks = view(model)
-        if len(thresholds) != len(blocks):
-            raise ConfigError(f"thresholds: {len(thresholds)} values for {len(blocks)} MoE layers; expected one per "
-                              f"layer")
-        if any(not t >= 0 for t in thresholds):
-            raise ConfigError(f"thresholds: {list(thresholds)}; expected values >= 0")
-        self.layers = [b.layer for b in blocks]
-        self.kept = [0] * len(blocks)
-        self.tokens = [0] * len(blocks)
-        self.handles = [b.router.register_forward_hook(self._hook(i, float(t)))
-                        for i, (b, t) in enumerate(zip(blocks, thresholds, strict=True))]
-
-    def _hook(self, i: int, threshold: float):
-        def hook(_module, _inputs, output):
-            logits, weights, indices = output
-            drop = skip_mask(weights, threshold)
-            self.kept[i] += int(weights.numel() - drop.sum())
-            self.tokens[i] += weights.shape[0]
-            return logits, weights.masked_fill(drop, 0.0), indices
-        return hook
-
-    def experts_per_token(self) -> list[float]:
-        return [k / t if t else 0.0 for k, t in zip(self.kept, self.tokens, strict=True)]
-
-    def reset(self) -> None:
-        self.kept = [0] * len(self.layers)
-        self.tokens = [0] * len(self.layers)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def apply_skip(model: nn.Module, thresholds: Sequence[float]) -> SkipHooks:
-    """Skip low-weight experts in every MoE layer of `model` (thresholds in `view(model)` order) until `.remove()`."""
-    return SkipHooks(model, thresholds)
+def apply_skip(model: nn.Module, thresholds: Sequence[float]) -> nn.Module:
+    """Skip low-weight experts in every MoE layer of `model` (thresholds in `view(model)` order) through
+    `moekit.hf.reroute`; `moekit.hf.reroute.unroute(model)` undoes it and `moekit.hf.reroute.experts_per_token(model)`
+    counts the experts per token since. In place; returns `model`."""
+    return reroute(model, skip_threshold=[min(float(t), 1.0) for t in thresholds])
 
 
 def _windows(model: nn.Module, docs: Sequence[TextDoc], tokenizer, max_tokens: int) -> list[Tensor]:
@@ -113,13 +69,14 @@ def _ratios(model: nn.Module, ws: list[Tensor], layer: int, earlier: Sequence[fl
     block = view(model)[layer]
     seen: list[Tensor] = []
     handle = block.router.register_forward_hook(lambda _m, _i, out: seen.append(weight_ratios(out[1])))
-    hooks = apply_skip(model, [*earlier, *[0.0] * (len(view(model)) - len(earlier))])
+    if earlier:
+        reroute(model, skip_threshold=[*earlier, *[None] * (len(view(model)) - len(earlier))])
     try:
         for ids in tqdm(ws, desc=f"skip calibration, MoE layer {block.layer}", unit="window", leave=False):
             model(input_ids=ids[None])
     finally:
         handle.remove()
-        hooks.remove()
+        unroute(model)
     return torch.cat(seen)
 
 
@@ -160,11 +117,11 @@ def calibrate_skip(model: nn.Module, docs: Sequence[TextDoc], tokenizer, target:
     for _ in range(steps):
         mid = (lo + hi) / 2
         thresholds = _thresholds(model, ws, mid)
-        hooks = apply_skip(model, thresholds)
+        apply_skip(model, thresholds)
         try:
             ok = _loss(model, ws) - base <= max_loss_increase
         finally:
-            hooks.remove()
+            unroute(model)
         lo, hi, best = (mid, hi, thresholds) if ok else (lo, mid, best)
     return best
 
@@ -172,11 +129,12 @@ def calibrate_skip(model: nn.Module, docs: Sequence[TextDoc], tokenizer, target:
 @torch.no_grad()
 def experts_per_token(model: nn.Module, docs: Sequence[TextDoc], tokenizer, thresholds: Sequence[float],
                       max_tokens: int = DEFAULT_TOKENS) -> list[float]:
-    """The average experts per token in each MoE layer when `thresholds` apply, measured on `docs`."""
-    hooks = apply_skip(model, thresholds)
+    """The average experts per token in each MoE layer when `thresholds` apply, measured on `docs` (the model's
+    routing is its family's own again afterwards)."""
+    apply_skip(model, thresholds)
     try:
         for ids in _windows(model, docs, tokenizer, max_tokens):
             model(input_ids=ids[None])
-        return hooks.experts_per_token()
+        return rerouted_experts_per_token(model)
     finally:
-        hooks.remove()
+        unroute(model)
