@@ -1,5 +1,6 @@
 """`moekit bench layer [--json] [--case NAME ...] [--repeats N] [--quick]`,
-`moekit bench hf-accelerate [--json] [--repeats N] [--quick]`, `moekit bench train [--json] [--repeats N] [--quick]`."""
+`moekit bench hf-accelerate [--json] [--repeats N] [--quick]`, `moekit bench train [--json] [--repeats N] [--quick]`,
+`moekit bench routers [--json] [--router NAME ...] [--steps N] [--quick]`."""
 
 from __future__ import annotations
 
@@ -30,9 +31,20 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--json", action="store_true", help="print the records as a JSON list")
     tr.add_argument("--repeats", type=int, default=5, help="timed rounds per contender (median; default 5)")
     tr.add_argument("--quick", action="store_true", help="one round of small batches: a smoke run")
+    ro = sub.add_parser("routers", help="every research router trained by one shortened tiny recipe, compared")
+    ro.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    ro.add_argument("--router", action="append", help="run only this router (repeatable; default: all)")
+    ro.add_argument("--steps", type=int, default=150, help="training steps per router (default 150)")
+    ro.add_argument("--quick", action="store_true", help="the smoke recipe: a smoke run, not a measurement")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "routers":
+        from moekit.bench.routers import bench_routers, table_rows
+
+        records = bench_routers(args.router, args.steps, args.quick)
+        print(json.dumps(records, indent=1) if args.json else format_table(*table_rows(records)))
+        return 0
     if args.repeats < 1:
         raise ConfigError(f"--repeats={args.repeats}: expected a positive integer")
     if args.what == "hf-accelerate":
