@@ -6,8 +6,8 @@ import pytest
 import torch
 from inspect_toy import WordTokenizer, docs_of, planted_lm
 
-from hf.tiny import tiny_model
-from moekit.inspect import stats
+from hf.tiny import FAMILY_TYPES, tiny_model
+from moekit.inspect import stats, trace
 
 TOK = WordTokenizer()
 
@@ -79,3 +79,21 @@ def test_shared_share_on_a_gated_hf_shared_expert():
             layer.mlp.shared_expert_gate.weight[0, 0] = -1e4  # gate closed for tokens with positive feature 0
     share = stats.expert_health(model, _docs(n=2), TOK, progress=False)["shared_share"]["d"]
     assert len(share) == 2 and all(0.0 <= s < 1.0 for s in share)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_expert_activations_on_every_family_agree_with_the_trace(model_type):
+    model = tiny_model(model_type)
+    docs = _docs(n=2, length=24)
+    t = trace(model, docs, TOK, progress=False)
+    acts = stats.expert_activations(model, docs, TOK, progress=False)
+    assert acts.layers == t.layers
+    for i in range(len(t.layers)):
+        assert acts.tokens[i] == stats.counts(t, i).tolist()  # k distinct experts per token
+        assert all((v > 0) == (n > 0) for v, n in zip(acts.max_abs[i], acts.tokens[i], strict=True))
+    health = stats.expert_health(model, docs, TOK, activations=acts)
+    if model_type in ("qwen2_moe", "deepseek_v2", "deepseek_v3"):
+        share = health["shared_share"]["d"]
+        assert all(s is not None and 0.0 < s < 1.0 for s in share)
+    else:
+        assert health["shared_share"] == {}
