@@ -1,7 +1,7 @@
 """Perplexity of a causal LM on labelled documents, by sliding window, overall and per domain.
 
 Each document is scored on its own (tokens, then EOS where the tokenizer has one): windows of `seq_len` tokens
-advance by `stride`; each token is predicted once, by the window that first covers it, with up to
+advance by `stride` (< seq_len); each token is predicted once, by the window that first covers it, with up to
 seq_len - stride tokens of context before it (the first window predicts all but its first token). A document's
 first token has no context and is not scored.
 """
@@ -48,8 +48,9 @@ def perplexity(model: nn.Module, tokenizer, docs: Sequence[TextDoc], seq_len: in
     document has a label). seq_len defaults to min(512, the model's context); stride to seq_len // 2."""
     seq_len = seq_len or min(512, context_length(model))
     stride = stride or max(1, seq_len // 2)
-    if not 1 <= stride <= seq_len or seq_len < 2:
-        raise DataError(f"seq_len={seq_len}, stride={stride}: expected 2 <= seq_len and 1 <= stride <= seq_len")
+    if not 1 <= stride < seq_len:
+        raise DataError(f"seq_len={seq_len}, stride={stride}: expected 1 <= stride < seq_len (a window's first token "
+                        f"is context only, so windows must overlap by one)")
     sums: dict[str | None, list[float]] = {}
     used = 0
     for doc in tqdm(docs, desc="perplexity", unit="doc", disable=not progress, leave=False):
