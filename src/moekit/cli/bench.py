@@ -1,6 +1,7 @@
 """`moekit bench layer [--json] [--case NAME ...] [--repeats N] [--quick]`,
 `moekit bench hf-accelerate [--json] [--repeats N] [--quick]`, `moekit bench train [--json] [--repeats N] [--quick]`,
-`moekit bench routers [--json] [--router NAME ...] [--steps N] [--quick]`."""
+`moekit bench routers [--json] [--router NAME ...] [--steps N] [--quick]`,
+`moekit bench compress [MODEL] [--data FILE] [--json] [--quick]`."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ro.add_argument("--router", action="append", help="run only this router (repeatable; default: all)")
     ro.add_argument("--steps", type=int, default=150, help="training steps per router (default 150)")
     ro.add_argument("--quick", action="store_true", help="the smoke recipe: a smoke run, not a measurement")
+    co = sub.add_parser("compress", help="every compression method at 25%%/50%% and the quantizations: held-out "
+                        "perplexity ratio and bytes, frequency pruning the baseline")
+    co.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint directory (default: moekit-tiny)")
+    co.add_argument("--data", action="append", help="text to split into calibration and held-out halves")
+    co.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    co.add_argument("--quick", action="store_true", help="256 calibration and evaluation tokens: a smoke run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
 
         records = bench_routers(args.router, args.steps, args.quick)
         print(json.dumps(records, indent=1) if args.json else format_table(*table_rows(records)))
+        return 0
+    if args.what == "compress":
+        from moekit.bench.compress import COLUMNS, bench_compress
+
+        records = bench_compress(args.model, args.data, **({"cal_tokens": 256, "eval_tokens": 256} if args.quick
+                                                           else {}))
+        print(json.dumps(records, indent=1) if args.json else format_table(records, COLUMNS))
         return 0
     if args.repeats < 1:
         raise ConfigError(f"--repeats={args.repeats}: expected a positive integer")
