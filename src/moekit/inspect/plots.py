@@ -81,7 +81,9 @@ def coactivation_plot(stats: dict) -> bytes:
     mats = []
     for ly in stats["layers"]:
         c = np.array(ly["coactivation"], dtype=float)
-        mats.append(c / np.maximum(np.diag(c)[:, None], 1))
+        m = c / np.maximum(np.diag(c)[:, None], 1)
+        np.fill_diagonal(m, np.nan)  # always 1: left blank so the partners stand out
+        mats.append(m)
     return _matrix_grid(mats, [f"layer {ly['layer']}" for ly in stats["layers"]], "expert b", "expert a",
                         "Co-activation: P(b chosen | a chosen)")
 
