@@ -4,16 +4,22 @@ own experts holding the dequantized weights, bytes really drop, plans round-trip
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import moekit.hf as mh
 from hf.tiny import tiny_model
 from moekit.compress.qformat import QuantizedExperts, QuantizedMatrix, decode, encode
 from moekit.compress.quantize import QuantPlan, apply_quant, parse_spec, plan_quant, resident_bytes
 from moekit.errors import ConfigError
+from moekit.hf.headers import CheckpointError
+from moekit.hf.info import describe
+from moekit.hf.manifest import MANIFEST, QFORMAT
 
 FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -182,11 +188,8 @@ def test_plan_json_round_trip_and_bad_input():
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v2"])
 def test_save_then_load_gives_the_same_logits(model_type, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from moekit.hf.manifest import MANIFEST, QFORMAT
-
     model = tiny_model(model_type)
+    float_info = describe(mh.save(model, tmp_path / "float"))
     budget = (plan_quant(model, None, "ternary").expert_bytes + plan_quant(model, None, "int8").expert_bytes) // 2
     plan = plan_quant(model, None, f"mixed:{budget}")
     assert len({f for fs in plan.layers.values() for f in fs}) > 1  # a real mix of formats goes through the file
@@ -194,6 +197,10 @@ def test_save_then_load_gives_the_same_logits(model_type, tmp_path):
     expected = _logits(model)
     out = mh.save(model, tmp_path / "out")
     assert (out / MANIFEST).exists() and (out / QFORMAT).exists()
+    info = describe(out)  # `moekit info`: logical parameters, the real (smaller) bytes, the formats
+    assert (info["experts_per_layer"], info["total_params"], info["active_params"]) == \
+        (float_info["experts_per_layer"], float_info["total_params"], float_info["active_params"])
+    assert info["total_bytes"] < float_info["total_bytes"] and info["quantization"].startswith("moekit ")
     loaded = mh.load(out, attn_implementation="eager")
     assert torch.equal(_logits(loaded), expected)
     assert [b.experts.module.formats for b in mh.view(loaded)] == list(plan.layers.values())
@@ -204,12 +211,6 @@ def test_save_then_load_gives_the_same_logits(model_type, tmp_path):
 
 
 def test_quantized_checkpoint_errors(tmp_path):
-    import json
-    import shutil
-
-    from moekit.hf.headers import CheckpointError
-    from moekit.hf.manifest import MANIFEST
-
     model = tiny_model("olmoe")
     apply_quant(model, plan_quant(model, None, "int4"))
     out = mh.save(model, tmp_path / "out")

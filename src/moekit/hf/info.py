@@ -77,16 +77,23 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     moe_by_config = set(family.moe_layers(config))
     quant = _quantization(config)
     widths = {int(i): spec["intermediate_size"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()}
+    # moekit-quantized experts (moekit.compress.quantize) hold codes and scales: count their logical parameters
+    moekit_quant = {int(i): spec["formats"] for i, spec in (getattr(config, "moekit_quant", None) or {}).items()}
     pattern = re.compile(family.checkpoint_experts)
-    layers, inactive = [], 0
+    layers, inactive, stored_quant = [], 0, 0
     for i in range(config.num_hidden_layers):
         experts, expert_params, expert_bytes = _experts_in_layer(by_layer.get(i, []), pattern, quant is not None)
+        width = widths.get(i, family.width(config))
+        per_expert = _params_per_expert(family, config.hidden_size, width)
+        if i in moekit_quant:
+            stored_quant += expert_params
+            experts = len(moekit_quant[i])
+            expert_params = experts * per_expert
+            stored_quant -= expert_params
         if (experts > 0) != (i in moe_by_config):
             raise CheckpointError(f"{directory / CONFIG}: layer {i} is {'MoE' if i in moe_by_config else 'dense'} "
                                   f"by the config ({family.dense_rule}) but the weights say "
                                   f"{'MoE' if experts else 'dense'}")
-        width = widths.get(i, family.width(config))
-        per_expert = _params_per_expert(family, config.hidden_size, width)
         if experts and expert_params != experts * per_expert:
             raise CheckpointError(
                 f"{directory / CONFIG}: layer {i} experts hold {expert_params // experts} parameters each in the "
@@ -98,7 +105,10 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             record.update(experts=experts, width=width, bytes_per_expert=expert_bytes // experts)
             inactive += expert_params * (experts - min(k, experts)) // experts
         layers.append(record)
-    total = sum(_params(t, quant is not None) for t in tensors.values())
+    total = sum(_params(t, quant is not None) for t in tensors.values()) - stored_quant
+    if moekit_quant and quant is None:
+        formats = Counter(f for fs in moekit_quant.values() for f in fs)
+        quant = "moekit " + ", ".join(f"{f} x{n}" for f, n in sorted(formats.items()))
     dtype_bytes = Counter()
     for t in tensors.values():
         dtype_bytes[t.dtype] += t.nbytes
