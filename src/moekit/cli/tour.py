@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         _bench_step(args.repeats)
         _bridge_step()
         images.update(_inspect_step())
+        _compress_step()
     _write_report(Path(args.out), "".join(tee.parts), images)
     print(f"\nReport: {Path(args.out) / 'report.html'}")
     return 0
@@ -169,6 +170,35 @@ def _inspect_step() -> dict[str, bytes]:
     print("   Full report (plots, super experts, expert health): `moekit inspect` writes inspect-out/report.html")
     return {"expert load per layer (moekit inspect)": load_heatmap(stats),
             "domain specialisation (moekit inspect)": domain_plot(stats)}
+
+
+def _compress_step() -> None:
+    """moekit-tiny pruned and merged to 6 experts per layer, scored on held-out text it was not calibrated on."""
+    import copy
+    import warnings
+
+    from moekit.bench.compress import stored_bytes
+    from moekit.compress import CalibrationWarning, apply, calibrate, plan, token_windows
+    from moekit.data import default_documents
+    from moekit.default import DEFAULT_MODEL_DIR, default_model, default_tokenizer
+    from moekit.eval import perplexity
+
+    print("\n6. Compressing: moekit-tiny to 6 of 8 experts per layer (calibrated on 1,024 tokens of half the held-out "
+          "documents, scored on 2,048 tokens of the other half)")
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        print("   (not packaged in this checkout; skipped)")
+        return
+    model, tok, docs = default_model(), default_tokenizer(), default_documents()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        stats = calibrate(model, token_windows(tok, docs[0::2], model, 1024), progress=False)
+    for method in ("original", "frequency", "msmoe"):
+        compressed = model if method == "original" else apply(copy.deepcopy(model), plan(model, stats, method, 0.25))
+        ppl = perplexity(compressed, tok, docs[1::2], seq_len=256, stride=224, max_tokens=2048, progress=False)
+        mib = stored_bytes(compressed, torch.bfloat16) / 2**20
+        print(f"   {method:9s} perplexity {ppl['ppl']:6.2f}, {mib:5.1f} MiB in bf16")
+    print("   `moekit compress --method M --ratio R --data CAL --out DIR` writes the checkpoint, plan.json and "
+          "report.json; `moekit bench compress` compares every method (docs/compress.md)")
 
 
 def _write_report(out: Path, text: str, images: dict[str, bytes]) -> None:
