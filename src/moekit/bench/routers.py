@@ -37,16 +37,22 @@ ROUTER_SETUPS: dict[str, dict[str, Any]] = {
     "film": {"router": "film"},
 }
 SLIM_KS = (1, 2, 4, 8)  # SMoE-Dropout evaluated at each k ("self-slimmable")
+# the tiny model at half width and half depth (8 experts, top-2 kept): 13 runs fit on 2 shared cores
+BENCH_MODEL = dict(hidden_size=128, moe_intermediate_size=192, intermediate_size=384, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
 def bench_recipe(steps: int, quick: bool):
-    """The shortened tiny recipe (or the smoke recipe for `quick`)."""
+    """The tiny recipe shortened (`steps`, batch 8 x 128 tokens, 200 documents per domain, vocabulary 2048) on
+    the half-size `BENCH_MODEL`; the smoke recipe for `quick`."""
     from moekit.train.trainer import RECIPES
 
     if quick:
         return dataclasses.replace(RECIPES["smoke"], name="routers-quick", steps=steps, save_every=0)
-    return dataclasses.replace(RECIPES["tiny"], name="routers", steps=steps, batch_size=8, seq_len=128,
-                               warmup=max(1, steps // 10), save_every=0, max_docs_per_domain=400)
+    tiny = RECIPES["tiny"]
+    model = {**tiny.model, **BENCH_MODEL}
+    return dataclasses.replace(tiny, name="routers", model=model, vocab_size=2048, steps=steps, batch_size=8,
+                               seq_len=128, warmup=max(1, steps // 10), save_every=0, max_docs_per_domain=200)
 
 
 def heldout_windows(run_dir: Path, recipe, windows: int) -> dict[str, torch.Tensor]:
@@ -79,6 +85,7 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor], batch: int = 8) ->
     blocks = moe_blocks(model)
     losses: dict[str, float] = {}
     per_token: list[torch.Tensor] = []
+    paths: list[torch.Tensor] = []  # small_big_skip's choice per token: 0 skip, 1 small, 2 big
     counts = [torch.zeros(0) for _ in blocks]
     for domain, windows in data.items():
         total, n = 0.0, 0
@@ -92,6 +99,8 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor], batch: int = 8) ->
             n += target.numel()
             for i, b in enumerate(blocks):
                 per_token.append(b.last.routing.experts_per_token().cpu())
+                if "path" in b.last.routing.aux:
+                    paths.append(b.last.routing.aux["path"].cpu())
                 c = b.last.expert_counts.double().cpu()
                 counts[i] = c if counts[i].numel() == 0 else counts[i] + c
         losses[domain] = round(total / max(n, 1), 4)
@@ -102,7 +111,10 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor], batch: int = 8) ->
             "experts_per_token": round(float(epT.float().mean()), 3) if epT.numel() else None,
             "experts_per_token_dist": {str(i): round(float(v) / max(epT.numel(), 1), 4) for i, v in enumerate(hist)
                                        if v},
-            "load_cv": round(statistics.mean(cvs), 4) if cvs else None}
+            "load_cv": round(statistics.mean(cvs), 4) if cvs else None,
+            **({"paths": {name: round(float(v) / torch.cat(paths).numel(), 4) for name, v in
+                          zip(("skip", "small", "big"), torch.bincount(torch.cat(paths), minlength=3), strict=True)}}
+               if paths else {})}
 
 
 def _slim_losses(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -142,7 +154,7 @@ def bench_one(name: str, recipe, work: Path, windows: int) -> dict[str, Any]:
     return result
 
 
-def bench_routers(names: list[str] | None = None, steps: int = 150, quick: bool = False,
+def bench_routers(names: list[str] | None = None, steps: int = 120, quick: bool = False,
                   windows: int = 24, out_dir: str | None = None) -> list[dict[str, Any]]:
     """Train and evaluate each router of `names` (default: all of ROUTER_SETUPS); one record per router."""
     from moekit.errors import ConfigError

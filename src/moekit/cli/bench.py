@@ -35,7 +35,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ro = sub.add_parser("routers", help="every research router trained by one shortened tiny recipe, compared")
     ro.add_argument("--json", action="store_true", help="print the records as a JSON list")
     ro.add_argument("--router", action="append", help="run only this router (repeatable; default: all)")
-    ro.add_argument("--steps", type=int, default=150, help="training steps per router (default 150)")
+    ro.add_argument("--steps", type=int, default=120, help="training steps per router (default 120)")
     ro.add_argument("--quick", action="store_true", help="the smoke recipe: a smoke run, not a measurement")
     co = sub.add_parser("compress", help="every compression method at 25%%/50%% and the quantizations: held-out "
                         "perplexity ratio and bytes, frequency pruning the baseline")
