@@ -6,7 +6,8 @@ normalised entropy of softmax(u): D = 1 - H(softmax(u)) / log H, and c = sigmoid
 Training mixes softly, y = c u + (1 - c) s. At inference a confident token (c >= threshold) uses the weak expert
 alone (y = u, the strong experts do not run for it) and the others y = c u + (1 - c) s. moekit adds one loss of
 its own, `strong_use` = mean_t (1 - c_t), weighted by `cost_weight`, the price of calling the strong experts
-(Mowst's objective is on task predictions, which a layer does not see).
+(Mowst's objective is on task predictions, which a layer does not see). c starts below the threshold (a = 1,
+b = -1, so c < 0.5), Mowst's bias towards the strong expert.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class WeakStrongRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, k: int, options: dict | None = None):
         super().__init__(hidden_size, num_experts, k, options)
         self.confidence_scale = nn.Parameter(torch.ones(()))
-        self.confidence_shift = nn.Parameter(torch.zeros(()))
+        self.confidence_shift = nn.Parameter(torch.full((), -1.0))  # c < 0.5 at first: every token uses strong
 
     def make_experts(self, num_experts: int, hidden_size: int, intermediate_size: int, act: Activation, bias: bool,
                      dtype: torch.dtype | None, device: torch.device | str | None) -> nn.Module:
