@@ -120,3 +120,16 @@ def test_capacity_drops_fall_at_the_end_of_each_window():
     assert pe["load"][0] == [1.0, 0.0, 0.0, 0.0]
     pe2 = stats.position_effects(t, 0, bins=4, capacity_factor=2.0)  # capacity 4: positions 0..3 kept
     assert pe2["drop_rate"] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_counts_in_chunks_equal_counts_in_one_go(monkeypatch):
+    from moekit.inspect.stats import routing
+
+    model = planted_lm([0, 1, 2, 0, 2], num_experts=3, second=[1, 2, 0, 2, 1], perm=[2, 0, 1], k=2)
+    t = trace(model, docs_of([0, 1, 2, 3, 4, 4, 3, 1] * 5), TOK, progress=False)
+    whole = (stats.coactivation(t, 0), stats.transitions(t, 0))
+    a = stats.membership(t, 0)
+    assert torch.equal(whole[0], (a.t() @ a).round().long())
+    monkeypatch.setattr(routing, "CHUNK", 7)
+    assert torch.equal(stats.coactivation(t, 0), whole[0])
+    assert torch.allclose(stats.transitions(t, 0), whole[1])

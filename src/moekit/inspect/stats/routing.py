@@ -11,13 +11,30 @@ from torch import Tensor
 from moekit.errors import ConfigError
 from moekit.inspect.trace import MASS_LEVELS, Trace
 
+CHUNK = 65536  # token rows per step of the co-occurrence counts: [CHUNK, E] at a time, whatever N is
+
+
+def _members(idx: Tensor, mask: Tensor | None, num_experts: int) -> Tensor:
+    a = torch.zeros(idx.shape[0], num_experts)
+    src = torch.ones(idx.shape) if mask is None else mask.float()
+    return a.scatter_add_(1, idx, src).clamp_(max=1.0)
+
 
 def membership(trace: Trace, i: int) -> Tensor:
     """[N, E] float32: 1 where expert e is among token n's real (unpadded) experts at layer i."""
-    idx, mask = trace.indices(i), trace.mask(i)
-    a = torch.zeros(idx.shape[0], trace.num_experts[i])
-    src = torch.ones(idx.shape) if mask is None else mask.float()
-    return a.scatter_add_(1, idx, src).clamp_(max=1.0)
+    return _members(trace.indices(i), trace.mask(i), trace.num_experts[i])
+
+
+def _cooccurrence(trace: Trace, i: int, j: int) -> Tensor:
+    """[E_i, E_j] float64: tokens for which expert a was chosen at layer i and expert b at layer j, counted CHUNK
+    tokens at a time (memory [CHUNK, E], whatever N is)."""
+    idx_i, mask_i, idx_j, mask_j = trace.indices(i), trace.mask(i), trace.indices(j), trace.mask(j)
+    out = torch.zeros(trace.num_experts[i], trace.num_experts[j], dtype=torch.float64)
+    for s in range(0, trace.num_tokens, CHUNK):
+        a = _members(idx_i[s:s + CHUNK], None if mask_i is None else mask_i[s:s + CHUNK], trace.num_experts[i])
+        b = _members(idx_j[s:s + CHUNK], None if mask_j is None else mask_j[s:s + CHUNK], trace.num_experts[j])
+        out += (a.t() @ b).double()
+    return out
 
 
 def counts(trace: Trace, i: int) -> Tensor:
@@ -77,8 +94,7 @@ def mass_coverage(trace: Trace, i: int) -> dict[str, float]:
 
 def coactivation(trace: Trace, i: int) -> Tensor:
     """[E, E] int64: tokens for which experts a and b were both chosen at layer i (diagonal: tokens using a)."""
-    a = membership(trace, i)
-    return (a.t() @ a).round().long()
+    return _cooccurrence(trace, i, i).round().long()
 
 
 def transitions(trace: Trace, i: int, j: int | None = None) -> Tensor:
@@ -87,7 +103,7 @@ def transitions(trace: Trace, i: int, j: int | None = None) -> Tensor:
     j = i + 1 if j is None else j
     if not 0 <= i < len(trace.layers) or not 0 <= j < len(trace.layers):
         raise ConfigError(f"layers ({i}, {j}): expected traced-layer numbers from 0 to {len(trace.layers) - 1}")
-    c = (membership(trace, i).t().double() @ membership(trace, j).double())
+    c = _cooccurrence(trace, i, j)
     rows = c.sum(dim=1, keepdim=True)
     uniform = torch.full_like(c, 1.0 / c.shape[1])
     return torch.where(rows > 0, c / rows.clamp_min(1e-30), uniform)
