@@ -110,7 +110,7 @@ def domain_plot(stats: dict) -> bytes:
         ax.set_xticks(range(ly["num_experts"]))
     axes[0].set_ylabel("share of the domain's assignments", fontsize=8)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Domain specialisation")
+    fig.suptitle("Domain specialisation", y=1.03)
     return _png(fig)
 
 
@@ -157,12 +157,15 @@ def super_expert_plot(stats: dict) -> bytes:
     threshold = stats["super_expert_factor"] * float(np.median(flat))
     fig = Figure(figsize=(max(6.0, 0.12 * flat.size + 2), 3.4))
     ax = fig.subplots()
-    pos = 0
-    for r, row in enumerate(vals):
-        ax.bar(np.arange(pos, pos + len(row)), np.maximum(row, 1e-6), label=f"layer {stats['layers'][r]['layer']}")
-        pos += len(row) + 1
-    ax.axhline(threshold, color="red", ls="--", label=f"{stats['super_expert_factor']:g} x median")
     ax.set_yscale("log")
+    pos = 0
+    for r, row in enumerate(vals):  # an expert no token reached has no bar
+        ax.bar(np.arange(pos, pos + len(row)), row, label=f"layer {stats['layers'][r]['layer']}")
+        pos += len(row) + 1
+    positive = flat[flat > 0]
+    if positive.size:
+        ax.set_ylim(float(positive.min()) / 2, max(float(positive.max()), threshold) * 2)
+    ax.axhline(threshold, color="red", ls="--", label=f"{stats['super_expert_factor']:g} x median")
     ax.set_xlabel("expert (grouped by layer)")
     ax.set_ylabel("max |down_proj output|")
     ax.set_title("Activation outliers per expert (super experts cross the line)")
