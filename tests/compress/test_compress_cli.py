@@ -148,3 +148,19 @@ def test_eval_cli_prints_perplexity_per_domain(setup, capsys):
     assert set(result["domains"]) == {"code", "prose"}
     assert result["tokens"] == sum(d["tokens"] for d in result["domains"].values())
     assert torch.isfinite(torch.tensor(result["ppl"]))
+
+
+def test_prune_then_quantize(setup, capsys):
+    out = setup / "quant-out"
+    code, _, err = _run(["compress", str(setup / "model"), "--method", "frequency", "--ratio", "0.5", "--quant",
+                         "int8", "--data", str(setup / "cal.jsonl"), "--eval-data", str(setup / "held.jsonl"),
+                         "--out", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    pruned = json.loads((setup / "out-frequency" / "report.json").read_text())
+    assert report["quant"] == "int8" and (out / "quant_plan.json").exists()
+    # int8 codes (1 byte) plus a scale per 40 inputs instead of float32 (4 bytes) for the remaining experts
+    assert report["bytes_after"] < pruned["bytes_after"] - 0.6 * (2 * 3 * 3 * 20 * 40 * 4)
+    assert report["ppl_after"] == pytest.approx(pruned["ppl_after"], rel=0.05)
+    with torch.no_grad():
+        assert torch.isfinite(mh.load(out)(torch.tensor([[5, 6, 7]])).logits).all()
