@@ -133,3 +133,21 @@ def test_counts_in_chunks_equal_counts_in_one_go(monkeypatch):
     monkeypatch.setattr(routing, "CHUNK", 7)
     assert torch.equal(stats.coactivation(t, 0), whole[0])
     assert torch.allclose(stats.transitions(t, 0), whole[1])
+
+
+def test_variable_number_of_experts_masks_padded_slots():
+    from inspect_toy import ToyLM
+
+    from moekit import MoE
+
+    # token 0 -> expert 0 alone (p ~ 1); token 1 -> experts 1 and 2 (p = 0.37 each, mass 0.5 needs both)
+    embed = torch.tensor([[10.0, 0, 0, 0], [0, 1.0, 1.0, 0]])
+    moe = MoE(4, 8, 4, k=2, router="top_p", router_options={"p": 0.5, "max_k": 2}, dispatch="loop")
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4))
+    t = trace(ToyLM(embed, [moe]).eval(), docs_of([0, 1, 0, 0, 1]), TOK, progress=False)
+    mask = t.mask(0)
+    assert mask is not None and mask.sum(dim=1).tolist() == [1, 2, 1, 1, 2]
+    assert stats.counts(t, 0).tolist() == [3, 2, 2, 0]
+    assert stats.load(t, 0).tolist() == pytest.approx([3 / 7, 2 / 7, 2 / 7, 0])
+    assert stats.coactivation(t, 0).tolist() == [[3, 0, 0, 0], [0, 2, 2, 0], [0, 2, 2, 0], [0, 0, 0, 0]]
