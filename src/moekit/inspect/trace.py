@@ -217,6 +217,9 @@ def trace(model: nn.Module, docs: Sequence[TextDoc] | None = None, tokenizer=Non
                          "domain": torch.tensor([domain_id.get(wins[n].domain, -1) for n in batch]
                                                 ).repeat_interleave(L)}
                 for i, r in seen.items():
+                    if r.indices.shape[0] != B * L:
+                        raise InspectError(f"layer {layers[i].layer}: routed {r.indices.shape[0]} tokens of {B * L}; "
+                                           "expected every token of the input")
                     chunk.update(_layer_record(i, r, record_logits))
                 store.add(chunk)
     except BaseException:
