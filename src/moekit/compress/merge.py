@@ -92,14 +92,15 @@ def plan_msmoe(model: nn.Module, stats: Stats, ratio: float, protect_super: bool
     protected = super_experts(model, stats) if protect_super else {}
     layers = {}
     for block, s in zip(view(model), stats.layers, strict=True):
-        keep = _dominants(s, block.num_experts - drop_count(block.num_experts, ratio),
-                          set(protected.get(block.layer, [])))
+        guard = set(protected.get(block.layer, []))
+        keep = _dominants(s, block.num_experts - drop_count(block.num_experts, ratio), guard)
         cols = s.logits / s.logits.norm(dim=0, keepdim=True).clamp(min=1e-12)
         sim = cols.t() @ cols  # [E, E] cosine of router-logit columns
         groups = [[d] for d in keep]
+        open_groups = [g for g, d in enumerate(keep) if d not in guard] or list(range(len(keep)))
         for e in range(block.num_experts):
-            if e not in keep:
-                groups[max(range(len(keep)), key=lambda g: (float(sim[e, keep[g]]), -g))].append(e)
+            if e not in keep:  # a super expert is merged into by no one (unless every group is one)
+                groups[max(open_groups, key=lambda g: (float(sim[e, keep[g]]), -g))].append(e)
         w = read_experts(block)
         perms = [[align(w.neurons(g[0]), w.neurons(m)) for m in g] for g in groups]
         layers[block.layer] = {"keep": keep, "groups": groups, "perms": perms,
