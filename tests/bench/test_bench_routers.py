@@ -36,3 +36,17 @@ def test_bench_routers_refuses_unknown_router():
     proc = subprocess.run([sys.executable, "-m", "moekit.cli.main", "bench", "routers", "--router", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--router nope" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_bench_reroute_rows(monkeypatch):
+    import moekit.bench.routers as br
+
+    settings = [("as trained (top-2)", {}), ("k=1", {"k": 1}), ("skip", {"skip_threshold": 1.0})]
+    monkeypatch.setattr(br, "REROUTES", settings)
+    rows = br.bench_reroute(max_tokens=48, seq_len=24)
+    plain, k1, skip, scmoe = rows
+    assert plain["experts_per_token"] == 2.0 and k1["experts_per_token"] == 1.0
+    assert skip["experts_per_token"] < 2.0  # threshold 1: only exact ties keep a second expert
+    assert set(plain["loss"]) == {"code", "prose"} and all(0 < v < 12 for v in plain["loss"].values())
+    assert k1["loss"] != plain["loss"]
+    assert scmoe["loss"] is None and set(scmoe["accuracy"]) == {"code", "prose"}

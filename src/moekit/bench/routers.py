@@ -43,7 +43,7 @@ BENCH_MODEL = dict(hidden_size=128, moe_intermediate_size=192, intermediate_size
 
 
 def bench_recipe(steps: int, quick: bool):
-    """The tiny recipe shortened (`steps`, batch 8 x 128 tokens, 200 documents per domain, vocabulary 2048) on
+    """The tiny recipe shortened (`steps`, batch 4 x 64 tokens, 100 documents per domain, vocabulary 2048) on
     the half-size `BENCH_MODEL`; the smoke recipe for `quick`."""
     from moekit.train.trainer import RECIPES
 
@@ -51,8 +51,8 @@ def bench_recipe(steps: int, quick: bool):
         return dataclasses.replace(RECIPES["smoke"], name="routers-quick", steps=steps, save_every=0)
     tiny = RECIPES["tiny"]
     model = {**tiny.model, **BENCH_MODEL}
-    return dataclasses.replace(tiny, name="routers", model=model, vocab_size=2048, steps=steps, batch_size=8,
-                               seq_len=128, warmup=max(1, steps // 10), save_every=0, max_docs_per_domain=200)
+    return dataclasses.replace(tiny, name="routers", model=model, vocab_size=2048, steps=steps, batch_size=4,
+                               seq_len=64, warmup=max(1, steps // 10), save_every=0, max_docs_per_domain=100)
 
 
 def heldout_windows(run_dir: Path, recipe, windows: int) -> dict[str, torch.Tensor]:
@@ -154,8 +154,8 @@ def bench_one(name: str, recipe, work: Path, windows: int) -> dict[str, Any]:
     return result
 
 
-def bench_routers(names: list[str] | None = None, steps: int = 120, quick: bool = False,
-                  windows: int = 24, out_dir: str | None = None) -> list[dict[str, Any]]:
+def bench_routers(names: list[str] | None = None, steps: int = 60, quick: bool = False,
+                  windows: int = 32, out_dir: str | None = None) -> list[dict[str, Any]]:
     """Train and evaluate each router of `names` (default: all of ROUTER_SETUPS); one record per router."""
     from moekit.errors import ConfigError
 
@@ -184,3 +184,59 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
              "experts_per_token": r["experts_per_token"], "load_cv": r["load_cv"],
              "train_tokens_per_s": r["train_tokens_per_s"]} for r in records]
     return rows, ["router", *(f"loss_{d}" for d in domains), "experts_per_token", "load_cv", "train_tokens_per_s"]
+
+
+# inference-time changes on moekit-tiny: (label, reroute keywords)
+REROUTES: list[tuple[str, dict[str, Any]]] = [
+    ("as trained (top-2)", {}), ("k=1", {"k": 1}), ("k=3", {"k": 3}), ("k=4", {"k": 4}),
+    ("top_p=0.5", {"top_p": 0.5}), ("top_p=0.7", {"top_p": 0.7}), ("top_p=0.9", {"top_p": 0.9}),
+    ("skip<0.3", {"skip_threshold": 0.3}), ("skip<0.5", {"skip_threshold": 0.5}),
+    ("skip<0.7", {"skip_threshold": 0.7}),
+]
+SCMOE = {"beta": 0.5, "weak_rank": 2, "alpha": 0.1}
+
+
+@torch.no_grad()
+def bench_reroute(max_tokens: int = 8192, seq_len: int = 256) -> list[dict[str, Any]]:
+    """moekit-tiny under each of REROUTES (`moekit.hf.reroute`) and SCMoE decoding: held-out loss and greedy
+    next-token accuracy per domain, mean experts per token over the MoE layers."""
+    from moekit.data import default_documents, windows
+    from moekit.default import default_model, default_tokenizer
+    from moekit.hf.reroute import experts_per_token, reroute, scmoe_logits, unroute
+
+    model, tok = default_model(), default_tokenizer()
+    docs = default_documents()
+    data = {d: windows(tok, [doc for doc in docs if doc.domain == d], seq_len, max_tokens)
+            for d in sorted({doc.domain for doc in docs})}
+
+    def score(logits_of) -> tuple[dict[str, float], dict[str, float]]:
+        loss, acc = {}, {}
+        for domain, wins in data.items():
+            total, hits, n = 0.0, 0, 0
+            for w in wins:
+                if w.ids.numel() < 2:
+                    continue
+                ids = w.ids.unsqueeze(0)
+                logits = logits_of(ids)[0, :-1].float()
+                target = ids[0, 1:]
+                total += float(F.cross_entropy(torch.log_softmax(logits, -1).clamp_min(-1e4), target,
+                                               reduction="sum"))
+                hits += int((logits.argmax(-1) == target).sum())
+                n += target.numel()
+            loss[domain], acc[domain] = round(total / n, 4), round(hits / n, 4)
+        return loss, acc
+
+    rows = []
+    for label, change in tqdm(REROUTES, desc="bench reroute", unit="setting"):
+        if change:
+            reroute(model, **change)
+        loss, acc = score(lambda ids: model(ids).logits)
+        per_layer = experts_per_token(model)
+        mean = statistics.mean(per_layer) if change and None not in per_layer else 2.0
+        rows.append({"setting": label, "change": change, "loss": loss, "accuracy": acc,
+                     "experts_per_token": round(mean, 3)})
+        unroute(model)
+    _, acc = score(lambda ids: scmoe_logits(model, ids, **SCMOE))
+    rows.append({"setting": "SCMoE (top-2 vs rank-2)", "change": SCMOE, "loss": None, "accuracy": acc,
+                 "experts_per_token": 3.0})
+    return rows

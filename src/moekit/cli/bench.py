@@ -35,8 +35,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ro = sub.add_parser("routers", help="every research router trained by one shortened tiny recipe, compared")
     ro.add_argument("--json", action="store_true", help="print the records as a JSON list")
     ro.add_argument("--router", action="append", help="run only this router (repeatable; default: all)")
-    ro.add_argument("--steps", type=int, default=120, help="training steps per router (default 120)")
+    ro.add_argument("--steps", type=int, default=60, help="training steps per router (default 60)")
     ro.add_argument("--quick", action="store_true", help="the smoke recipe: a smoke run, not a measurement")
+    ro.add_argument("--inference", action="store_true",
+                    help="instead: moekit-tiny under inference-time changes (k, top-p, skipping, SCMoE)")
     co = sub.add_parser("compress", help="every compression method at 25%%/50%% and the quantizations: held-out "
                         "perplexity ratio and bytes, frequency pruning the baseline")
     co.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint directory (default: moekit-tiny)")
@@ -47,10 +49,18 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.what == "routers":
-        from moekit.bench.routers import bench_routers, table_rows
+        from moekit.bench.routers import bench_reroute, bench_routers, table_rows
 
-        records = bench_routers(args.router, args.steps, args.quick)
-        print(json.dumps(records, indent=1) if args.json else format_table(*table_rows(records)))
+        if args.inference:
+            records = bench_reroute(max_tokens=512 if args.quick else 8192)
+            rows = [{"setting": r["setting"], "experts_per_token": r["experts_per_token"],
+                     **{f"{m}_{d}": v for m in ("loss", "accuracy") for d, v in (r[m] or {}).items()}}
+                    for r in records]
+            cols = list(dict.fromkeys(c for r in rows for c in r))
+        else:
+            records = bench_routers(args.router, args.steps, args.quick)
+            rows, cols = table_rows(records)
+        print(json.dumps(records, indent=1) if args.json else format_table(rows, cols))
         return 0
     if args.what == "compress":
         from moekit.bench.compress import COLUMNS, bench_compress
