@@ -71,6 +71,8 @@ def test_bias_update_evens_a_skewed_start_without_aux_loss(tmp_path):
     without = train("smoke", tmp_path / "off", **common)
     updated = train("smoke", tmp_path / "on", bias_update_rate=0.02, **common)
     assert all(r["loss"] == r["lm_loss"] for r in updated)
+    # after step 1 the favoured experts' biases went down by the rate and the others' up by it
+    assert "bias_spread" not in without[-1] and updated[0]["bias_spread"][0] == pytest.approx(0.3 - 2 * 0.02)
     assert _cv(updated, first=True) > 0.8 and _cv(without, first=False) > 0.9
     assert _cv(updated, first=False) < 0.7
     assert _cv(updated, first=False) < _cv(without, first=False) - 0.3

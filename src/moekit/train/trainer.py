@@ -259,8 +259,11 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
         opt.step()
         opt.zero_grad(set_to_none=True)
         if recipe.bias_update_rate:
+            spread = []
             for b, counts in zip(blocks, step_counts, strict=True):
-                update_correction_bias(b.moe.router.e_score_correction_bias, counts, recipe.bias_update_rate)
+                bias = update_correction_bias(b.moe.router.e_score_correction_bias, counts, recipe.bias_update_rate)
+                spread.append(float(bias.max() - bias.min()))
+            extra["bias_spread"] = spread  # how far apart the balancing biases have moved, per layer
         if rt.world > 1:  # the logged losses are the global batch's
             sums = {n: float(rt.all_reduce(torch.tensor(v, dtype=torch.float64))) / rt.world for n, v in sums.items()}
         seconds = time.perf_counter() - t0
