@@ -79,3 +79,17 @@ def test_requires_initialised_process_group():
 
     with pytest.raises(ConfigError, match="not initialised"):
         ExpertParallelMoE(MoE(8, 4, 4))
+
+
+def test_refuses_routers_with_their_own_expert_structure(monkeypatch):
+    import torch.distributed as dist
+
+    from moekit.errors import ConfigError
+    from moekit.train.expert_parallel import ExpertParallelMoE
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *_: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda *_: 0)
+    with pytest.raises(ConfigError, match="'chain' builds its own expert structure"):
+        ExpertParallelMoE(MoE(8, 8, 4, 2, router="chain"))
+    assert ExpertParallelMoE(MoE(8, 8, 4, 2, router="top_p")).local_experts == 2

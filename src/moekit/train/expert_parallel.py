@@ -22,6 +22,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from moekit.core.dispatch import combine, plan_dispatch, run_experts, sorted_plan
 from moekit.core.experts import Experts
 from moekit.core.layer import MoE, MoEOutput, aux_losses
+from moekit.core.routers import Router
 from moekit.errors import ConfigError
 
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -40,6 +41,9 @@ class ExpertParallelMoE(nn.Module):
         self.rank = dist.get_rank(group)
         if moe.num_experts % self.world:
             raise ConfigError(f"num_experts={moe.num_experts}: expected a multiple of the world size {self.world}")
+        if type(moe.router).run is not Router.run or type(moe.router).make_experts is not Router.make_experts:
+            raise ConfigError(f"ExpertParallelMoE: router {moe.router.name!r} builds its own expert structure; "
+                              "expected a router that only chooses experts (topk, top_p, deepseek_v3, ...)")
         if moe.capacity_factor is not None:
             raise ConfigError("ExpertParallelMoE: capacity_factor must be None (expert parallelism is dropless)")
         self.num_experts = moe.num_experts
@@ -81,7 +85,7 @@ class ExpertParallelMoE(nn.Module):
         local_counts = recv_counts.sum(0)
         # auxiliary losses on this rank's tokens, as data parallelism computes them
         return MoEOutput(out.view(hidden.shape), routing, local_counts, 0,
-                         partial(aux_losses, routing, seq_len, self.loss_weights))
+                         partial(aux_losses, routing, seq_len, self.loss_weights, self.router))
 
     def full_experts_state(self) -> dict[str, Tensor]:
         """All ranks' experts gathered, by parameter name ([E, ...] each), on every rank: what a 1-rank `MoE`
