@@ -16,6 +16,7 @@ import moekit.compress as mc
 import moekit.hf as mh
 from hf.tiny import tiny_model
 from moekit.compress.calibrate import CalibrationWarning
+from moekit.hf.info import describe
 
 IDS = torch.randint(3, 97, (1, 14), generator=torch.Generator().manual_seed(3))
 
@@ -63,6 +64,9 @@ def test_ragged_save_loads_back_through_the_manifest(tmp_path, family):
     routed = sum(t.numel() for name, t in remote.state_dict().items() if ".experts." in name)
     original = sum(t.numel() for name, t in tiny_model(family).state_dict().items() if ".experts." in name)
     assert routed == pytest.approx(0.7 * original, abs=60 * 40 * 3)  # 30% of the neurons gone (60 = one per expert)
+    info = describe(tmp_path / "out")
+    assert info["total_params"] == sum(t.numel() for t in remote.state_dict().values())
+    assert set(info["experts_per_layer"].values()) == {6}
 
 
 def test_layers_pruned_to_different_counts_save_through_the_manifest(tmp_path):

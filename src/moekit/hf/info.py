@@ -77,6 +77,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     moe_by_config = set(family.moe_layers(config))
     quant = _quantization(config)
     widths = {int(i): spec["intermediate_size"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()}
+    # moekit.hf.ragged layers (experts of different widths, packed): widths per expert in moekit_layers
+    ragged = {int(i): spec["widths"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()
+              if "widths" in spec}
     # moekit-quantized experts (moekit.compress.quantize) hold codes and scales: count their logical parameters
     moekit_quant = {int(i): spec["formats"] for i, spec in (getattr(config, "moekit_quant", None) or {}).items()}
     pattern = re.compile(family.checkpoint_experts)
@@ -90,11 +93,16 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             experts = len(moekit_quant[i])
             expert_params = experts * per_expert
             stored_quant -= expert_params
+        if i in ragged:
+            experts, per_expert = len(ragged[i]), 0
+            if expert_params != sum(_params_per_expert(family, config.hidden_size, w) for w in ragged[i]):
+                raise CheckpointError(f"{directory / CONFIG}: layer {i} experts hold {expert_params} parameters in the "
+                                      f"weights; moekit_layers widths {ragged[i]} expect another count")
         if (experts > 0) != (i in moe_by_config):
             raise CheckpointError(f"{directory / CONFIG}: layer {i} is {'MoE' if i in moe_by_config else 'dense'} "
                                   f"by the config ({family.dense_rule}) but the weights say "
                                   f"{'MoE' if experts else 'dense'}")
-        if experts and expert_params != experts * per_expert:
+        if experts and i not in ragged and expert_params != experts * per_expert:
             raise CheckpointError(
                 f"{directory / CONFIG}: layer {i} experts hold {expert_params // experts} parameters each in the "
                 f"weights; hidden_size={config.hidden_size}, width {width} ({family.width_key} or moekit_layers) "
