@@ -133,8 +133,7 @@ class ExpertWeights:
     """Stands for a fused 3D expert weight ([E, out, in], or [E, in, out] when `transposed`) held quantized:
     `weights[e]` dequantizes expert e alone, in the stored orientation, as transformers' experts index theirs."""
 
-    requires_grad = False
-    ndim = 3
+    requires_grad = False  # read by moekit's threaded dispatch
 
     def __init__(self, matrices: nn.ModuleList, transposed: bool, dtype: torch.dtype):
         self.matrices, self.transposed, self.dtype = matrices, transposed, dtype
@@ -145,9 +144,6 @@ class ExpertWeights:
     @property
     def device(self) -> torch.device:
         return self.matrices[0].codes.device
-
-    def __len__(self) -> int:
-        return self.shape[0]
 
     def __getitem__(self, e: int) -> Tensor:
         w = self.matrices[int(e)].dequantize(self.dtype)

@@ -13,7 +13,6 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from moekit.compress.mixed import expert_cost, plan_mixed
@@ -138,12 +137,3 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
     out["total"] = out["experts"] + out["rest"]
     return out
 
-
-def dequantized(model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (gate_up_proj, down_proj)} of a quantized model's experts, dequantized into the family's fused float
-    layout (what a float model with the same function would hold)."""
-    out = {}
-    for b in view(model):
-        up, down = b.experts.gate_up_proj, b.experts.down_proj
-        out[b.layer] = (torch.stack([up[e] for e in range(len(up))]), torch.stack([down[e] for e in range(len(down))]))
-    return out
