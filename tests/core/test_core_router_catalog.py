@@ -91,3 +91,14 @@ def test_smoe_dropout_accuracy_improves_with_k_at_inference():
         acc = {k: float((head(moe(x_test, k=k).hidden).argmax(-1) == y_test).float().mean()) for k in (1, 2, 4, 8)}
     assert acc[1] < acc[2] < acc[4] <= acc[8] + 0.01, acc
     assert acc[8] - acc[1] > 0.1, acc
+
+
+def test_token_ids_shape_and_step_hook_on_any_router():
+    from moekit.errors import ShapeError
+
+    moe = MoE(8, 4, 4, router="hash")
+    with pytest.raises(ShapeError, match="token_ids: expected one id per token"):
+        moe(torch.randn(2, 3, 8), token_ids=torch.zeros(5, dtype=torch.long))
+    plain = MoE(8, 4, 4)
+    plain.set_step(3, 10)  # no schedule: nothing changes
+    assert plain(torch.randn(3, 8), token_ids=torch.arange(3)).routing.k == 2
