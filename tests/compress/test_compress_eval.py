@@ -33,7 +33,7 @@ def _reference_nll(model, ids: list[int], seq_len: int, stride: int) -> list[flo
     return out
 
 
-@pytest.mark.parametrize(("seq_len", "stride"), [(16, 5), (64, 63)])
+@pytest.mark.parametrize(("seq_len", "stride"), [(16, 5), (32, 31)])
 def test_sliding_window_matches_the_per_token_reference(seq_len, stride):
     model = tiny_model("qwen3_moe")
     tok = CharTokenizer()
