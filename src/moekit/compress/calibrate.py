@@ -48,11 +48,6 @@ class LayerStats:
         idx = self.indices if domain is None else self.indices[self.domain == domain]
         return torch.bincount(idx.flatten(), minlength=self.num_experts).float()
 
-    def frequency(self, domain: int | None = None) -> Tensor:
-        """Fraction of the routing slots each expert takes [E] (sums to 1)."""
-        counts = self.counts(domain)
-        return counts / counts.sum().clamp(min=1)
-
     def gate_weight(self) -> Tensor:
         """Routing weight of every expert for every token [T, E] (0 where not selected)."""
         dense = torch.zeros_like(self.logits)
