@@ -122,6 +122,17 @@ def test_quantized_experts_equal_dense_dequantized_reference(model_type, spec):
     torch.testing.assert_close(_logits(model), expected, atol=1e-5, rtol=0)
 
 
+def test_quantized_experts_follow_the_model_dtype():
+    model = tiny_model("qwen3_moe")
+    apply_quant(model, plan_quant(model, None, "int4"))
+    expected = _logits(model)
+    model.to(torch.float64)
+    assert mh.view(model)[0].experts.gate_up_proj.dtype == torch.float64  # what dispatch casts the tokens to
+    got = _logits(model)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.float(), expected, atol=1e-4, rtol=0)
+
+
 def test_only_routed_experts_are_dequantized(monkeypatch):
     model = tiny_model("mixtral")
     apply_quant(model, plan_quant(model, None, "int4"))

@@ -187,6 +187,11 @@ class QuantizedExperts(nn.Module):
         return cls(formats, group_size, hidden, width, transposed, bias, getattr(experts, "act_fn", None),
                    alpha_limit, w.dtype, w.device)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.float()`, ... move the dtype weights dequantize to, as they would a float weight's."""
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return super()._apply(fn, recurse)
+
     @property
     def gate_up_proj(self) -> ExpertWeights:
         return ExpertWeights(self.gate_up_q, self.transposed, self.compute_dtype)
