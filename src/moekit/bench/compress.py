@@ -2,15 +2,17 @@
 expert neurons), and the expert quantizations, as held-out perplexity against the original model and checkpoint
 bytes. Quality, not speed: deterministic, so it can run while the machine is busy.
 
-Data: moekit-tiny's held-out split (or `data` files) cut in two by document: even-numbered documents calibrate,
-odd-numbered ones evaluate, so no method sees the text it is scored on. Weights are rounded to the checkpoint's
-dtype before scoring (what a saved checkpoint holds). Frequency pruning is the baseline every method is also
-compared with at the same ratio (`vs_frequency`: perplexity over frequency pruning's).
+Data: moekit-tiny's held-out split (or `data` files) cut in two by document (`split_documents`): each domain's
+even-numbered documents calibrate, its odd-numbered ones evaluate, so no method sees the text it is scored on.
+Weights are rounded to the checkpoint's dtype before scoring (what a saved checkpoint holds). Frequency pruning is
+the baseline every method is also compared with at the same ratio (`vs_frequency`: perplexity over frequency
+pruning's).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import torch
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from moekit.compress import METHODS, apply, calibrate, plan, token_windows
 from moekit.compress.calibrate import CalibrationWarning, Stats
 from moekit.compress.run import checkpoint_dtype
-from moekit.data import DataError, default_documents, read_documents
+from moekit.data import DataError, TextDoc, default_documents, read_documents
 from moekit.eval import load_model_and_tokenizer, perplexity
 from moekit.hf.view import view
 
@@ -38,6 +40,19 @@ def stored_bytes(model: nn.Module, dtype: torch.dtype) -> int:
         size = torch.empty(0, dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
         total += t.numel() * size
     return total
+
+
+def split_documents(docs: list[TextDoc]) -> tuple[list[TextDoc], list[TextDoc]]:
+    """(calibration, evaluation): each domain's even-numbered documents calibrate, odd-numbered ones evaluate;
+    both lists take the domains in turn, so a token cap still covers every domain."""
+    by_domain: dict[str | None, list[TextDoc]] = {}
+    for doc in docs:
+        by_domain.setdefault(doc.domain, []).append(doc)
+    halves = []
+    for part in (0, 1):
+        lists = [d[part::2] for d in by_domain.values()]
+        halves.append([doc for group in itertools.zip_longest(*lists) for doc in group if doc is not None])
+    return halves[0], halves[1]
 
 
 def _score(model: nn.Module, dtype: torch.dtype, tokenizer, docs, eval_tokens: int) -> dict:
@@ -72,7 +87,7 @@ def bench_compress(model_path: str | None = None, data: list[str] | None = None,
     docs = read_documents(data) if data else default_documents()
     if len(docs) < 2:
         raise DataError("benchmark data: one document; expected at least two (half calibrate, half evaluate)")
-    cal_docs, eval_docs = docs[0::2], docs[1::2]
+    cal_docs, eval_docs = split_documents(docs)
     dtype = checkpoint_dtype(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
