@@ -78,7 +78,21 @@ def _quant_rows(model: nn.Module, stats: Stats, score, dtype: torch.dtype) -> li
 
 
 def bench_compress(model_path: str | None = None, data: list[str] | None = None, ratios=(0.25, 0.5),
-                   cal_tokens: int = 4096, eval_tokens: int = 8192, quant: bool = True) -> list[dict]:
+                   cal_tokens: int = 2048, eval_tokens: int = 4096, quant: bool = True,
+                   threads: int | None = 1) -> list[dict]:
+    """One record per method and ratio (and quantization). `threads`: torch threads for the run (restored after;
+    default 1: for a model of moekit-tiny's size a second thread gains little, and on a busy 2-core machine
+    OpenMP's spin-waiting made the run 10x slower, 55 against 5 minutes)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        return _bench(model_path, data, ratios, cal_tokens, eval_tokens, quant)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _bench(model_path: str | None, data: list[str] | None, ratios, cal_tokens: int, eval_tokens: int,
+           quant: bool) -> list[dict]:
     path, model, tokenizer, is_default = load_model_and_tokenizer(model_path)
     if tokenizer is None:
         raise DataError(f"{path}: no tokenizer files; expected tokenizer.json to read the benchmark text")
