@@ -20,15 +20,15 @@ from moekit.compress.merge import align, merge_aligned, subspace_merge
 from moekit.compress.weights import read_experts, write_block
 
 
-def _windows(n: int = 4, length: int = 24) -> list:
+def _windows(n: int = 4, length: int = 24) -> list:  # 96 tokens
     g = torch.Generator().manual_seed(0)
     return [(torch.randint(3, 97, (length,), generator=g), None) for _ in range(n)]
 
 
-def _stats(model, grads: bool = False):
+def _stats(model, grads: bool = False, n: int = 4):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
-        return mc.calibrate(model, _windows(), grads=grads, progress=False)
+        return mc.calibrate(model, _windows(n), grads=grads, progress=False)
 
 
 def _expert_out(w, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ def test_msmoe_groups_the_copy_with_its_original_and_keeps_the_function():
 
 def test_merged_router_row_fits_the_members_logsumexp():
     model = tiny_model("mixtral")
-    stats = _stats(model)
+    stats = _stats(model, n=8)  # 192 tokens, over 4 per hidden dimension (H = 40): the fit is used
     p = mc.plan(model, stats, "msmoe", 0.5)
     s, entry = stats.layers[0], p.layers[0]
     rows = torch.tensor(entry["router"])
@@ -105,6 +105,14 @@ def test_merged_router_row_fits_the_members_logsumexp():
         assert (s.x.t() @ (fitted - target)).abs().max() < 1e-2 * s.x.abs().sum()
         if len(members) == 1:
             torch.testing.assert_close(fitted, target)
+
+
+def test_too_few_tokens_keep_the_dominant_router_row():
+    model = tiny_model("mixtral")
+    p = mc.plan(model, _stats(model), "msmoe", 0.5)  # 96 tokens < 4 * 40
+    weight = mh.view(model)[0].router_params()["weight"].detach()
+    for g, members in enumerate(p.layers[0]["groups"]):
+        torch.testing.assert_close(torch.tensor(p.layers[0]["router"][g]), weight[members[0]])
 
 
 def test_submoe_on_identical_experts_is_exact():

@@ -16,7 +16,9 @@ The router keeps one row per group. A group's row is fitted so its logit matches
 logits on the calibration tokens (least squares; with the router bias as intercept where there is one): under
 softmax routing exp(logit) of the group is then the sum of its members' exp(logit), so the group receives about
 the probability mass its members had, and the checkpoint keeps its family's native router (no remapping table).
-A one-member group keeps its own row.
+A one-member group keeps its own row, and so does every group's dominant (first) member when the calibration has
+fewer than 4 tokens per hidden dimension (the least-squares fit would overfit them: at 256 tokens for moekit-tiny's
+H = 256 it doubled M-SMoE's perplexity).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def align(reference: Tensor, other: Tensor) -> list[int]:
     return perm
 
 
+MIN_FIT_TOKENS = 4  # calibration tokens per hidden dimension below which the fit is not tried (it would overfit)
+
+
 def fit_router_rows(block: BlockView, stats: LayerStats, groups: list[list[int]]) -> tuple[Tensor, Tensor | None]:
     """One router row [H] per group (and a bias per group where the router has one): least squares fit of the
     members' log-sum-exp logit on the calibration inputs."""
@@ -61,7 +66,7 @@ def fit_router_rows(block: BlockView, stats: LayerStats, groups: list[list[int]]
     design = torch.cat([x, torch.ones(len(x), 1)], dim=1) if bias is not None else x
     rows, biases = [], []
     for members in groups:
-        if len(members) == 1:
+        if len(members) == 1 or len(x) < MIN_FIT_TOKENS * x.shape[1]:  # too few tokens: the dominant expert's row
             rows.append(weight[members[0]])
             if bias is not None:
                 biases.append(bias[members[0]])
