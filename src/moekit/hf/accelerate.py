@@ -33,11 +33,14 @@ def is_accelerated(model: nn.Module) -> bool:
 
 def accelerate(model: nn.Module, impl: str = "auto") -> nn.Module:
     """Route every MoE block of `model` through moekit's dispatch (`impl`: auto, loop or grouped_mm). In place;
-    returns `model`. Calling it again changes `impl`."""
+    returns `model`. Calling it again changes `impl`. Blocks whose experts are already moekit's own modules
+    (compressed: `RaggedExperts`, quantized experts), which compute on their own, are left as they are."""
     if impl not in DISPATCH_IMPLS:
         raise ConfigError(f"impl={impl!r}: expected one of {', '.join(DISPATCH_IMPLS)}")
     for block in view(model):
         module = block.experts.module
+        if not isinstance(getattr(module, "down_proj", None), nn.Parameter):
+            continue  # not transformers' fused experts: a compressed layout with its own forward
         current = module.__dict__.get("forward")
         if current is not None and not isinstance(current, _MoekitExpertsForward):
             raise ConfigError(f"layer {block.layer}: {type(module).__name__}.forward is already replaced by "
