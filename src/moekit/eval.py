@@ -44,28 +44,30 @@ def _doc_nll(model: nn.Module, ids: list[int], seq_len: int, stride: int) -> tup
 def perplexity(model: nn.Module, tokenizer, docs: Sequence[TextDoc], seq_len: int | None = None,
                stride: int | None = None, max_tokens: int | None = None, progress: bool = True) -> dict:
     """{"ppl", "nll", "tokens", "seq_len", "stride", "documents", "domains": {domain: {"ppl", "nll", "tokens"}}}
-    over `docs` (at most `max_tokens` predicted tokens, whole documents cut at the cap; domains only when some
-    document has a label). seq_len defaults to min(512, the model's context); stride to seq_len // 2."""
+    over `docs` (domains only when some document has a label). `max_tokens` caps the predicted tokens, shared
+    equally among the domains so a cap never leaves one out; documents are cut at their domain's cap. seq_len
+    defaults to min(512, the model's context); stride to seq_len // 2."""
     seq_len = seq_len or min(512, context_length(model))
     stride = stride or max(1, seq_len // 2)
     if not 1 <= stride < seq_len:
         raise DataError(f"seq_len={seq_len}, stride={stride}: expected 1 <= stride < seq_len (a window's first token "
                         f"is context only, so windows must overlap by one)")
+    domains = {doc.domain for doc in docs}
+    cap = None if max_tokens is None else max(1, max_tokens // len(domains))
     sums: dict[str | None, list[float]] = {}
-    used = 0
     for doc in tqdm(docs, desc="perplexity", unit="doc", disable=not progress, leave=False):
+        entry = sums.setdefault(doc.domain, [0.0, 0])
+        if cap is not None and entry[1] >= cap:
+            continue
         ids = encode(tokenizer, doc.text)
-        if max_tokens is not None:
-            ids = ids[: max_tokens - used + 1]
+        if cap is not None:
+            ids = ids[: cap - entry[1] + 1]
         if len(ids) < 2:
             continue
         nll, count = _doc_nll(model, ids, seq_len, stride)
-        entry = sums.setdefault(doc.domain, [0.0, 0])
         entry[0] += nll
         entry[1] += count
-        used += count
-        if max_tokens is not None and used >= max_tokens:
-            break
+    used = sum(int(v[1]) for v in sums.values())
     if used == 0:
         raise DataError("evaluation data: no document of two or more tokens; expected some text to score")
     nll = sum(v[0] for v in sums.values())

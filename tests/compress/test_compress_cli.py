@@ -68,6 +68,7 @@ def test_compress_writes_checkpoint_plan_and_report(setup, capsys, method, layou
     assert report["params_after"] < report["params_before"]
     assert set(report["ppl_domains_after"]) == {"code", "prose"}
     assert Plan.load(out / "plan.json").method == method
+    assert _hashes(out)["tokenizer.json"] == before["tokenizer.json"]  # the output runs on its own
     loaded = mh.load(out)
     assert [b.num_experts for b in mh.view(loaded)] == list(report["experts_per_layer"].values())
     if method == "frequency":

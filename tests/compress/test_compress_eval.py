@@ -56,6 +56,14 @@ def test_token_cap_and_unlabelled_documents():
     assert "domains" not in result
 
 
+def test_token_cap_is_shared_equally_among_domains():
+    model = tiny_model("mixtral")
+    docs = [TextDoc("c" * 50, "code", "a"), TextDoc("d" * 50, "code", "b"), TextDoc("p" * 50, "prose", "c")]
+    result = perplexity(model, CharTokenizer(), docs, seq_len=16, max_tokens=60, progress=False)
+    # code alone could fill the cap from its first document; each domain gets 30 predicted tokens instead
+    assert {d: v["tokens"] for d, v in result["domains"].items()} == {"code": 30, "prose": 30}
+
+
 def test_bad_windows_and_empty_data_are_refused():
     model = tiny_model("mixtral")
     with pytest.raises(DataError, match="stride"):

@@ -160,16 +160,25 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         "experts_per_token": {b.layer: b.k for b in blocks}, "dtype": str(dtype).removeprefix("torch."),
         "warnings": caught,
     }
-    _write(model, out, force, report, p, quant_plan)
+    _write(model, out, force, report, p, quant_plan, path)
     return report
 
 
-def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan) -> None:
-    """Checkpoint, plan.json and report.json into a temporary sibling, then renamed to `out`."""
+# what a tokenizer may be made of in a transformers checkpoint; copied so the output runs on its own
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan, source: Path) -> None:
+    """Checkpoint (with the source's tokenizer files), plan.json and report.json into a temporary sibling, then
+    renamed to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.compress-", dir=out.parent))
     try:
         save(model, tmp, force=True)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
         report["bytes_after"] = checkpoint_bytes(tmp)
         report["layout"] = "moekit-manifest" if (tmp / "moekit.json").exists() else "native"
         if p is not None:
