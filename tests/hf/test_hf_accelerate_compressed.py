@@ -43,3 +43,25 @@ def test_ragged_layer_is_left_alone_and_the_others_are_accelerated():
     mh.accelerate(model)
     assert "forward" not in ragged.__dict__ and mh.is_accelerated(model)
     torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_weight_assignments_are_not_computed(monkeypatch):
+    """After `reroute` skips experts, tokens that keep fewer experts than others carry padded slots of weight 0:
+    the accelerated forward runs exactly the kept assignments and gives transformers' output."""
+    import importlib
+
+    from moekit.hf.reroute import experts_per_token, reroute, unroute
+
+    acc = importlib.import_module("moekit.hf.accelerate")  # the module (moekit.hf.accelerate is the function)
+    model = mh.accelerate(tiny_model("qwen3_moe"))
+    rows = []
+    real = acc.dispatch
+    monkeypatch.setattr(acc, "dispatch", lambda x, plan, *a: rows.append(plan.token.numel()) or real(x, plan, *a))
+    reroute(model, skip_threshold=0.8)
+    skipped = _logits(model)
+    per_layer = experts_per_token(model)
+    assert 1 < sum(per_layer) / len(per_layer) < 2  # some tokens keep one expert, some two
+    assert sum(rows) == round(sum(per_layer) * IDS.numel())
+    mh.restore(model)
+    torch.testing.assert_close(_logits(model), skipped, rtol=1e-5, atol=1e-5)  # transformers' own path agrees
+    unroute(model)

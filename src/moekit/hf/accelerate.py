@@ -23,7 +23,11 @@ class _MoekitExpertsForward:
         self.impl = impl
 
     def __call__(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        plan = plan_assignments(top_k_index, top_k_weights, self.experts.num_experts)
+        # an assignment of weight exactly 0 (an expert skipped by `moekit.hf.reroute`) adds nothing: not computed,
+        # unless its weight needs a gradient (d out / d w is the expert's output even at w = 0)
+        skip = None if top_k_weights.requires_grad else top_k_weights != 0
+        plan = plan_assignments(top_k_index, top_k_weights, self.experts.num_experts,
+                                mask=None if skip is None or bool(skip.all()) else skip)
         return dispatch(hidden, plan, self.experts, self.impl)
 
 
