@@ -107,3 +107,12 @@ def test_cli_config_file_and_set(tmp_path, capsys):
     assert main(["train", "--recipe", "smoke", "--out", str(tmp_path / "y"), "--set", "nope=1"]) == 2
     assert "--set 'nope=1'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_routers_that_need_token_ids_or_a_schedule_train(tmp_path):
+    """hash routes by the input ids the trainer hands each layer; smoe_dropout's k follows the step hook."""
+    recs = train("smoke", tmp_path / "hash", progress=False, steps=2, moe_layer={"router": "hash"})
+    assert len(recs) == 2 and all(r["loss"] > 0 for r in recs)
+    recs = train("smoke", tmp_path / "drop", progress=False, steps=4, moe_layer={"router": "smoe_dropout"})
+    per_token = [r["experts_per_token"][0] for r in recs]
+    assert per_token == sorted(per_token) and per_token[-1] > per_token[0]  # k grows during training

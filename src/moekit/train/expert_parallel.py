@@ -56,9 +56,9 @@ class ExpertParallelMoE(nn.Module):
         self.loss_weights = moe.loss_weights
         self.experts = _slice_experts(moe.experts, self.first_expert, self.local_experts)
 
-    def forward(self, hidden: Tensor, k: int | None = None) -> MoEOutput:
+    def forward(self, hidden: Tensor, k: int | None = None, *, token_ids: Tensor | None = None) -> MoEOutput:
         x = hidden.reshape(-1, self.hidden_size)
-        routing = self.router(x, k)
+        routing = self.router(x, k, None if token_ids is None else token_ids.reshape(-1))
         plan = plan_dispatch(routing, self.num_experts)
         counts = torch.tensor(plan.counts, dtype=torch.int64)
         # recv_counts[s, j]: rows rank s sends for this rank's local expert j

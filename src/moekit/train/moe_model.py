@@ -26,11 +26,10 @@ class MoEBlock(nn.Module):
         self.moe = moe
         self.last: MoEOutput | None = None
         self.token_ids: Tensor | None = None
-        self._takes_token_ids = "token_ids" in inspect.signature(moe.forward).parameters
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         kwargs = {}
-        if self._takes_token_ids and self.token_ids is not None:
+        if self.token_ids is not None and "token_ids" in inspect.signature(self.moe.forward).parameters:
             kwargs["token_ids"] = self.token_ids.reshape(-1)
         self.last = self.moe(hidden_states, **kwargs)
         return self.last.hidden

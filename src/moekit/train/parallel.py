@@ -59,7 +59,6 @@ def shard_experts(model: nn.Module) -> None:
 
     for block in moe_blocks(model):
         block.moe = ExpertParallelMoE(block.moe)
-        block._takes_token_ids = False
 
 
 def _sharded_names(model: nn.Module, rt: Runtime) -> dict[str, tuple[int, int]]:
