@@ -165,3 +165,22 @@ def test_prune_then_quantize(setup, capsys):
     assert report["ppl_after"] == pytest.approx(pruned["ppl_after"], rel=0.05)
     with torch.no_grad():
         assert torch.isfinite(mh.load(out)(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_dynamic_skipping_is_calibrated_measured_and_written(setup, capsys):
+    out = setup / "skip-out"
+    code, _, err = _run(["compress", str(setup / "model"), "--skip", "0.5", "--data", str(setup / "cal.jsonl"),
+                         "--eval-data", str(setup / "held.jsonl"), "--out", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    skip = json.loads((out / "skip.json").read_text())
+    assert skip["thresholds"] == report["skip_thresholds"] and len(skip["thresholds"]) == 2
+    # top-2 layers: about half of the second experts skipped on held-out text (calibrated on other text)
+    assert all(1.2 < e < 1.8 for e in report["experts_per_token"].values())
+    assert report["ppl_after"] != report["ppl_before"] and report["params_after"] == report["params_before"]
+    for extra, message in ((["--skip", "1.5"], "--skip 1.5: expected a fraction"),
+                           (["--skip", "0.5", "--data", str(setup / "nope.jsonl")], "nope.jsonl")):
+        code, _, err = _run(["compress", str(setup / "model"), "--out", str(setup / "x"), *extra], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(["compress", str(setup / "model"), "--out", str(setup / "x"), "--skip", "0.5"], capsys)
+    assert code == 2 and "--skip needs calibration data" in err

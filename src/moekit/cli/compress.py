@@ -21,6 +21,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="held-out text for perplexity (default: moekit-tiny's held-out split for moekit-tiny)")
     p.add_argument("--task", help="frequency/tcess/reconstruct: score experts on this domain's calibration text")
     p.add_argument("--protect-super", action="store_true", help="never remove or merge away super experts")
+    p.add_argument("--skip", type=float, metavar="FRACTION",
+                   help="dynamic skipping: calibrate per-layer thresholds that skip this fraction of the second and "
+                        "later experts (written to skip.json; the perplexity after is measured with them)")
     p.add_argument("--cal-tokens", type=int, default=8192, help="calibration tokens at most (default 8192)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens at most (default 16384)")
     p.add_argument("--out", required=True, help="output directory (new or empty)")
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = compress_checkpoint(args.model, args.out, args.method, args.ratio, args.quant, args.data,
                                  args.eval_data, args.task, args.protect_super, args.force, args.cal_tokens,
-                                 args.eval_tokens)
+                                 args.eval_tokens, skip=args.skip)
     for message in report["warnings"]:
         print(f"moekit compress: warning: {message}", file=sys.stderr)
     if args.json:

@@ -75,10 +75,21 @@ def _held_out(eval_data: list[str] | None, is_default: bool, calibration: list[T
     return [d for d in docs if d.text not in seen]
 
 
-def _ppl(model: nn.Module, tokenizer, docs: list[TextDoc], max_tokens: int) -> dict | None:
+def _ppl(model: nn.Module, tokenizer, docs: list[TextDoc], max_tokens: int,
+         skip_thresholds: list[float] | None = None) -> dict | None:
+    """Perplexity of a float32 copy of `model`; with skip thresholds, under skipping, plus the measured experts per
+    token of each layer."""
     if not docs or tokenizer is None:
         return None
-    return perplexity(copy.deepcopy(model).float(), tokenizer, docs, max_tokens=max_tokens)
+    scored = copy.deepcopy(model).float()
+    if skip_thresholds is None:
+        return perplexity(scored, tokenizer, docs, max_tokens=max_tokens)
+    from moekit.compress.skip import apply_skip
+    from moekit.hf.reroute import experts_per_token
+
+    apply_skip(scored, skip_thresholds)
+    result = perplexity(scored, tokenizer, docs, max_tokens=max_tokens)
+    return {**result, "experts_per_token": experts_per_token(scored)}
 
 
 def _quant_stats(stats: Stats | None) -> dict | None:
@@ -91,11 +102,17 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
                         ratio: float | None = None, quant: str | None = None, data: list[str] | None = None,
                         eval_data: list[str] | None = None, task: str | None = None, protect_super: bool = False,
                         force: bool = False, cal_tokens: int = 8192, eval_tokens: int = 16384,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, skip: float | None = None) -> dict:
     """Compress the checkpoint at `model_path` (None: moekit-tiny) into `out` (checkpoint, plan.json,
-    report.json); returns the report."""
-    if method is None and quant is None:
-        raise ConfigError("--method / --quant: expected a method, a quantization, or both")
+    report.json); returns the report. `skip`: also calibrate dynamic skipping so that fraction of the second and
+    later experts is skipped (thresholds in skip.json, applied at inference; perplexity after is measured with it)."""
+    if method is None and quant is None and skip is None:
+        raise ConfigError("--method / --quant / --skip: expected a method, a quantization, skipping, or some of them")
+    if skip is not None:
+        if not 0 < skip < 1:
+            raise ConfigError(f"--skip {skip}: expected a fraction in (0, 1) of second and later experts to skip")
+        if not data:
+            raise DataError("--data: --skip needs calibration data to set its thresholds; expected --data FILE")
     if method is not None:
         if method not in METHODS:
             raise ConfigError(f"--method {method}: expected one of {', '.join(METHODS)}")
@@ -144,8 +161,15 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         quant_plan = plan_quant(model, _quant_stats(stats), quant)
         apply_quant(model, quant_plan)
     model = model.to(dtype)
-    ppl_after = _ppl(model, tokenizer, eval_docs, eval_tokens)
+    thresholds = None
+    if skip is not None:
+        from moekit.compress.skip import calibrate_skip
+
+        thresholds = calibrate_skip(copy.deepcopy(model).float(), cal_docs, tokenizer, target=skip,
+                                    max_tokens=cal_tokens)
+    ppl_after = _ppl(model, tokenizer, eval_docs, eval_tokens, thresholds)
     blocks = view(model)
+    measured = (ppl_after or {}).get("experts_per_token")  # under skipping; else every token uses k experts
     report = {
         "model": str(path), "method": method, "ratio": ratio, "quant": quant, "task": task,
         "protect_super": protect_super, "calibration": {"files": data, "tokens": stats.tokens if stats else 0},
@@ -157,7 +181,8 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         "ppl_before": ppl_before["ppl"] if ppl_before else None, "ppl_after": ppl_after["ppl"] if ppl_after else None,
         "ppl_domains_before": (ppl_before or {}).get("domains"), "ppl_domains_after": (ppl_after or {}).get("domains"),
         "experts_per_layer_before": experts_before, "experts_per_layer": {b.layer: b.num_experts for b in blocks},
-        "experts_per_token": {b.layer: b.k for b in blocks}, "dtype": str(dtype).removeprefix("torch."),
+        "experts_per_token": {b.layer: measured[i] if measured else b.k for i, b in enumerate(blocks)},
+        "skip_target": skip, "skip_thresholds": thresholds, "dtype": str(dtype).removeprefix("torch."),
         "warnings": caught,
     }
     _write(model, out, force, report, p, quant_plan, path)
@@ -185,6 +210,10 @@ def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan
             p.save(tmp / "plan.json")
         if quant_plan is not None:
             (tmp / "quant_plan.json").write_text(quant_plan.to_json())
+        if report["skip_thresholds"] is not None:
+            (tmp / "skip.json").write_text(json.dumps({
+                "target": report["skip_target"], "thresholds": report["skip_thresholds"],
+                "apply": "moekit.compress.skip.apply_skip(model, thresholds)"}, indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
