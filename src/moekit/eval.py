@@ -94,15 +94,22 @@ def load_model_and_tokenizer(model_path: str | os.PathLike | None) -> tuple[Path
     return path, model, tokenizer, path.resolve() == default_model_path().resolve()
 
 
-def evaluate_checkpoint(model_path: str | None, data: list[str] | None, seq_len: int | None = None,
-                        stride: int | None = None, max_tokens: int | None = None) -> dict:
-    """`moekit eval`: perplexity of a checkpoint (None: moekit-tiny) on `data` files (None: moekit-tiny's
-    held-out split, for moekit-tiny only)."""
+def model_and_documents(model_path: str | os.PathLike | None, data: list[str] | None
+                        ) -> tuple[Path, nn.Module, object, list[TextDoc]]:
+    """A checkpoint (None: moekit-tiny), its tokenizer and the documents of `data` (None: moekit-tiny's held-out
+    split, for moekit-tiny only)."""
     path, model, tokenizer, is_default = load_model_and_tokenizer(model_path)
     if tokenizer is None:
         raise DataError(f"{path}: no tokenizer files; expected tokenizer.json next to the weights")
     if not data and not is_default:
         raise DataError("--data: expected a data file (only moekit-tiny has a default held-out split)")
-    docs = read_documents(data) if data else default_documents()
+    return path, model, tokenizer, read_documents(data) if data else default_documents()
+
+
+def evaluate_checkpoint(model_path: str | None, data: list[str] | None, seq_len: int | None = None,
+                        stride: int | None = None, max_tokens: int | None = None) -> dict:
+    """`moekit eval`: perplexity of a checkpoint (None: moekit-tiny) on `data` files (None: moekit-tiny's
+    held-out split, for moekit-tiny only)."""
+    path, model, tokenizer, docs = model_and_documents(model_path, data)
     result = perplexity(model, tokenizer, docs, seq_len, stride, max_tokens)
     return {"model": str(path), "data": data or "moekit-tiny held-out split", **result}

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from moekit.compress import METHODS, apply, calibrate, plan, token_windows
 from moekit.compress.calibrate import CalibrationWarning, Stats
 from moekit.compress.run import checkpoint_dtype
-from moekit.data import DataError, TextDoc, default_documents, read_documents
-from moekit.eval import load_model_and_tokenizer, perplexity
+from moekit.data import DataError, TextDoc
+from moekit.eval import model_and_documents, perplexity
 from moekit.hf.view import view
 
 QUANTS = ("int8", "int4", "ternary")
@@ -93,12 +93,7 @@ def bench_compress(model_path: str | None = None, data: list[str] | None = None,
 
 def _bench(model_path: str | None, data: list[str] | None, ratios, cal_tokens: int, eval_tokens: int,
            quant: bool) -> list[dict]:
-    path, model, tokenizer, is_default = load_model_and_tokenizer(model_path)
-    if tokenizer is None:
-        raise DataError(f"{path}: no tokenizer files; expected tokenizer.json to read the benchmark text")
-    if not data and not is_default:
-        raise DataError("--data: expected a data file for a model other than moekit-tiny")
-    docs = read_documents(data) if data else default_documents()
+    path, model, tokenizer, docs = model_and_documents(model_path, data)
     if len(docs) < 2:
         raise DataError("benchmark data: one document; expected at least two (half calibrate, half evaluate)")
     cal_docs, eval_docs = split_documents(docs)
