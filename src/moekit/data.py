@@ -99,7 +99,9 @@ def default_documents() -> list[TextDoc]:
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of `text`, followed by the tokenizer's EOS when it has one (documents end the way they trained)."""
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    # transformers tokenizers warn when a text is longer than their model_max_length; windows() cuts it anyway
+    quiet = {"verbose": False} if hasattr(tokenizer, "model_max_length") else {}
+    ids = list(tokenizer.encode(text, add_special_tokens=False, **quiet))
     eos = getattr(tokenizer, "eos_token_id", None)
     return ids + [eos] if eos is not None else ids
 
