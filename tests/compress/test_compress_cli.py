@@ -184,3 +184,20 @@ def test_dynamic_skipping_is_calibrated_measured_and_written(setup, capsys):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(["compress", str(setup / "model"), "--out", str(setup / "x"), "--skip", "0.5"], capsys)
     assert code == 2 and "--skip needs calibration data" in err
+
+
+def test_merge_then_lowrank(setup, capsys):
+    """M-SMoE's two steps: merging, then low-rank experts; fewer bytes than merging alone, loads back."""
+    common = ["compress", str(setup / "model"), "--method", "msmoe", "--ratio", "0.5", "--data",
+              str(setup / "cal.jsonl"), "--eval-data", str(setup / "held.jsonl")]
+    assert _run([*common, "--out", str(setup / "merged")], capsys)[0] == 0
+    code, _, err = _run([*common, "--lowrank", "0.25", "--out", str(setup / "merged-lowrank")], capsys)
+    assert code == 0, err
+    merged = json.loads((setup / "merged" / "report.json").read_text())
+    low = json.loads((setup / "merged-lowrank" / "report.json").read_text())
+    assert low["bytes_after"] < merged["bytes_after"] and low["layout"] == "moekit-manifest"
+    assert low["lowrank_ranks"] == {"0": 5, "1": 5}  # round(0.25 * min(H=40, I=20))
+    assert low["experts_per_layer"] == merged["experts_per_layer"]
+    assert mh.load(setup / "merged-lowrank") is not None
+    code, _, err = _run([*common, "--lowrank", "0.25", "--quant", "int8", "--out", str(setup / "x")], capsys)
+    assert code == 2 and "--lowrank: cannot follow --quant" in err

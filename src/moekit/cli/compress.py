@@ -21,6 +21,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="held-out text for perplexity (default: moekit-tiny's held-out split for moekit-tiny)")
     p.add_argument("--task", help="frequency/tcess/reconstruct: score experts on this domain's calibration text")
     p.add_argument("--protect-super", action="store_true", help="never remove or merge away super experts")
+    p.add_argument("--lowrank", type=float, metavar="FRACTION",
+                   help="after the method (e.g. merging, as MC-SMoE), store every expert as rank "
+                        "round(FRACTION * min(H, I)) SVD factors")
     p.add_argument("--skip", type=float, metavar="FRACTION",
                    help="dynamic skipping: calibrate per-layer thresholds that skip this fraction of the second and "
                         "later experts (written to skip.json; the perplexity after is measured with them)")
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = compress_checkpoint(args.model, args.out, args.method, args.ratio, args.quant, args.data,
                                  args.eval_data, args.task, args.protect_super, args.force, args.cal_tokens,
-                                 args.eval_tokens, skip=args.skip)
+                                 args.eval_tokens, skip=args.skip, lowrank=args.lowrank)
     for message in report["warnings"]:
         print(f"moekit compress: warning: {message}", file=sys.stderr)
     if args.json:

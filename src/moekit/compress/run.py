@@ -102,12 +102,19 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
                         ratio: float | None = None, quant: str | None = None, data: list[str] | None = None,
                         eval_data: list[str] | None = None, task: str | None = None, protect_super: bool = False,
                         force: bool = False, cal_tokens: int = 8192, eval_tokens: int = 16384,
-                        progress: bool = True, skip: float | None = None) -> dict:
+                        progress: bool = True, skip: float | None = None, lowrank: float | None = None) -> dict:
     """Compress the checkpoint at `model_path` (None: moekit-tiny) into `out` (checkpoint, plan.json,
     report.json); returns the report. `skip`: also calibrate dynamic skipping so that fraction of the second and
-    later experts is skipped (thresholds in skip.json, applied at inference; perplexity after is measured with it)."""
-    if method is None and quant is None and skip is None:
-        raise ConfigError("--method / --quant / --skip: expected a method, a quantization, skipping, or some of them")
+    later experts is skipped (thresholds in skip.json, applied at inference; perplexity after is measured with it).
+    `lowrank`: afterwards cut every expert to rank round(lowrank * min(H, I)) factors (MC-SMoE's SVD step)."""
+    if method is None and quant is None and skip is None and lowrank is None:
+        raise ConfigError("--method / --quant / --lowrank / --skip: expected at least one of them")
+    if lowrank is not None:
+        if not 0 < lowrank < 1:
+            raise ConfigError(f"--lowrank {lowrank}: expected a fraction in (0, 1) of the full rank min(H, I)")
+        if quant is not None or method == "heapr":
+            raise ConfigError(f"--lowrank: cannot follow {'--quant' if quant else 'heapr'}; expected it with a "
+                              "merging or pruning method (or alone)")
     if skip is not None:
         if not 0 < skip < 1:
             raise ConfigError(f"--skip {skip}: expected a fraction in (0, 1) of second and later experts to skip")
@@ -153,6 +160,13 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
     if method is not None:
         p = plan(model, stats, method, ratio, task=task, protect_super=protect_super)
         apply(model, p)
+    ranks = None
+    if lowrank is not None:
+        from moekit.compress.lowrank import apply_lowrank, plan_lowrank
+
+        low = plan_lowrank(model, lowrank)
+        apply_lowrank(model, low)
+        ranks = {layer: entry["rank"] for layer, entry in low.layers.items()}
     after = param_counts(model)
     quant_plan = None
     if quant is not None:
@@ -182,7 +196,8 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         "ppl_domains_before": (ppl_before or {}).get("domains"), "ppl_domains_after": (ppl_after or {}).get("domains"),
         "experts_per_layer_before": experts_before, "experts_per_layer": {b.layer: b.num_experts for b in blocks},
         "experts_per_token": {b.layer: measured[i] if measured else b.k for i, b in enumerate(blocks)},
-        "skip_target": skip, "skip_thresholds": thresholds, "dtype": str(dtype).removeprefix("torch."),
+        "skip_target": skip, "skip_thresholds": thresholds, "lowrank": lowrank, "lowrank_ranks": ranks,
+        "dtype": str(dtype).removeprefix("torch."),
         "warnings": caught,
     }
     _write(model, out, force, report, p, quant_plan, path)

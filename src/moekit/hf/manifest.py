@@ -3,8 +3,9 @@ in some layers, as pruning or merging leave them): the family's tensors under th
 manifest, and a modeling file that lets plain transformers load them with `trust_remote_code=True`.
 
 Layout written by `save_manifest` (into the temporary directory `save` renames into place):
-  config.json            the family's config plus `moekit_layers` {layer: {num_experts, intermediate_size[, widths]}}
-                         (`widths`: per-expert widths of a layer of `moekit.hf.ragged.RaggedExperts`) and
+  config.json            the family's config plus `moekit_layers` {layer: {num_experts, intermediate_size[, widths |
+                         rank]}} (`widths`: per-expert widths of a layer of `moekit.hf.ragged.RaggedExperts`; `rank`:
+                         the factor rank of a layer of `moekit.hf.lowrank.LowRankExperts`) and
                          `auto_map` {"AutoModelForCausalLM": "modeling_moekit.MoekitForCausalLM"}
   moekit.json            {"format": "moekit-hf", "version": 1, "family": model_type, "layers": ...}
   modeling_moekit.py     the family's causal LM class, whose __init__ resizes the listed layers (needs only torch
@@ -28,6 +29,7 @@ from torch import nn
 
 from moekit.hf.families import Family, family_of
 from moekit.hf.headers import INDEX, SINGLE, CheckpointError, read_checkpoint
+from moekit.hf.lowrank import LowRankExperts, make_lowrank
 from moekit.hf.ragged import RaggedExperts, make_ragged
 from moekit.hf.view import decoder_layers, view
 
@@ -82,6 +84,8 @@ _Base = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["{model_type}"])
 
 {ragged_source}
 
+{lowrank_source}
+
 class MoekitForCausalLM(_Base):
     # the experts are the family's own (decorated with use_experts_implementation); transformers finds that by
     # reading the defining module's source, which for this class is this file, so say it here
@@ -95,6 +99,8 @@ class MoekitForCausalLM(_Base):
                          "{experts}", {transposed}, {bias})
             if "widths" in spec:
                 make_ragged(block, spec["widths"], config.hidden_size, "{experts}")
+            if "rank" in spec:
+                make_lowrank(block, spec["rank"], config.hidden_size, "{experts}")
 {quant_swap}'''
 
 _QUANT_SWAP = '''        for layer, spec in config.moekit_quant.items():
@@ -115,7 +121,7 @@ def layer_shapes(model: nn.Module) -> dict[int, tuple[int, int]]:
     family = family_of(config)
     want = (family.num_experts(config), family.width(config))
     blocks = view(model)
-    ragged = {b.layer for b in blocks if isinstance(b.experts.module, RaggedExperts)}
+    ragged = {b.layer for b in blocks if isinstance(b.experts.module, (RaggedExperts, LowRankExperts))}
     shapes = {b.layer: (b.num_experts, b.experts.intermediate_size) for b in blocks}
     return {layer: shape for layer, shape in shapes.items() if shape != want or layer in ragged}
 
@@ -160,6 +166,8 @@ def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB"
     for block in view(model):
         if isinstance(block.experts.module, RaggedExperts):
             layers[str(block.layer)]["widths"] = block.experts.module.widths
+        if isinstance(block.experts.module, LowRankExperts):
+            layers[str(block.layer)]["rank"] = block.experts.module.rank
     quant = {str(layer): spec for layer, spec in quantized_layers(model).items()}
     seen: set[int] = set()
     state = {}
@@ -200,6 +208,7 @@ def _modeling_source(family: Family, quant: bool = False) -> str:
     return _MODELING.format(name=family.name, model_type=family.model_type, router=family.router, **names,
                             resize_source=inspect.getsource(resize_block),
                             ragged_source=inspect.getsource(RaggedExperts) + "\n\n" + inspect.getsource(make_ragged),
+                            lowrank_source=inspect.getsource(LowRankExperts) + "\n\n" + inspect.getsource(make_lowrank),
                             quant_import=f"from .{QFORMAT[:-3]} import QuantizedExperts\n" if quant else "",
                             quant_swap=_QUANT_SWAP.format(**names) if quant else "")
 
@@ -210,11 +219,12 @@ def read_manifest(directory: Path) -> dict:
         manifest = json.loads(path.read_text())
         layers = {int(i): (int(s["num_experts"]), int(s["intermediate_size"])) for i, s in manifest["layers"].items()}
         widths = {int(i): [int(w) for w in s["widths"]] for i, s in manifest["layers"].items() if "widths" in s}
+        ranks = {int(i): int(s["rank"]) for i, s in manifest["layers"].items() if "rank" in s}
         quant = {int(i): {"formats": [str(f) for f in s["formats"]], "group_size": int(s["group_size"])}
                  for i, s in manifest.get("quant", {}).items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise CheckpointError(f"{path}: corrupt manifest: expected JSON with 'format', 'version', 'layers' "
-                              f"{{layer: {{num_experts, intermediate_size[, widths]}}}} and optionally 'quant' "
+                              f"{{layer: {{num_experts, intermediate_size[, widths | rank]}}}} and optionally 'quant' "
                               f"{{layer: {{formats, group_size}}}}") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
@@ -225,7 +235,7 @@ def read_manifest(directory: Path) -> dict:
         bad = sorted({f for spec in quant.values() for f in spec["formats"] if f not in BITS})
         if bad:
             raise CheckpointError(f"{path}: quant format {bad[0]!r}; expected one of {', '.join(BITS)}")
-    return {"family": manifest.get("family"), "layers": layers, "widths": widths, "quant": quant}
+    return {"family": manifest.get("family"), "layers": layers, "widths": widths, "ranks": ranks, "quant": quant}
 
 
 def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
@@ -250,6 +260,9 @@ def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **k
         if layer in manifest["widths"]:
             make_ragged(getattr(layers[layer], family.block), manifest["widths"][layer], config.hidden_size,
                         family.experts)
+        if layer in manifest["ranks"]:
+            make_lowrank(getattr(layers[layer], family.block), manifest["ranks"][layer], config.hidden_size,
+                         family.experts)
     if manifest["quant"]:
         from moekit.compress.qexperts import DispatchedQuantizedExperts  # quantized experts run by moekit's dispatch
 
