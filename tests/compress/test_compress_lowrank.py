@@ -14,6 +14,7 @@ import moekit.hf as mh
 from hf.tiny import tiny_model
 from moekit.compress.lowrank import apply_lowrank, plan_lowrank
 from moekit.errors import ConfigError
+from moekit.hf.info import describe
 from moekit.hf.lowrank import LowRankExperts
 
 IDS = torch.randint(3, 97, (1, 14), generator=torch.Generator().manual_seed(7))
@@ -69,6 +70,8 @@ def test_save_and_load_back_with_fewer_bytes(tmp_path):
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(mh.view(remote)[0].experts.module).__name__ == "LowRankExperts"
     torch.testing.assert_close(_logits(remote), want, rtol=1e-6, atol=1e-6)
+    info = describe(out)  # `moekit info` counts the factors
+    assert info["total_params"] == sum(t.numel() for t in remote.state_dict().values())
 
 
 def test_refusals():

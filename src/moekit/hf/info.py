@@ -80,6 +80,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     # moekit.hf.ragged layers (experts of different widths, packed): widths per expert in moekit_layers
     ragged = {int(i): spec["widths"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()
               if "widths" in spec}
+    # moekit.hf.lowrank layers: every projection stored as rank-r factors, r (2I + H) + r (H + I) per expert
+    ranks = {int(i): spec["rank"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()
+             if "rank" in spec}
     # moekit-quantized experts (moekit.compress.quantize) hold codes and scales: count their logical parameters
     moekit_quant = {int(i): spec["formats"] for i, spec in (getattr(config, "moekit_quant", None) or {}).items()}
     pattern = re.compile(family.checkpoint_experts)
@@ -88,6 +91,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         experts, expert_params, expert_bytes = _experts_in_layer(by_layer.get(i, []), pattern, quant is not None)
         width = widths.get(i, family.width(config))
         per_expert = _params_per_expert(family, config.hidden_size, width)
+        if i in ranks:
+            per_expert = ranks[i] * (3 * width + 2 * config.hidden_size)
         if i in moekit_quant:
             stored_quant += expert_params
             experts = len(moekit_quant[i])
