@@ -154,7 +154,7 @@ def bench_one(name: str, recipe, work: Path, windows: int) -> dict[str, Any]:
     return result
 
 
-def bench_routers(names: list[str] | None = None, steps: int = 60, quick: bool = False,
+def bench_routers(names: list[str] | None = None, steps: int = 300, quick: bool = False,
                   windows: int = 32, out_dir: str | None = None) -> list[dict[str, Any]]:
     """Train and evaluate each router of `names` (default: all of ROUTER_SETUPS); one record per router."""
     from moekit.errors import ConfigError

@@ -35,7 +35,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ro = sub.add_parser("routers", help="every research router trained by one shortened tiny recipe, compared")
     ro.add_argument("--json", action="store_true", help="print the records as a JSON list")
     ro.add_argument("--router", action="append", help="run only this router (repeatable; default: all)")
-    ro.add_argument("--steps", type=int, default=60, help="training steps per router (default 60)")
+    ro.add_argument("--steps", type=int, default=300, help="training steps per router (default 300)")
     ro.add_argument("--quick", action="store_true", help="the smoke recipe: a smoke run, not a measurement")
     ro.add_argument("--inference", action="store_true",
                     help="instead: moekit-tiny under inference-time changes (k, top-p, skipping, SCMoE)")
