@@ -100,6 +100,26 @@ def test_top_p_keeps_the_fewest_experts_reaching_p(model_type, renormalised):
     assert len({len(w) for w in want}) > 1  # the number of experts really varies
 
 
+def test_skipping_without_renormalising_keeps_each_experts_own_weight():
+    model = tiny_model("mixtral")
+    ids = _ids()
+    reroute(model, skip_threshold=0.6, renormalize=False)
+    cap = Capture(model)
+    _logits(model, ids)
+    cap.close()
+    v0 = mh.view(model)[0]
+    p0 = [_softmax(r) for r in (cap.router_in[0].double() @ v0.router.weight.double().t()).tolist()]
+    want = []
+    for p in p0:  # Mixtral's top-2 weights, the second dropped (weight 0 slot) below 0.6 x the first, no rescaling
+        first, second = sorted(range(len(p)), key=lambda e: -p[e])[:2]
+        w1, w2 = p[first] / (p[first] + p[second]), p[second] / (p[first] + p[second])
+        want.append({first: w1, second: w2} if p[second] / p[first] >= 0.6 else {first: w1})
+    got = [{e: w for e, w in g.items() if w != 0} for g in _selection(*cap.experts_in[0])]
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, rel=1e-4)
+    assert 1 in {len(w) for w in want} and 2 in {len(w) for w in want}
+
+
 def test_dynamic_skipping_per_layer_thresholds():
     model = tiny_model("mixtral")
     ids = _ids()

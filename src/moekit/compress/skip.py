@@ -48,11 +48,11 @@ def quantile_threshold(ratios: Tensor, target: float) -> float:
     return float(r[m - 1] + r[m]) / 2
 
 
-def apply_skip(model: nn.Module, thresholds: Sequence[float]) -> nn.Module:
+def apply_skip(model: nn.Module, thresholds: Sequence[float], renormalize: bool | None = None) -> nn.Module:
     """Skip low-weight experts in every MoE layer of `model` (thresholds in `view(model)` order) through
     `moekit.hf.reroute`; `moekit.hf.reroute.unroute(model)` undoes it and `moekit.hf.reroute.experts_per_token(model)`
     counts the experts per token since. In place; returns `model`."""
-    return reroute(model, skip_threshold=[min(float(t), 1.0) for t in thresholds])
+    return reroute(model, skip_threshold=[min(float(t), 1.0) for t in thresholds], renormalize=renormalize)
 
 
 def _windows(model: nn.Module, docs: Sequence[TextDoc], tokenizer, max_tokens: int) -> list[Tensor]:

@@ -38,12 +38,14 @@ from moekit.hf.view import BlockView, view
 class RouteChange:
     """What changes in one block. k: experts per token (None: the family's). top_p: keep the fewest of those whose
     probability mass reaches top_p. skip_threshold: drop an expert with weight / top weight < threshold.
-    rank: keep only the expert ranked `rank` (1 = best), SCMoE's weak activation."""
+    rank: keep only the expert ranked `rank` (1 = best), SCMoE's weak activation. renormalize: rescale the kept
+    weights to the sum of the original ones (None: where the family renormalises its top-k)."""
 
     k: int | None = None
     top_p: float | None = None
     skip_threshold: float | None = None
     rank: int | None = None
+    renormalize: bool | None = None
 
 
 def _renormalises(block: BlockView) -> bool:
@@ -102,7 +104,7 @@ def apply_change(block: BlockView, hidden: Tensor, own: tuple[Tensor, Tensor, Te
     weights, indices, probs = weights.gather(1, order), indices.gather(1, order), probs.gather(1, order)
     keep = keep_slots(weights.float(), probs, change)
     kept = weights * keep
-    if _renormalises(block):
+    if _renormalises(block) if change.renormalize is None else change.renormalize:
         total = weights.float().sum(-1, keepdim=True)
         kept = (kept.float() * total / kept.float().sum(-1, keepdim=True).clamp_min(1e-30)).to(weights.dtype)
     width = max(1, int(keep.sum(-1).max())) if keep.numel() else 1
@@ -152,9 +154,11 @@ def _install(block: BlockView, change: RouteChange) -> None:
 
 
 def reroute(model: nn.Module, k: int | None = None, top_p: float | None = None,
-            skip_threshold: float | list[float] | None = None) -> nn.Module:
+            skip_threshold: float | list[float] | None = None, renormalize: bool | None = None) -> nn.Module:
     """Change how every MoE block of `model` routes (in place; returns `model`; `unroute` undoes it). Calling it
-    again replaces the previous change. skip_threshold: one value, or one per MoE block in `view(model)` order."""
+    again replaces the previous change. skip_threshold: one value, or one per MoE block in `view(model)` order.
+    renormalize: whether the weights a token keeps are rescaled to the sum of its original ones (None: as the
+    family renormalises its top-k; False keeps each expert's own weight, which costs dynamic skipping less)."""
     blocks = view(model)
     if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"top_p={top_p}: expected a value in (0, 1]")
@@ -164,7 +168,7 @@ def reroute(model: nn.Module, k: int | None = None, top_p: float | None = None,
         if block.family.routing == "sparsemixer" and (k is not None or top_p is not None):
             raise ConfigError(f"layer {block.layer}: PhiMoE's sparsemixer always routes to 2 experts; expected only "
                               "skip_threshold for this family")
-        _install(block, RouteChange(k=k, top_p=top_p, skip_threshold=threshold))
+        _install(block, RouteChange(k=k, top_p=top_p, skip_threshold=threshold, renormalize=renormalize))
     return model
 
 
