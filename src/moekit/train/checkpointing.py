@@ -46,15 +46,31 @@ def write_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, re
         save_file(model_state, str(tmp / "model.safetensors"))
         save_file(opt_state, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"recipe": asdict(recipe), "step": step, "world": rt.world}))
-        final = out / "checkpoint"
-        if final.exists():
-            old = out / ".checkpoint-old"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        _replace_dir(tmp, out / "checkpoint")
     rt.barrier()
+
+
+def write_run_model(path: Path, model: nn.Module, recipe: Any, vocab_size: int, rt: Runtime) -> None:
+    """model/ of a run with moekit layers: model.safetensors (1-rank layout) + run.json (recipe, vocabulary size),
+    read back by `moekit.train.trainer.load_run`. Collective: every rank calls it; rank 0 writes."""
+    state = full_state(model, rt, _model_tensors(model))
+    if rt.main:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "run.json").write_text(json.dumps({"recipe": asdict(recipe), "vocab_size": vocab_size}, indent=1))
+        _replace_dir(tmp, path)
+    rt.barrier()
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished directory `tmp` in place of `final` (absent or an earlier version), by renames."""
+    if final.exists():
+        old = final.with_name(f".{final.name}-old")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
 
 
 def read_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime) -> None:

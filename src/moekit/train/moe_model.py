@@ -8,7 +8,6 @@ the layer's last `MoEOutput` so the trainer reads the routing and the auxiliary 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,7 +18,8 @@ from moekit.errors import ConfigError
 
 class MoEBlock(nn.Module):
     """Stands in for a transformers MoE block: hidden [B, S, H] -> [B, S, H] through `moe` (an `MoE` or an
-    `ExpertParallelMoE`). `token_ids` [B, S], when set, goes to layers that route by token id."""
+    `ExpertParallelMoE`; both take `token_ids`). `token_ids` [B, S], when set, goes to the layer for routers that
+    route by token id."""
 
     def __init__(self, moe: nn.Module):
         super().__init__()
@@ -28,10 +28,8 @@ class MoEBlock(nn.Module):
         self.token_ids: Tensor | None = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        kwargs = {}
-        if self.token_ids is not None and "token_ids" in inspect.signature(self.moe.forward).parameters:
-            kwargs["token_ids"] = self.token_ids.reshape(-1)
-        self.last = self.moe(hidden_states, **kwargs)
+        token_ids = None if self.token_ids is None else self.token_ids.reshape(-1)
+        self.last = self.moe(hidden_states, token_ids=token_ids)
         return self.last.hidden
 
 

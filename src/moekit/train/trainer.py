@@ -9,25 +9,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from moekit.core.losses import update_correction_bias, z_loss
 from moekit.errors import ConfigError, UnknownNameError
-from moekit.train.checkpointing import check_out_dir, read_checkpoint, write_checkpoint
+from moekit.train.checkpointing import check_out_dir, read_checkpoint, write_checkpoint, write_run_model
 from moekit.train.corpus import build_corpus
 from moekit.train.moe_model import MoEBlock, moe_blocks, use_moekit_layers
-from moekit.train.parallel import Runtime, average_gradients, clip_gradients, full_state, init_runtime, shard_experts
+from moekit.train.parallel import Runtime, average_gradients, clip_gradients, init_runtime, shard_experts
 from moekit.train.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_tokenizer
 
 
@@ -281,27 +279,13 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
     write_checkpoint(out, model, opt, recipe, end, rt)
     if end == recipe.steps:
         if blocks:
-            _save_moekit_model(out / "model", model, recipe, tok.get_vocab_size(), rt)
+            write_run_model(out / "model", model, recipe, tok.get_vocab_size(), rt)
         elif rt.main and hf_moe:
             mh.restore(model)
             mh.save(model.eval(), out / "model", force=True)
         elif rt.main:
             model.eval().save_pretrained(out / "model")
     return records
-
-
-def _save_moekit_model(path: Path, model: nn.Module, recipe: Recipe, vocab_size: int, rt: Runtime) -> None:
-    """model/ of a run with moekit layers: model.safetensors (1-rank layout) + run.json (recipe, vocabulary size),
-    read back by `load_run`. Collective."""
-    state = full_state(model, rt, {n: t.detach().clone() for n, t in model.state_dict().items()})
-    if not rt.main:
-        return
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".model-"))
-    save_file(state, str(tmp / "model.safetensors"))
-    (tmp / "run.json").write_text(json.dumps({"recipe": asdict(recipe), "vocab_size": vocab_size}, indent=1))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> nn.Module:
