@@ -1,9 +1,11 @@
-"""HEAPr: calibration gradients equal autograd's at the block output, scores equal a per-token reference, neurons
-that add nothing go first, experts end with different widths that run as the padded layout does."""
+"""HEAPr: calibration gradients equal autograd's at the block output, scores equal a per-token reference (GPT-OSS's
+biased, clamped activation included), neurons that add nothing go first, experts end with different widths that run
+as the padded layout does (GPT-OSS's transposed, interleaved layout with biases included)."""
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -46,8 +48,19 @@ def test_calibration_gradient_is_the_loss_gradient_at_the_block_output():
     torch.testing.assert_close(stats.layers[1].grad[: ids.shape[1]], delta.grad[0], rtol=1e-4, atol=1e-6)
 
 
-def test_scores_match_a_per_token_reference():
-    model = tiny_model("mixtral")
+def _neuron(family, w, e, k, x):
+    """Atomic expert k of expert e on one token x [H], by hand."""
+    if family != "gpt_oss":
+        return F.silu(w.gate[e, k] @ x) * (w.up[e, k] @ x)
+    alpha, limit = 1.702, 7.0  # transformers' GPT-OSS defaults (swiglu_alpha, swiglu_limit)
+    g = min(float(w.gate[e, k] @ x + w.gate_bias[e, k]), limit)
+    u = max(min(float(w.up[e, k] @ x + w.up_bias[e, k]), limit), -limit)
+    return (u + 1) * g / (1 + math.exp(-alpha * g))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_scores_match_a_per_token_reference(family):
+    model = tiny_model(family)
     stats = _stats(model)
     scores = heapr_scores(model, stats)
     block, s = mh.view(model)[0], stats.layers[0]
@@ -59,8 +72,7 @@ def test_scores_match_a_per_token_reference():
             energy = 0.0
             for i in range(t):
                 r = sum(float(s.weights[i, j]) for j in range(s.indices.shape[1]) if int(s.indices[i, j]) == e)
-                h = F.silu(w.gate[e, k] @ s.x[i]) * (w.up[e, k] @ s.x[i])
-                energy += float(r * h) ** 2
+                energy += float(r * _neuron(family, w, e, k, s.x[i])) ** 2
             want = energy / t * float(w.down[e][:, k] @ m @ w.down[e][:, k])
             assert float(scores[0][e, k]) == pytest.approx(want, rel=1e-4, abs=1e-12)
 
@@ -82,7 +94,7 @@ def test_neurons_that_add_nothing_are_pruned_first():
         assert removed == set(dead[layer])
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "olmoe", "gpt_oss"])
 def test_ragged_experts_run_like_the_padded_layout(family):
     model = tiny_model(family)
     p = mc.plan(model, _stats(model), "heapr", 0.3)
@@ -96,8 +108,8 @@ def test_ragged_experts_run_like_the_padded_layout(family):
             mask = torch.zeros(w.width, dtype=torch.bool)
             mask[kept] = True
             w.down[e][:, ~mask] = 0.0
-        write_block(block, w, block.router_params()["weight"].detach(), None,
-                    block.router_params().get("e_score_correction_bias"))
+        params = block.router_params()
+        write_block(block, w, params["weight"].detach(), params.get("bias"), params.get("e_score_correction_bias"))
     assert any(isinstance(b.experts.module, RaggedExperts) for b in mh.view(pruned))
     widths = [len(n) for entry in p.layers.values() for n in entry["neurons"]]
     assert len(set(widths)) > 1
@@ -105,13 +117,31 @@ def test_ragged_experts_run_like_the_padded_layout(family):
         torch.testing.assert_close(pruned(ids).logits, zeroed(ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_heapr_refuses_gpt_oss_and_statistics_without_gradients():
-    model = tiny_model("gpt_oss")
-    with pytest.raises(ConfigError, match="GPT-OSS"):
-        mc.plan(model, _stats(model), "heapr", 0.2)
-    other = tiny_model("qwen3_moe")
+def test_statistics_without_gradients_are_refused():
+    model = tiny_model("qwen3_moe")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
-        stats = mc.calibrate(other, _windows(), grads=False, progress=False)
+        stats = mc.calibrate(model, _windows(), grads=False, progress=False)
     with pytest.raises(ConfigError, match="gradients"):
-        mc.plan(other, stats, "heapr", 0.2)
+        mc.plan(model, stats, "heapr", 0.2)
+
+
+def test_gpt_oss_layers_pruned_to_one_width_keep_the_family_layout():
+    """When every expert of a layer keeps the same neurons count, the layer stays GPT-OSS's own experts module
+    (transposed, interleaved, biases sliced with their neurons) and computes the zeroed reference's function."""
+    model = tiny_model("gpt_oss")
+    neurons = [list(range(0, 24, 2)) if e % 2 else list(range(12)) for e in range(6)]
+    p = mc.Plan("heapr", 0.5, {b.layer: {"keep": list(range(6)), "neurons": neurons} for b in mh.view(model)})
+    pruned = mc.apply(copy.deepcopy(model), p)
+    blocks = mh.view(pruned)
+    assert all(type(b.experts.module).__name__ == "GptOssExperts" for b in blocks)
+    assert all(tuple(b.experts.gate_up_proj.shape) == (6, 40, 24) for b in blocks)
+    for block in mh.view(model):
+        w = read_experts(block)
+        for e, kept in enumerate(neurons):
+            w.down[e][:, [k for k in range(24) if k not in kept]] = 0.0
+        params = block.router_params()
+        write_block(block, w, params["weight"].detach(), params["bias"].detach())
+    ids = torch.randint(3, 97, (1, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)

@@ -25,8 +25,9 @@ def _logits(model):
         return model(IDS).logits
 
 
-def test_full_rank_is_exact():
-    model = tiny_model("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_full_rank_is_exact(family):
+    model = tiny_model(family)
     want = _logits(model)
     plan = plan_lowrank(model, 0.5)
     for entry, block in zip(plan.layers.values(), mh.view(model), strict=True):
@@ -36,8 +37,9 @@ def test_full_rank_is_exact():
     torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
 
 
-def test_lower_rank_error_is_the_discarded_singular_values_and_runs_like_dense_products():
-    model = tiny_model("mixtral")
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_lower_rank_error_is_the_discarded_singular_values_and_runs_like_dense_products(family):
+    model = tiny_model(family)
     original = [(b.experts.gate_up_proj.detach().clone(), b.experts.down_proj.detach().clone())
                 for b in mh.view(model)]
     plan = plan_lowrank(model, 0.3)
@@ -50,7 +52,7 @@ def test_lower_rank_error_is_the_discarded_singular_values_and_runs_like_dense_p
                 error = torch.linalg.matrix_norm((dense[e] - low[e].detach()).double())
                 assert float(error) == pytest.approx(float(discarded.norm()), rel=1e-4, abs=1e-6)
     # the factored forward equals transformers' own experts holding the dense products
-    dense_model = tiny_model("mixtral")
+    dense_model = tiny_model(family)  # same seed: same biases, router and attention
     for src, dst in zip(mh.view(model), mh.view(dense_model), strict=True):
         with torch.no_grad():
             dst.experts.gate_up_proj.copy_(src.experts.gate_up_proj)
@@ -58,12 +60,13 @@ def test_lower_rank_error_is_the_discarded_singular_values_and_runs_like_dense_p
     torch.testing.assert_close(_logits(model), _logits(dense_model), rtol=1e-5, atol=1e-5)
 
 
-def test_save_and_load_back_with_fewer_bytes(tmp_path):
-    model = tiny_model("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_save_and_load_back_with_fewer_bytes(tmp_path, family):
+    model = tiny_model(family)
     dense_bytes = sum(p.numel() for b in mh.view(model) for p in b.experts.module.parameters())
     apply_lowrank(model, plan_lowrank(model, 0.25))
     low_bytes = sum(p.numel() for b in mh.view(model) for p in b.experts.module.parameters())
-    assert low_bytes < 0.6 * dense_bytes
+    assert low_bytes < 0.65 * dense_bytes
     want = _logits(model)
     out = mh.save(copy.deepcopy(model), tmp_path / "out")
     torch.testing.assert_close(_logits(mh.load(out)), want, rtol=1e-6, atol=1e-6)
@@ -74,8 +77,6 @@ def test_save_and_load_back_with_fewer_bytes(tmp_path):
     assert info["total_params"] == sum(t.numel() for t in remote.state_dict().values())
 
 
-def test_refusals():
+def test_fraction_outside_0_1_is_refused():
     with pytest.raises(ConfigError, match="fraction"):
         plan_lowrank(tiny_model("qwen3_moe"), 1.0)
-    with pytest.raises(ConfigError, match="no low-rank layout"):
-        plan_lowrank(tiny_model("gpt_oss"), 0.5)

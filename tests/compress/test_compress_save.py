@@ -51,7 +51,7 @@ def test_native_save_loads_in_plain_transformers(tmp_path, family, method):
     torch.testing.assert_close(_logits(mh.load(tmp_path / "out")), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
 def test_ragged_save_loads_back_through_the_manifest(tmp_path, family):
     model = _compressed(family, "heapr", 0.3)
     want = _logits(model)

@@ -10,6 +10,8 @@ calibration loss at the block output for token t), removing it costs about
 (HEAPr's score; the expectation over all calibration tokens, 0 where e is not routed). Scores are ranked
 globally across layers; the lowest `ratio` of all atomic experts go, every expert keeping at least one. Experts
 end with different widths, stored as `moekit.hf.ragged.RaggedExperts` (saved through the moekit manifest).
+GPT-OSS's biases follow their neurons (gate / up bias k with atomic expert k); an expert's down bias belongs to no
+neuron and stays.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from moekit.compress.calibrate import Stats
 from moekit.compress.plan import Plan
-from moekit.compress.weights import read_experts, write_block
+from moekit.compress.weights import ExpertWeights, read_experts, write_block
 from moekit.errors import ConfigError
 from moekit.hf.ragged import make_ragged
 from moekit.hf.view import view
@@ -31,9 +33,6 @@ def heapr_scores(model: nn.Module, stats: Stats) -> dict[int, torch.Tensor]:
     """{layer: S [E, I]} for every MoE block (stats must hold gradients: calibrate(..., grads=True))."""
     out = {}
     for block, s in zip(view(model), stats.layers, strict=True):
-        if block.experts.transposed:
-            raise ConfigError(f"heapr: {block.family.name} experts (transposed, interleaved, with biases) have no "
-                              f"ragged layout; expected another family")
         if s.grad is None:
             raise ConfigError("heapr: the calibration statistics hold no gradients; expected calibrate(..., "
                               "grads=True)")
@@ -46,7 +45,9 @@ def heapr_scores(model: nn.Module, stats: Stats) -> dict[int, torch.Tensor]:
             if not tokens.any():
                 continue
             x = s.x[tokens].to(block.experts.gate_up_proj.dtype)
-            h = block.experts.act(F.linear(x, block.experts.up_weight(e))).float()  # [n, I]
+            bias = block.experts.gate_up_proj_bias
+            h = block.experts.act(F.linear(x, block.experts.up_weight(e), None if bias is None else bias[e]))
+            h = h.float()  # [n, I]
             energy = (routed[tokens, e, None] * h).pow(2).sum(dim=0) / len(s.x)  # E_t[(r h_k)^2]
             curvature = torch.einsum("hk,hg,gk->k", w.down[e], m, w.down[e])  # w_k^T M w_k
             scores[e] = energy * curvature
@@ -83,17 +84,17 @@ def apply_heapr(model: nn.Module, plan: Plan) -> None:
         w = read_experts(block)
         neurons = [torch.tensor(n, dtype=torch.long) for n in entry["neurons"]]
         widths = [len(n) for n in neurons]
-        if len(set(widths)) == 1:
-            if widths[0] == w.width:
-                continue
-            idx = torch.stack(neurons)  # [E, I'] every expert the same width: the family's own layout
-            gate = torch.stack([w.gate[e, idx[e]] for e in range(len(idx))])
-            up = torch.stack([w.up[e, idx[e]] for e in range(len(idx))])
-            down = torch.stack([w.down[e][:, idx[e]] for e in range(len(idx))])
+        if set(widths) == {w.width}:  # nothing removed in this layer
+            continue
+        # per expert: gate [w_e, H], up [w_e, H], down [H, w_e], gate / up biases [w_e] (None without biases)
+        kept = [(w.gate[e, n], w.up[e, n], w.down[e][:, n], None if w.gate_bias is None else w.gate_bias[e, n],
+                 None if w.up_bias is None else w.up_bias[e, n]) for e, n in enumerate(neurons)]
+        if len(set(widths)) == 1:  # every expert the same width: the family's own layout
+            gate, up, down, gate_bias, up_bias = (None if parts[0] is None else torch.stack(parts)
+                                                  for parts in zip(*kept, strict=True))
             params = block.router_params()
-            write_block(block, type(w)(gate, up, down), params["weight"].detach(), params.get("bias"),
-                        params.get("e_score_correction_bias"))
+            write_block(block, ExpertWeights(gate, up, down, gate_bias, up_bias, w.down_bias),
+                        params["weight"].detach(), params.get("bias"), params.get("e_score_correction_bias"))
             continue
         ragged = make_ragged(block.block, widths, w.gate.shape[2], block.family.experts)
-        ragged.pack([w.gate[e, n] for e, n in enumerate(neurons)], [w.up[e, n] for e, n in enumerate(neurons)],
-                    [w.down[e][:, n] for e, n in enumerate(neurons)])
+        ragged.pack(*(list(parts) for parts in zip(*kept, strict=True)), down_bias=w.down_bias)

@@ -4,7 +4,7 @@ Eckart-Young), W = U S V^T ~ (U_r S_r) V_r^T, stored as the two factors (`moekit
 
 r = round(fraction * min(H, I)) per layer, at least 1. The factors hold r (2I + H) + r (H + I) = r (3I + 2H)
 numbers per expert against 3 H I dense, so they save bytes when r < 3 H I / (3I + 2H) (r < 177 for moekit-tiny's
-H = 256, I = 384: fractions below about 0.69).
+H = 256, I = 384: fractions below about 0.69). GPT-OSS's expert biases are kept whole.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ def plan_lowrank(model: nn.Module, fraction: float) -> Plan:
         raise ConfigError(f"lowrank fraction={fraction}: expected a fraction strictly between 0 and 1")
     layers = {}
     for block in view(model):
-        if block.experts.transposed or block.experts.gate_up_proj_bias is not None:
-            raise ConfigError(f"lowrank: {block.family.name} experts (transposed, interleaved, with biases) have no "
-                              "low-rank layout; expected another family")
         full = min(block.experts.hidden_size, block.experts.intermediate_size)
         layers[block.layer] = {"keep": list(range(block.num_experts)), "rank": max(1, round(fraction * full))}
     return Plan("lowrank", fraction, layers)
@@ -50,8 +47,15 @@ def apply_lowrank(model: nn.Module, plan: Plan) -> nn.Module:
         entry = plan.layers.get(block.layer)
         if entry is None:
             continue
-        gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
-        module = make_lowrank(block.block, int(entry["rank"]), block.experts.hidden_size, block.family.experts)
+        ex = block.experts
+        gate_up, down = ex.gate_up_proj.detach(), ex.down_proj.detach()
+        if ex.transposed:  # GPT-OSS: [E, H, 2I] / [E, I, H] -> [E, 2I, H] / [E, H, I], gate/up still interleaved
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        biases = [None if b is None else b.detach().clone() for b in (ex.gate_up_proj_bias, ex.down_proj_bias)]
+        module = make_lowrank(block.block, int(entry["rank"]), ex.hidden_size, block.family.experts)
+        if module.gate_up_proj_bias is not None:
+            module.gate_up_proj_bias.copy_(biases[0])
+            module.down_proj_bias.copy_(biases[1])
         for e in range(block.num_experts):
             a, b = _factors(gate_up[e], module.rank)
             module.gate_up_a[e], module.gate_up_b[e] = a, b

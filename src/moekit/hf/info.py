@@ -80,7 +80,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     # moekit.hf.ragged layers (experts of different widths, packed): widths per expert in moekit_layers
     ragged = {int(i): spec["widths"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()
               if "widths" in spec}
-    # moekit.hf.lowrank layers: every projection stored as rank-r factors, r (2I + H) + r (H + I) per expert
+    # moekit.hf.lowrank layers: every projection stored as rank-r factors, r (2I + H) + r (H + I) per expert (plus
+    # GPT-OSS's whole biases)
     ranks = {int(i): spec["rank"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()
              if "rank" in spec}
     # moekit-quantized experts (moekit.compress.quantize) hold codes and scales: count their logical parameters
@@ -92,7 +93,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         width = widths.get(i, family.width(config))
         per_expert = _params_per_expert(family, config.hidden_size, width)
         if i in ranks:
-            per_expert = ranks[i] * (3 * width + 2 * config.hidden_size)
+            per_expert = ranks[i] * (3 * width + 2 * config.hidden_size) + (2 * width + config.hidden_size
+                                                                              if family.bias else 0)
         if i in moekit_quant:
             stored_quant += expert_params
             experts = len(moekit_quant[i])

@@ -30,7 +30,7 @@ from torch import nn
 from moekit.hf.families import Family, family_of
 from moekit.hf.headers import INDEX, SINGLE, CheckpointError, read_checkpoint
 from moekit.hf.lowrank import LowRankExperts, make_lowrank
-from moekit.hf.ragged import RaggedExperts, make_ragged
+from moekit.hf.ragged import RaggedExperts, glu, make_ragged
 from moekit.hf.view import decoder_layers, view
 
 MANIFEST = "moekit.json"
@@ -207,7 +207,7 @@ def _modeling_source(family: Family, quant: bool = False) -> str:
     names = {"block": family.block, "experts": family.experts, "transposed": family.transposed, "bias": family.bias}
     return _MODELING.format(name=family.name, model_type=family.model_type, router=family.router, **names,
                             resize_source=inspect.getsource(resize_block),
-                            ragged_source=inspect.getsource(RaggedExperts) + "\n\n" + inspect.getsource(make_ragged),
+                            ragged_source="\n\n".join(inspect.getsource(f) for f in (glu, RaggedExperts, make_ragged)),
                             lowrank_source=inspect.getsource(LowRankExperts) + "\n\n" + inspect.getsource(make_lowrank),
                             quant_import=f"from .{QFORMAT[:-3]} import QuantizedExperts\n" if quant else "",
                             quant_swap=_QUANT_SWAP.format(**names) if quant else "")
