@@ -123,6 +123,7 @@ def test_an_interrupted_run_leaves_no_checkpoint(setup, monkeypatch):
     (["--method", "frequency", "--ratio", "1.2", "--data", "cal.jsonl"], "--ratio=1.2: expected a fraction"),
     (["--method", "msmoe", "--ratio", "0.5"], "--data: method msmoe needs calibration data"),
     (["--ratio", "0.5"], "--method / --quant"),
+    (["--quant", "int8", "--protect-super"], "--protect-super: protects experts from a --method"),
     (["--method", "frequency", "--ratio", "0.5", "--data", "missing.jsonl"], "missing.jsonl"),
 ])
 def test_bad_input_is_one_line_and_exit_2(setup, capsys, extra, message):
@@ -201,3 +202,27 @@ def test_merge_then_lowrank(setup, capsys):
     assert mh.load(setup / "merged-lowrank") is not None
     code, _, err = _run([*common, "--lowrank", "0.25", "--quant", "int8", "--out", str(setup / "x")], capsys)
     assert code == 2 and "--lowrank: cannot follow --quant" in err
+
+
+def test_protect_super_reports_the_candidates_and_plans_around_the_confirmed(setup, capsys):
+    model = tiny_model("qwen3_moe", vocab_size=4096)
+    with torch.no_grad():
+        mh.view(model)[0].experts.down_proj[4] *= 100.0  # a planted outlier: always a candidate
+    mh.save(model, setup / "planted")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEFAULT_MODEL_DIR / name, setup / "planted" / name)
+    out = setup / "protect-out"
+    code, _, err = _run(["compress", str(setup / "planted"), "--method", "frequency", "--ratio", "0.5", "--data",
+                         str(setup / "cal.jsonl"), "--protect-super", "--out", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert (0, 4) in {(r["layer"], r["expert"]) for r in report["super_experts"]}
+    confirmed: dict[str, list[int]] = {}
+    for r in report["super_experts"]:
+        assert r["protected"] == (r["ablation_loss_delta"] > r["ordinary_loss_delta"])
+        if r["protected"]:
+            confirmed.setdefault(str(r["layer"]), []).append(r["expert"])
+    plan = Plan.load(out / "plan.json")
+    assert plan.options["protected"] == confirmed
+    for layer, experts in confirmed.items():
+        assert set(experts) <= set(plan.layers[int(layer)]["keep"])

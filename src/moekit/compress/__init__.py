@@ -15,6 +15,7 @@ from moekit.compress.dern import apply_dern, plan_dern
 from moekit.compress.heapr import apply_heapr, plan_heapr
 from moekit.compress.merge import apply_merge, plan_msmoe, plan_submoe
 from moekit.compress.plan import Plan, PlanError
+from moekit.compress.protect import find_super_experts
 from moekit.compress.prune import apply_prune, plan_prune
 from moekit.compress.weights import sync_config
 from moekit.errors import ConfigError, UnknownNameError
@@ -39,21 +40,22 @@ def check_ratio(ratio: float, source: str = "ratio") -> float:
 
 
 def plan(model: nn.Module, stats: Stats, method: str, ratio: float, task: str | None = None,
-         protect_super: bool = False) -> Plan:
+         protect: dict[int, list[int]] | None = None) -> Plan:
     """What `method` would do to `model` at `ratio` (fraction of each layer's experts removed; for heapr the
-    fraction of all atomic experts), from calibration `stats`."""
+    fraction of all atomic experts), from calibration `stats`. `protect` ({layer: experts}, e.g. the super experts
+    `find_super_experts` confirms) are never dropped or merged away (heapr: keep every neuron)."""
     check_ratio(ratio)
     if method not in METHODS:
         raise UnknownNameError(f"method={method!r}: expected one of {', '.join(METHODS)}")
     if task is not None and method not in ("frequency", "tcess", "reconstruct"):
         raise ConfigError(f"task={task!r}: only frequency, tcess and reconstruct use a task; not {method}")
     if method in ("frequency", "tcess", "reconstruct"):
-        return plan_prune(model, stats, method, ratio, task, protect_super)
+        return plan_prune(model, stats, method, ratio, task, protect)
     if method == "heapr":
-        return plan_heapr(model, stats, ratio)
+        return plan_heapr(model, stats, ratio, protect)
     if method == "dern":
-        return plan_dern(model, stats, ratio, protect_super)
-    return (plan_msmoe if method == "msmoe" else plan_submoe)(model, stats, ratio, protect_super)
+        return plan_dern(model, stats, ratio, protect)
+    return (plan_msmoe if method == "msmoe" else plan_submoe)(model, stats, ratio, protect)
 
 
 def apply(model: nn.Module, p: Plan) -> nn.Module:
@@ -80,4 +82,4 @@ def apply(model: nn.Module, p: Plan) -> nn.Module:
 
 
 __all__ = ["METHODS", "CalibrationWarning", "LayerStats", "Plan", "PlanError", "Stats", "apply", "calibrate",
-           "check_ratio", "plan", "token_windows"]
+           "check_ratio", "find_super_experts", "plan", "token_windows"]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from moekit.compress.calibrate import Stats
 from moekit.compress.merge import write_groups
 from moekit.compress.plan import Plan
-from moekit.compress.prune import _keep_top, drop_count, super_experts
+from moekit.compress.prune import _keep_top, drop_count
 from moekit.compress.weights import ExpertWeights, read_experts
 from moekit.hf.view import view
 
@@ -24,8 +24,8 @@ def _inputs(w: ExpertWeights, e: int) -> Tensor:
     return f / f.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def plan_dern(model: nn.Module, stats: Stats, ratio: float, protect_super: bool = False) -> Plan:
-    protected = super_experts(model, stats) if protect_super else {}
+def plan_dern(model: nn.Module, stats: Stats, ratio: float, protect: dict[int, list[int]] | None = None) -> Plan:
+    protected = protect or {}
     layers = {}
     for block, s in zip(view(model), stats.layers, strict=True):
         counts = s.counts()
@@ -44,7 +44,7 @@ def plan_dern(model: nn.Module, stats: Stats, ratio: float, protect_super: bool 
         bias = block.router_params().get("bias")
         if bias is not None:
             layers[block.layer]["router_bias"] = bias.detach().float()[keep].tolist()
-    return Plan("dern", ratio, layers, {"protect_super": protect_super})
+    return Plan("dern", ratio, layers, {"protected": protected})
 
 
 def _recombine(w: ExpertWeights, entry: dict) -> list[tuple]:

@@ -55,9 +55,12 @@ def heapr_scores(model: nn.Module, stats: Stats) -> dict[int, torch.Tensor]:
     return out
 
 
-def plan_heapr(model: nn.Module, stats: Stats, ratio: float) -> Plan:
-    """Remove the `ratio` of all atomic experts (every layer, every expert) with the lowest HEAPr score."""
+def plan_heapr(model: nn.Module, stats: Stats, ratio: float, protect: dict[int, list[int]] | None = None) -> Plan:
+    """Remove the `ratio` of all atomic experts (every layer, every expert) with the lowest HEAPr score; the
+    experts in `protect` ({layer: experts}) keep every neuron."""
     scores = heapr_scores(model, stats)
+    for layer, experts in (protect or {}).items():
+        scores[layer][experts] = float("inf")
     flat = torch.cat([s.flatten() for s in scores.values()])
     remove = round(ratio * len(flat))
     order = torch.argsort(flat, stable=True)
@@ -73,7 +76,8 @@ def plan_heapr(model: nn.Module, stats: Stats, ratio: float) -> Plan:
             neurons.append(kept or [int(s[e].argmax())])  # an expert keeps at least its best neuron
         layers[layer] = {"keep": list(range(s.shape[0])), "neurons": neurons}
     kept = sum(len(n) for d in layers.values() for n in d["neurons"])
-    return Plan("heapr", ratio, layers, summary={"neurons_before": len(flat), "neurons_after": kept})
+    return Plan("heapr", ratio, layers, {"protected": protect or {}},
+                summary={"neurons_before": len(flat), "neurons_after": kept})
 
 
 def apply_heapr(model: nn.Module, plan: Plan) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from moekit.compress.calibrate import LayerStats, Stats
 from moekit.compress.plan import Plan
-from moekit.compress.prune import drop_count, super_experts
+from moekit.compress.prune import drop_count
 from moekit.compress.weights import ExpertWeights, read_experts, write_block
 from moekit.hf.view import BlockView, view
 
@@ -93,8 +93,8 @@ def _dominants(stats: LayerStats, count: int, protected: set[int]) -> list[int]:
     return sorted(order[:count])
 
 
-def plan_msmoe(model: nn.Module, stats: Stats, ratio: float, protect_super: bool = False) -> Plan:
-    protected = super_experts(model, stats) if protect_super else {}
+def plan_msmoe(model: nn.Module, stats: Stats, ratio: float, protect: dict[int, list[int]] | None = None) -> Plan:
+    protected = protect or {}
     layers = {}
     for block, s in zip(view(model), stats.layers, strict=True):
         guard = set(protected.get(block.layer, []))
@@ -110,7 +110,7 @@ def plan_msmoe(model: nn.Module, stats: Stats, ratio: float, protect_super: bool
         perms = [[align(w.neurons(g[0]), w.neurons(m)) for m in g] for g in groups]
         layers[block.layer] = {"keep": keep, "groups": groups, "perms": perms,
                                "weights": [merge_weights(s, g) for g in groups], **_router_entry(block, s, groups)}
-    return Plan("msmoe", ratio, layers, {"protect_super": protect_super})
+    return Plan("msmoe", ratio, layers, {"protected": protected})
 
 
 def _cluster(sim: Tensor, count: int) -> list[list[int]]:
@@ -137,8 +137,8 @@ def output_similarity(block: BlockView, stats: LayerStats, max_tokens: int = 512
     return outs @ outs.t()
 
 
-def plan_submoe(model: nn.Module, stats: Stats, ratio: float, protect_super: bool = False) -> Plan:
-    protected = super_experts(model, stats) if protect_super else {}
+def plan_submoe(model: nn.Module, stats: Stats, ratio: float, protect: dict[int, list[int]] | None = None) -> Plan:
+    protected = protect or {}
     layers = {}
     for block, s in zip(view(model), stats.layers, strict=True):
         sim = output_similarity(block, s)
@@ -152,7 +152,7 @@ def plan_submoe(model: nn.Module, stats: Stats, ratio: float, protect_super: boo
         groups.sort(key=lambda g: g[0])
         layers[block.layer] = {"keep": [g[0] for g in groups], "groups": groups,
                                "weights": [merge_weights(s, g) for g in groups], **_router_entry(block, s, groups)}
-    return Plan("submoe", ratio, layers, {"protect_super": protect_super})
+    return Plan("submoe", ratio, layers, {"protected": protected})
 
 
 def _avg(tensors: list[Tensor | None], weights: list[float]) -> Tensor | None:

@@ -8,7 +8,8 @@ Scores (higher = keep):
 - `reconstruct` (Lu et al. / NAEE): the drop set that changes the block's output least on the calibration tokens,
   ||block(x) - pruned_block(x)||^2 with the pruned block routing among the experts left; exhaustive over drop sets
   when there are at most `MAX_EXHAUSTIVE`, else greedy (one expert at a time).
-`protect_super` keeps the layer's super experts (see `super_experts`) whatever their score.
+`protect` ({layer: experts}, e.g. `moekit.compress.protect.find_super_experts`) keeps those experts whatever their
+score.
 """
 
 from __future__ import annotations
@@ -28,33 +29,11 @@ from moekit.errors import ConfigError
 from moekit.hf.view import BlockView, view
 
 MAX_EXHAUSTIVE = 128
-SUPER_FACTOR = 10.0
 
 
 def drop_count(num_experts: int, ratio: float) -> int:
     """Experts removed from a layer of `num_experts` at `ratio` (at least 1, at least one left)."""
     return min(max(1, round(ratio * num_experts)), num_experts - 1)
-
-
-def super_experts(model: nn.Module, stats: Stats, factor: float = SUPER_FACTOR) -> dict[int, list[int]]:
-    """Experts whose largest output magnitude on their calibration tokens is over `factor` times the median of
-    that maximum over every expert of the model (the rare, extreme down_proj outliers of Su et al.)."""
-    peaks: dict[tuple[int, int], float] = {}
-    with torch.no_grad():
-        for block, s in zip(view(model), stats.layers, strict=True):
-            for e in range(block.num_experts):
-                tokens = (s.indices == e).any(dim=1)
-                if tokens.any():
-                    x = s.x[tokens].to(block.experts.gate_up_proj.dtype)
-                    peaks[(s.layer, e)] = float(block.experts.expert(x, e).abs().max())
-    if not peaks:
-        return {}
-    median = float(torch.tensor(list(peaks.values())).median())
-    out: dict[int, list[int]] = {}
-    for (layer, e), peak in peaks.items():
-        if peak > factor * median:
-            out.setdefault(layer, []).append(e)
-    return out
 
 
 def tcess(s: LayerStats, domain: int | None = None) -> Tensor:
@@ -132,14 +111,13 @@ def _reconstruct_keep(block: BlockView, x: Tensor, drop: int, protected: set[int
 
 
 def plan_prune(model: nn.Module, stats: Stats, method: str, ratio: float, task: str | None = None,
-               protect_super: bool = False, max_tokens: int = 1024) -> Plan:
+               protect: dict[int, list[int]] | None = None, max_tokens: int = 1024) -> Plan:
     """A pruning plan (`frequency`, `tcess` or `reconstruct`) removing `ratio` of each layer's experts."""
     domain = stats.domain_index(task) if task is not None else None
-    protected = super_experts(model, stats) if protect_super else {}
     layers = {}
     for block, s in zip(view(model), stats.layers, strict=True):
         drop = drop_count(block.num_experts, ratio)
-        guard = set(protected.get(block.layer, []))
+        guard = set((protect or {}).get(block.layer, []))
         if method == "frequency":
             scores = s.counts(domain)
             keep = _keep_top(scores, drop, guard)
@@ -153,7 +131,7 @@ def plan_prune(model: nn.Module, stats: Stats, method: str, ratio: float, task: 
             raise ConfigError(f"method={method!r}: expected frequency, tcess or reconstruct")
         layers[block.layer] = {"keep": keep, "scores": [round(float(v), 6) for v in scores],
                                "protected": sorted(guard)}
-    return Plan(method, ratio, layers, {"task": task, "protect_super": protect_super})
+    return Plan(method, ratio, layers, {"task": task, "protected": protect or {}})
 
 
 def apply_prune(model: nn.Module, plan: Plan) -> None:

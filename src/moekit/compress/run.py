@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit.compress import METHODS, apply, calibrate, check_ratio, plan, token_windows
+from moekit.compress import METHODS, apply, calibrate, check_ratio, find_super_experts, plan, token_windows
 from moekit.compress.calibrate import Stats
 from moekit.data import DataError, TextDoc, default_documents, read_documents
 from moekit.errors import ConfigError
@@ -131,6 +131,8 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
                             f"--data FILE (held-out evaluation text must be other documents)")
     elif ratio is not None:
         raise ConfigError("--ratio: given without --method; expected both or neither")
+    elif protect_super:
+        raise ConfigError("--protect-super: protects experts from a --method; expected --method and --ratio")
     if quant is not None:
         from moekit.compress.quantize import parse_spec
 
@@ -156,9 +158,11 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
                               grads=method == "heapr", progress=progress)
         caught = [str(r.message) for r in records]
     ppl_before = _ppl(model, tokenizer, eval_docs, eval_tokens)
-    p = None
+    p, protect, supers = None, None, None
+    if protect_super:
+        protect, supers = find_super_experts(model, cal_docs, tokenizer, max_tokens=cal_tokens, progress=progress)
     if method is not None:
-        p = plan(model, stats, method, ratio, task=task, protect_super=protect_super)
+        p = plan(model, stats, method, ratio, task=task, protect=protect)
         apply(model, p)
     ranks = None
     if lowrank is not None:
@@ -186,7 +190,8 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
     measured = (ppl_after or {}).get("experts_per_token")  # under skipping; else every token uses k experts
     report = {
         "model": str(path), "method": method, "ratio": ratio, "quant": quant, "task": task,
-        "protect_super": protect_super, "calibration": {"files": data, "tokens": stats.tokens if stats else 0},
+        "protect_super": protect_super, "super_experts": supers,
+        "calibration": {"files": data, "tokens": stats.tokens if stats else 0},
         "evaluation": {"files": eval_data or ("moekit-tiny held-out split" if is_default else None),
                        "documents": len(eval_docs), "tokens": ppl_before["tokens"] if ppl_before else 0},
         "bytes_before": checkpoint_bytes(path), "bytes_after": None,
