@@ -226,3 +226,13 @@ def test_protect_super_reports_the_candidates_and_plans_around_the_confirmed(set
     assert plan.options["protected"] == confirmed
     for layer, experts in confirmed.items():
         assert set(experts) <= set(plan.layers[int(layer)]["keep"])
+
+
+def test_prune_then_mixed_precision_calibrates_the_pruned_model(setup, capsys):
+    out = setup / "mixed-out"
+    code, _, err = _run(["compress", str(setup / "model"), "--method", "frequency", "--ratio", "0.5", "--quant",
+                         "mixed:8000", "--data", str(setup / "cal.jsonl"), "--out", str(out)], capsys)
+    assert code == 0, err
+    quant = json.loads((out / "quant_plan.json").read_text())
+    assert quant["expert_bytes"] <= 8000
+    assert [len(entry["formats"]) for entry in quant["layers"]] == [3, 3]  # one format per kept expert

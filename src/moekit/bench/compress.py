@@ -63,13 +63,12 @@ def _score(model: nn.Module, dtype: torch.dtype, tokenizer, docs, eval_tokens: i
 def _quant_rows(model: nn.Module, stats: Stats, score, dtype: torch.dtype) -> list[dict]:
     from moekit.compress.quantize import apply_quant, plan_quant
 
-    load = {"layers": [{"layer": s.layer, "load": s.counts().tolist()} for s in stats.layers]}
     rest = stored_bytes(model, dtype) - sum(
         sum(p.numel() for p in b.experts.module.parameters()) for b in view(model)) * dtype.itemsize
     int4 = plan_quant(model, None, "int4").expert_bytes
     rows = []
     for spec in (*QUANTS, f"mixed:{int4}"):
-        qplan = plan_quant(model, load, spec)
+        qplan = plan_quant(model, stats, spec)  # mixed: routing-weighted output error on the calibration tokens
         quantized = apply_quant(copy.deepcopy(model), qplan)
         result = perplexity(quantized, *score, progress=False)
         rows.append({"method": spec.split(":")[0], "quant": spec, "ppl": result["ppl"], "domains": result.get(

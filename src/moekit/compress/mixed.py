@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array, kron
 from scipy.sparse import eye as sparse_eye
 from tqdm import tqdm
 
+from moekit.compress.calibrate import LayerStats, Stats
 from moekit.compress.qformat import decode, encode, packed_nbytes
 from moekit.errors import ConfigError
 from moekit.hf.view import BlockView
@@ -60,8 +62,7 @@ def expert_cost(block: BlockView, fmt: str, group_size: int) -> int:
 
 def quant_error(w: torch.Tensor, fmt: str, group_size: int) -> float:
     """||w - deq(q(w))||^2 of one [out, in] matrix."""
-    codes, scale = encode(w, fmt, group_size)
-    return float((decode(codes, scale, fmt, w.shape[1], torch.float32) - w.float()).pow(2).sum())
+    return float((_roundtrip(w, fmt, group_size) - w.float()).pow(2).sum())
 
 
 def importance(blocks: list[BlockView], stats: dict | None) -> list[np.ndarray]:
@@ -83,18 +84,59 @@ def importance(blocks: list[BlockView], stats: dict | None) -> list[np.ndarray]:
     return out
 
 
-def plan_mixed(blocks: list[BlockView], stats: dict | None, budget: int, group_size: int) -> dict[int, list[str]]:
-    """{layer: format per expert} minimising importance-weighted quantization error within `budget` bytes."""
-    weights = importance(blocks, stats)
+def _roundtrip(w: torch.Tensor, fmt: str, group_size: int) -> torch.Tensor:
+    codes, scale = encode(w, fmt, group_size)
+    return decode(codes, scale, fmt, w.shape[1], torch.float32)
+
+
+@torch.no_grad()
+def output_errors(block: BlockView, s: LayerStats, group_size: int, max_tokens: int = 4096) -> np.ndarray:
+    """[E, F]: per expert and candidate format, sum over the calibration tokens routed to the expert of
+    (routing weight)^2 * ||expert(x) - quantized expert(x)||^2, divided by the token count (MC-MoE's factors in one
+    number: how often the expert is chosen, with what routing score, and how far its quantized output moves)."""
+    ex = block.experts
+    x_all = s.x[:max_tokens].float()
+    gate = s.gate_weight()[:max_tokens]  # [T, E]
+    out = np.zeros((block.num_experts, len(CANDIDATES)))
+    for e in range(block.num_experts):
+        tokens = gate[:, e] > 0
+        if not tokens.any():
+            continue
+        x, r = x_all[tokens], gate[tokens, e, None].float()
+        up_b = None if ex.gate_up_proj_bias is None else ex.gate_up_proj_bias[e].float()
+        down_b = None if ex.down_proj_bias is None else ex.down_proj_bias[e].float()
+        up, down = ex.up_weight(e).float(), ex.down_weight(e).float()
+        exact = F.linear(ex.act(F.linear(x, up, up_b)), down, down_b)
+        for j, fmt in enumerate(CANDIDATES):
+            y = F.linear(ex.act(F.linear(x, _roundtrip(up, fmt, group_size), up_b)), _roundtrip(down, fmt, group_size),
+                         down_b)
+            out[e, j] = float((r * (y - exact)).pow(2).sum()) / len(x_all)
+    return out
+
+
+def plan_mixed(blocks: list[BlockView], stats: dict | Stats | None, budget: int, group_size: int
+               ) -> dict[int, list[str]]:
+    """{layer: format per expert} minimising the damage within `budget` bytes: with calibration `Stats`, the
+    routing-weighted output error (`output_errors`); with a load dict, load-weighted weight error; else weight
+    error."""
+    calibrated = isinstance(stats, Stats)
+    if calibrated and [s.num_experts for s in stats.layers] != [b.num_experts for b in blocks]:
+        raise ConfigError(f"stats: calibrated on layers of {[s.num_experts for s in stats.layers]} experts, the model "
+                          f"has {[b.num_experts for b in blocks]}; expected statistics of this model")
+    weights = None if calibrated else importance(blocks, stats)
     damage, cost, rows = [], [], []
     with torch.no_grad():
-        for block, imp in tqdm(list(zip(blocks, weights, strict=True)), desc="mixed precision", unit="layer",
-                               leave=False):
+        for i, block in enumerate(tqdm(blocks, desc="mixed precision", unit="layer", leave=False)):
             costs = [expert_cost(block, f, group_size) for f in CANDIDATES]
+            outputs = output_errors(block, stats.layers[i], group_size) if calibrated else None
             for e in range(block.num_experts):
                 up, down = block.experts.up_weight(e), block.experts.down_weight(e)
-                err = [quant_error(up, f, group_size) + quant_error(down, f, group_size) for f in CANDIDATES]
-                damage.append([(imp[e] + _FLOOR / block.num_experts) * v for v in err])
+                err = np.array([quant_error(up, f, group_size) + quant_error(down, f, group_size)
+                                for f in CANDIDATES])
+                if calibrated:  # never-routed experts still prefer less weight error, far below any routed one's
+                    damage.append(outputs[e] + 1e-6 * err / max(err.max(), 1e-30) * outputs.max(initial=0.0))
+                else:
+                    damage.append((weights[i][e] + _FLOOR / block.num_experts) * err)
                 cost.append(costs)
                 rows.append((block.layer, e))
     choice = allocate(np.asarray(damage), np.asarray(cost), budget)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from moekit.compress.calibrate import Stats
 from moekit.compress.mixed import expert_cost, plan_mixed
 from moekit.compress.qexperts import quantize_experts, swap_experts
 from moekit.compress.qformat import BITS, QuantizedExperts
@@ -87,9 +88,11 @@ def _quantizable(model: nn.Module):
     return blocks
 
 
-def plan_quant(model: nn.Module, stats: dict | None, spec: str, group_size: int = DEFAULT_GROUP) -> QuantPlan:
-    """The formats every routed expert of `model` gets under `spec`; `stats` (per layer `load`) weights the mixed
-    allocation (uniform when None; ignored by the uniform formats)."""
+def plan_quant(model: nn.Module, stats: dict | Stats | None, spec: str, group_size: int = DEFAULT_GROUP
+               ) -> QuantPlan:
+    """The formats every routed expert of `model` gets under `spec`. For `mixed`, `stats` sets what the allocation
+    minimises (see `moekit.compress.mixed.plan_mixed`): calibration `Stats`, the routing-weighted output error; a
+    dict with per-layer `load`, load-weighted weight error; None, weight error. Ignored by the uniform formats."""
     kind, budget = parse_spec(spec)
     if not isinstance(group_size, int) or group_size < 4 or group_size % 4:
         raise ConfigError(f"group_size={group_size!r}: expected a positive multiple of 4")

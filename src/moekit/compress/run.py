@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from moekit.compress import METHODS, apply, calibrate, check_ratio, find_super_experts, plan, token_windows
-from moekit.compress.calibrate import Stats
 from moekit.data import DataError, TextDoc, default_documents, read_documents
 from moekit.errors import ConfigError
 from moekit.eval import load_model_and_tokenizer, perplexity
@@ -90,12 +89,6 @@ def _ppl(model: nn.Module, tokenizer, docs: list[TextDoc], max_tokens: int,
     apply_skip(scored, skip_thresholds)
     result = perplexity(scored, tokenizer, docs, max_tokens=max_tokens)
     return {**result, "experts_per_token": experts_per_token(scored)}
-
-
-def _quant_stats(stats: Stats | None) -> dict | None:
-    if stats is None:
-        return None
-    return {"layers": [{"layer": s.layer, "load": s.counts().tolist()} for s in stats.layers]}
 
 
 def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: str | None = None,
@@ -176,7 +169,13 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
     if quant is not None:
         from moekit.compress.quantize import apply_quant, plan_quant
 
-        quant_plan = plan_quant(model, _quant_stats(stats), quant)
+        quant_stats = stats
+        if stats is not None and p is not None and quant.startswith("mixed"):
+            with warnings.catch_warnings():  # the compressed model routes differently: calibrate it again
+                warnings.simplefilter("ignore")
+                quant_stats = calibrate(model, token_windows(tokenizer, cal_docs, model, cal_tokens),
+                                        progress=progress)
+        quant_plan = plan_quant(model, quant_stats, quant)
         apply_quant(model, quant_plan)
     model = model.to(dtype)
     thresholds = None
