@@ -232,7 +232,8 @@ def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan
         if report["skip_thresholds"] is not None:
             (tmp / "skip.json").write_text(json.dumps({
                 "target": report["skip_target"], "thresholds": report["skip_thresholds"],
-                "apply": "moekit.compress.skip.apply_skip(model, thresholds)"}, indent=1))
+                "renormalize": False,
+                "apply": "moekit.compress.skip.apply_skip(model, thresholds, renormalize=False)"}, indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
