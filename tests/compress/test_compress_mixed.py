@@ -50,19 +50,26 @@ def _identical_experts(model):
     return model
 
 
-def test_mixed_budget_is_respected_and_important_experts_get_more_bits():
-    model = _identical_experts(tiny_model("qwen3_moe", hidden_size=64, moe_intermediate_size=32))
-    load = [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]
-    order = [3, 0, 5, 1, 4, 2]  # planted: expert order[i] has load[i]
-    stats = {"layers": [{"layer": layer, "load": [load[order.index(e)] for e in range(6)]} for layer in (0, 1)]}
+def _plan_between_ternary_and_int8(model, stats, order: list[int]):
+    """The mixed plan at a budget halfway between all-ternary and all-int8: within budget, and in both layers the
+    bits fall along `order` (most important expert first), the first getting more than the last."""
     ternary = plan_quant(model, None, "ternary").expert_bytes
     int8 = plan_quant(model, None, "int8").expert_bytes
     budget = (ternary + int8) // 2
     plan = plan_quant(model, stats, f"mixed:{budget}")
     assert plan.expert_bytes <= budget
     for layer in (0, 1):
-        bits = [BITS[plan.layers[layer][e]] for e in order]  # most important first
+        bits = [BITS[plan.layers[layer][e]] for e in order]
         assert bits == sorted(bits, reverse=True) and bits[0] > bits[-1]
+    return plan, budget
+
+
+def test_mixed_budget_is_respected_and_important_experts_get_more_bits():
+    model = _identical_experts(tiny_model("qwen3_moe", hidden_size=64, moe_intermediate_size=32))
+    load = [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]
+    order = [3, 0, 5, 1, 4, 2]  # planted: expert order[i] has load[i]
+    stats = {"layers": [{"layer": layer, "load": [load[order.index(e)] for e in range(6)]} for layer in (0, 1)]}
+    plan, budget = _plan_between_ternary_and_int8(model, stats, order)
     apply_quant(model, plan)
     assert resident_bytes(model)["experts"] == plan.expert_bytes <= budget
 
@@ -120,11 +127,4 @@ def test_calibrated_allocation_gives_more_bits_to_experts_with_more_routed_weigh
         layers.append(LayerStats(block.layer, torch.randn(t, 64, generator=g), None, torch.zeros(t, 6),
                                  torch.ones(t, 1), idx, torch.full((t,), -1)))
     stats = Stats(layers, sum(tokens))
-    ternary = plan_quant(model, None, "ternary").expert_bytes
-    int8 = plan_quant(model, None, "int8").expert_bytes
-    budget = (ternary + int8) // 2
-    plan = plan_quant(model, stats, f"mixed:{budget}")
-    assert plan.expert_bytes <= budget
-    for layer in (0, 1):
-        bits = [BITS[plan.layers[layer][e]] for e in order]  # most routed first
-        assert bits == sorted(bits, reverse=True) and bits[0] > bits[-1]
+    _plan_between_ternary_and_int8(model, stats, order)
