@@ -3,10 +3,13 @@ integer program under a byte budget.
 
 Each expert i gets exactly one format f from `CANDIDATES` (ternary = 2 bits, int4, int8, bf16 = 16 bits). The cost
 of (i, f) is the bytes expert i holds in format f (codes, scales and float biases, exactly what `apply_quant` will
-allocate); its damage is importance_i * ||W_i - deq(q_f(W_i))||^2 over both projections, where importance_i is the
-expert's share of its layer's routed tokens (`stats["layers"][j]["load"]`, uniform without statistics) plus a
-small floor, so experts never routed to still prefer less error when the budget has room. `scipy.optimize.milp`
-minimises the total damage subject to total bytes <= budget.
+allocate). Its damage, with calibration `Stats`, is MC-MoE's factors in one number (`output_errors`): over the
+tokens routed to i, (routing weight)^2 * ||expert_i(x) - expert_i,f(x)||^2; on moekit-tiny this beats the two
+others at every budget measured (docs/compress.md). With a load dict it is importance_i * ||W_i - deq(q_f(W_i))||^2
+over both projections, importance_i the expert's share of its layer's routed tokens
+(`stats["layers"][j]["load"]`) plus a small floor, so experts never routed to still prefer less error; without
+statistics, the weight error alone. `scipy.optimize.milp` minimises the total damage subject to total bytes <=
+budget.
 """
 
 from __future__ import annotations
