@@ -90,15 +90,16 @@ class ExpertParallelMoE(nn.Module):
     def full_experts_state(self) -> dict[str, Tensor]:
         """All ranks' experts gathered, by parameter name ([E, ...] each), on every rank: what a 1-rank `MoE`
         loads (`moe.experts.load_state_dict`), so N-rank checkpoints load on 1 rank."""
-        state = {}
-        for name in _EXPERT_PARAMS:
-            local = getattr(self.experts, name)
-            if local is None:
-                continue
-            parts = [torch.empty_like(local) for _ in range(self.world)]
-            dist.all_gather(parts, local.detach().contiguous(), group=self.group)
-            state[name] = torch.cat(parts)
-        return state
+        return {name: gather_shards(getattr(self.experts, name).detach(), self.world, self.group)
+                for name in _EXPERT_PARAMS if getattr(self.experts, name) is not None}
+
+
+def gather_shards(local: Tensor, world: int, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Every rank's expert shard [E_local, ...] concatenated in rank order: [world * E_local, ...], on every rank
+    (collective)."""
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)
 
 
 def _exchange(rows: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None) -> Tensor:

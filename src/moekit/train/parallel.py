@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError
+from moekit.train.expert_parallel import gather_shards
 from moekit.train.moe_model import moe_blocks
 
 _SHARDED = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -116,9 +117,7 @@ def full_state(model: nn.Module, rt: Runtime, tensors: dict[str, Tensor]) -> dic
         if base is None:
             out[name] = t
             continue
-        parts = [torch.empty_like(t) for _ in range(rt.world)]
-        dist.all_gather(parts, t.contiguous())
-        out[name] = torch.cat(parts)
+        out[name] = gather_shards(t, rt.world)
     return out
 
 
