@@ -97,3 +97,15 @@ def test_expert_activations_on_every_family_agree_with_the_trace(model_type):
         assert all(s is not None and 0.0 < s < 1.0 for s in share)
     else:
         assert health["shared_share"] == {}
+
+
+def test_unused_experts_do_not_drag_the_median_to_zero():
+    """Most experts of both layers unused (max_abs 0): the used ones are compared with each other, not flagged."""
+    acts = stats.ExpertActivations(layers=[0, 1], max_abs=[[1.0, 1.2, 0, 0, 0, 0], [0.9, 6.5, 0, 0, 0, 0]],
+                                   tokens=[[5, 3, 0, 0, 0, 0], [4, 2, 0, 0, 0, 0]], near_zero=[[0.0] * 6] * 2,
+                                   shared_share={})
+    ranked = stats.outlier_ranking(acts)
+    median = 1.0  # of 0.9, 1.0, 1.2, 6.5 (the lower middle value, as torch.median takes it)
+    assert ranked[0][:2] == (1, 1) and ranked[0][3] == pytest.approx(6.5 / median)
+    assert [r[3] for r in ranked if r[2] == 0] == [0.0] * 8
+    assert [(i, e) for i, e, _, ratio in ranked if ratio >= 5.0] == [(1, 1)]

@@ -151,10 +151,12 @@ def position_plot(stats: dict) -> bytes:
 
 
 def super_expert_plot(stats: dict) -> bytes:
-    """Largest |down_proj output| of every expert (log scale), with the super-expert threshold."""
+    """Largest |down_proj output| of every expert (log scale), with the super-expert threshold (the factor times
+    the median over the experts some token reached, the lower middle value as `outlier_ranking` takes it)."""
     vals = stats["expert_max_abs"]
     flat = np.array([v for row in vals for v in row])
-    threshold = stats["super_expert_factor"] * float(np.median(flat))
+    used = np.sort(flat[flat > 0])
+    threshold = stats["super_expert_factor"] * float(used[(used.size - 1) // 2]) if used.size else 0.0
     fig = Figure(figsize=(max(6.0, 0.12 * flat.size + 2), 3.4))
     ax = fig.subplots()
     ax.set_yscale("log")

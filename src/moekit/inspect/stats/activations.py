@@ -201,10 +201,14 @@ def ablation_loss_deltas(model: nn.Module, experts: list[tuple[int, int]], docs:
 
 
 def outlier_ranking(acts: ExpertActivations) -> list[tuple[int, int, float, float]]:
-    """Every (traced layer i, expert e, max_abs, ratio to the median max_abs over all experts), largest first."""
-    flat = torch.tensor([v for row in acts.max_abs for v in row], dtype=torch.float64)
-    median = float(flat.median()) or 1e-30
-    ranked = [(i, e, v, v / median) for i, row in enumerate(acts.max_abs) for e, v in enumerate(row)]
+    """Every (traced layer i, expert e, max_abs, ratio to the median max_abs over the experts that processed
+    tokens), largest first. Experts no token reached have max_abs 0 and do not count in the median: where most
+    experts are unused, a median over all of them would be 0 and make every used expert an outlier."""
+    used = [v for row, counts in zip(acts.max_abs, acts.tokens, strict=True)
+            for v, n in zip(row, counts, strict=True) if n > 0]
+    median = float(torch.tensor(used, dtype=torch.float64).median()) if used else 0.0
+    ranked = [(i, e, v, v / median if median > 0 else 0.0) for i, row in enumerate(acts.max_abs)
+              for e, v in enumerate(row)]
     return sorted(ranked, key=lambda r: -r[2])
 
 
