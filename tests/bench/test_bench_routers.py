@@ -16,11 +16,12 @@ def test_every_catalog_router_has_a_bench_setup():
 
 def test_bench_routers_quick_records():
     proc = subprocess.run([sys.executable, "-m", "moekit.cli.main", "bench", "routers", "--quick", "--steps", "2",
-                           "--router", "topk", "--router", "null_experts", "--json"],
+                           "--router", "topk", "--router", "null_experts", "--seed", "3", "--json"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     topk, null = json.loads(proc.stdout)
     assert topk["router"] == "topk" and null["router"] == "null_experts"
+    assert topk["seed"] == null["seed"] == 3
     assert topk["experts_per_token"] == 2.0 and topk["experts_per_token_dist"] == {"2": 1.0}
     assert all(v == 0 for v in topk["loss_minus_topk"].values())
     assert 0 <= null["experts_per_token"] <= 3  # k = 3 slots over real and null experts

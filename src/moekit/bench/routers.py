@@ -145,7 +145,7 @@ def bench_one(name: str, recipe, work: Path, windows: int) -> dict[str, Any]:
     records = train(dataclasses.replace(recipe, moe_layer=setup), run_dir, progress=False)
     model = load_run(run_dir)
     data = heldout_windows(run_dir, recipe, windows)
-    result = {"router": name, "setup": setup, "steps": recipe.steps, **evaluate(model, data)}
+    result = {"router": name, "setup": setup, "steps": recipe.steps, "seed": recipe.seed, **evaluate(model, data)}
     speeds = [r["tokens_per_s"] for r in records[min(3, len(records) - 1):]]
     result["train_tokens_per_s"] = round(statistics.median(speeds), 1)
     result["final_train_loss"] = records[-1]["lm_loss"]
@@ -155,8 +155,9 @@ def bench_one(name: str, recipe, work: Path, windows: int) -> dict[str, Any]:
 
 
 def bench_routers(names: list[str] | None = None, steps: int = 300, quick: bool = False,
-                  windows: int = 32, out_dir: str | None = None) -> list[dict[str, Any]]:
-    """Train and evaluate each router of `names` (default: all of ROUTER_SETUPS); one record per router."""
+                  windows: int = 32, out_dir: str | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Train and evaluate each router of `names` (default: all of ROUTER_SETUPS); one record per router. `seed`
+    replaces the recipe's: initialisation, batch order and the corpus split all change with it."""
     from moekit.errors import ConfigError
 
     names = names or list(ROUTER_SETUPS)
@@ -165,7 +166,7 @@ def bench_routers(names: list[str] | None = None, steps: int = 300, quick: bool 
         raise ConfigError(f"--router {', '.join(unknown)}: expected some of {', '.join(ROUTER_SETUPS)}")
     if steps < 1:
         raise ConfigError(f"--steps={steps}: expected a positive integer")
-    recipe = bench_recipe(steps, quick)
+    recipe = dataclasses.replace(bench_recipe(steps, quick), seed=seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="moekit-bench-routers-", dir=out_dir) as tmp:
         for name in tqdm(names, desc="bench routers", unit="router"):

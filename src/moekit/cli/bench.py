@@ -37,6 +37,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ro.add_argument("--router", action="append", help="run only this router (repeatable; default: all)")
     ro.add_argument("--steps", type=int, default=300, help="training steps per router (default 300)")
     ro.add_argument("--quick", action="store_true", help="the smoke recipe: a smoke run, not a measurement")
+    ro.add_argument("--seed", type=int, default=0,
+                    help="the recipe's seed: initialisation, batches and the corpus split (default 0)")
     ro.add_argument("--inference", action="store_true",
                     help="instead: moekit-tiny under inference-time changes (k, top-p, skipping, SCMoE)")
     co = sub.add_parser("compress", help="every compression method at 25%%/50%% and the quantizations: held-out "
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                     for r in records]
             cols = list(dict.fromkeys(c for r in rows for c in r))
         else:
-            records = bench_routers(args.router, args.steps, args.quick)
+            records = bench_routers(args.router, args.steps, args.quick, seed=args.seed)
             rows, cols = table_rows(records)
         print(json.dumps(records, indent=1) if args.json else format_table(rows, cols))
         return 0
