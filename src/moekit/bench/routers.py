@@ -59,8 +59,9 @@ def heldout_windows(run_dir: Path, recipe, windows: int) -> dict[str, torch.Tens
     """Per domain, up to `windows` windows [n, seq_len] of the corpus's test split, tokenised as the run was."""
     from moekit.train.corpus import build_corpus
     from moekit.train.tokenizer import EOS_TOKEN, load_tokenizer
+    from moekit.train.trainer import corpus_seed
 
-    corpus = build_corpus(recipe.prose_dir, recipe.code_dir, recipe.max_docs_per_domain, recipe.seed)
+    corpus = build_corpus(recipe.prose_dir, recipe.code_dir, recipe.max_docs_per_domain, corpus_seed(recipe))
     tok = load_tokenizer(run_dir / "tokenizer")
     eos = tok.token_to_id(EOS_TOKEN)
     out = {}
@@ -157,7 +158,8 @@ def bench_one(name: str, recipe, work: Path, windows: int) -> dict[str, Any]:
 def bench_routers(names: list[str] | None = None, steps: int = 300, quick: bool = False,
                   windows: int = 32, out_dir: str | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Train and evaluate each router of `names` (default: all of ROUTER_SETUPS); one record per router. `seed`
-    replaces the recipe's: initialisation, batch order and the corpus split all change with it."""
+    replaces the recipe's initialisation and batch order; the corpus and its split stay those of seed 0, so every
+    seed is scored on the same held-out text."""
     from moekit.errors import ConfigError
 
     names = names or list(ROUTER_SETUPS)
@@ -166,7 +168,7 @@ def bench_routers(names: list[str] | None = None, steps: int = 300, quick: bool 
         raise ConfigError(f"--router {', '.join(unknown)}: expected some of {', '.join(ROUTER_SETUPS)}")
     if steps < 1:
         raise ConfigError(f"--steps={steps}: expected a positive integer")
-    recipe = dataclasses.replace(bench_recipe(steps, quick), seed=seed)
+    recipe = dataclasses.replace(bench_recipe(steps, quick), seed=seed, data_seed=0)
     results = []
     with tempfile.TemporaryDirectory(prefix="moekit-bench-routers-", dir=out_dir) as tmp:
         for name in tqdm(names, desc="bench routers", unit="router"):

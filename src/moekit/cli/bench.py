@@ -38,7 +38,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ro.add_argument("--steps", type=int, default=300, help="training steps per router (default 300)")
     ro.add_argument("--quick", action="store_true", help="the smoke recipe: a smoke run, not a measurement")
     ro.add_argument("--seed", type=int, default=0,
-                    help="the recipe's seed: initialisation, batches and the corpus split (default 0)")
+                    help="the recipe's seed: initialisation and batch order; the corpus split stays seed 0's "
+                         "(default 0)")
     ro.add_argument("--inference", action="store_true",
                     help="instead: moekit-tiny under inference-time changes (k, top-p, skipping, SCMoE)")
     co = sub.add_parser("compress", help="every compression method at 25%%/50%% and the quantizations: held-out "

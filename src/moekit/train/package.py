@@ -71,7 +71,7 @@ def package(run_dir: str, dense_dir: str, out_dir: str) -> dict:
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     recipe = state["recipe"]
     corpus = build_corpus(recipe.get("prose_dir"), recipe.get("code_dir"), recipe["max_docs_per_domain"],
-                          recipe["seed"])
+                          recipe["seed"] if recipe.get("data_seed") is None else recipe["data_seed"])
     tok = load_tokenizer(run / "tokenizer")
     results: dict[str, dict[str, float]] = {}
     models = {"moe": run / "model", "dense": dense_run / "model"}

@@ -52,6 +52,7 @@ class Recipe:
     code_dir: str | None = None  # None: Python's standard library
     save_every: int = 0
     seed: int = 0
+    data_seed: int | None = None  # the corpus's split and document selection (None: `seed`)
     # moekit.MoE keyword arguments (router, router_options, ...): the model's MoE blocks become moekit layers
     moe_layer: dict[str, Any] | None = None
     bias_update_rate: float = 0.0  # DeepSeek-V3 auxiliary-loss-free balancing step per training step (0: off)
@@ -90,6 +91,11 @@ def lr_at(recipe: Recipe, step: int) -> float:
     progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
     floor = recipe.lr * recipe.min_lr_ratio
     return floor + (recipe.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def corpus_seed(recipe: Recipe) -> int:
+    """The seed of the corpus's split and document selection: `data_seed`, else `seed`."""
+    return recipe.seed if recipe.data_seed is None else recipe.data_seed
 
 
 def batch_at(tokens: Tensor, recipe: Recipe, step: int, micro: int) -> Tensor:
@@ -183,7 +189,7 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
         raise ConfigError(f"batch_size={recipe.batch_size}: expected a multiple of the {rt.world} ranks")
     out = Path(out_dir)
     start = check_out_dir(out, recipe, resume)
-    corpus = build_corpus(recipe.prose_dir, recipe.code_dir, recipe.max_docs_per_domain, recipe.seed)
+    corpus = build_corpus(recipe.prose_dir, recipe.code_dir, recipe.max_docs_per_domain, corpus_seed(recipe))
     rt.barrier()  # every rank has checked the directory before rank 0 fills it
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
