@@ -109,3 +109,13 @@ def test_unused_experts_do_not_drag_the_median_to_zero():
     assert ranked[0][:2] == (1, 1) and ranked[0][3] == pytest.approx(6.5 / median)
     assert [r[3] for r in ranked if r[2] == 0] == [0.0] * 8
     assert [(i, e) for i, e, _, ratio in ranked if ratio >= 5.0] == [(1, 1)]
+
+
+def test_the_ordinary_expert_is_one_some_token_reached():
+    """The candidate is compared with the median of its layer's used experts: an unused expert (max_abs 0, ablation
+    changes nothing) would make any candidate whose removal costs anything look like a super expert."""
+    model = tiny_model("qwen3_moe")
+    acts = stats.ExpertActivations(layers=[0, 1], max_abs=[[1.0] * 6, [1.0, 6.5, 1.2, 0, 0, 0]],
+                                   tokens=[[4] * 6, [5, 3, 4, 0, 0, 0]], near_zero=[[0.0] * 6] * 2, shared_share={})
+    (described,) = stats.describe_outliers(model, [(1, 1, 6.5, 6.5)], acts, _docs(n=2), TOK)
+    assert described["ordinary_expert"] == 2  # the median of 1.0, 1.2, 6.5

@@ -216,11 +216,13 @@ def describe_outliers(model: nn.Module, candidates: list[tuple[int, int, float, 
                       docs=None, tokenizer=None, **kw) -> list[dict]:
     """Entries {layer, expert, max_abs, ratio, ablation_loss_delta, ordinary_expert, ordinary_loss_delta} for the
     candidates: the loss change when the candidate is removed, against removing the expert of the same layer whose
-    max_abs is the layer's median (an ordinary expert)."""
+    max_abs is the median over the layer's experts some token reached (an ordinary expert; an unused one would
+    change nothing)."""
     ordinary = {}
     for i, _, _, _ in candidates:
         row = acts.max_abs[i]
-        ordinary[i] = sorted(range(len(row)), key=lambda e: row[e])[(len(row) - 1) // 2]
+        used = [e for e, n in enumerate(acts.tokens[i]) if n > 0] or list(range(len(row)))
+        ordinary[i] = sorted(used, key=lambda e: row[e])[(len(used) - 1) // 2]
     pairs = [(i, e) for i, e, _, _ in candidates] + [(i, ordinary[i]) for i in dict.fromkeys(ordinary)]
     _, deltas = ablation_loss_deltas(model, pairs, docs, tokenizer, **kw)
     by_pair = dict(zip(pairs, deltas, strict=True))
