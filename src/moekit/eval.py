@@ -47,8 +47,13 @@ def perplexity(model: nn.Module, tokenizer, docs: Sequence[TextDoc], seq_len: in
     over `docs` (domains only when some document has a label). `max_tokens` caps the predicted tokens, shared
     equally among the domains so a cap never leaves one out; documents are cut at their domain's cap. seq_len
     defaults to min(512, the model's context); stride to seq_len // 2."""
-    seq_len = seq_len or min(512, context_length(model))
-    stride = stride or max(1, seq_len // 2)
+    context = context_length(model)
+    seq_len = min(512, context) if seq_len is None else seq_len
+    stride = max(1, seq_len // 2) if stride is None else stride
+    if seq_len > context:
+        raise DataError(f"seq_len={seq_len}: expected at most the model's context of {context} tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"max_tokens={max_tokens}: expected a positive number of tokens")
     if not 1 <= stride < seq_len:
         raise DataError(f"seq_len={seq_len}, stride={stride}: expected 1 <= stride < seq_len (a window's first token "
                         f"is context only, so windows must overlap by one)")

@@ -70,3 +70,14 @@ def test_bad_windows_and_empty_data_are_refused():
         perplexity(model, CharTokenizer(), [TextDoc("abc", None, "a")], seq_len=8, stride=8, progress=False)
     with pytest.raises(DataError, match="no document"):
         perplexity(model, CharTokenizer(), [TextDoc("", None, "a")], progress=False)
+
+
+@pytest.mark.parametrize(("kw", "field"), [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -5}, "max_tokens"),
+                                            ({"stride": 0}, "stride"), ({"seq_len": 0}, "seq_len"),
+                                            ({"seq_len": 129}, "seq_len")])
+def test_out_of_range_window_and_cap_are_refused_not_replaced(kw, field):
+    """A cap below 1 used to score one token per domain, a 0 stride or length silently became the default, and a
+    window longer than the model's context (128 here) ran past its positions."""
+    model = tiny_model("mixtral")
+    with pytest.raises(DataError, match=field):
+        perplexity(model, CharTokenizer(), [TextDoc("x" * 300, None, "a")], progress=False, **kw)

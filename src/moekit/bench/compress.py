@@ -22,7 +22,7 @@ from tqdm import tqdm
 from moekit.compress import METHODS, apply, calibrate, plan, token_windows
 from moekit.compress.calibrate import CalibrationWarning, Stats
 from moekit.compress.run import checkpoint_dtype
-from moekit.data import DataError, TextDoc
+from moekit.data import DataError, TextDoc, context_length
 from moekit.eval import model_and_documents, perplexity
 from moekit.hf.view import view
 
@@ -55,9 +55,16 @@ def split_documents(docs: list[TextDoc]) -> tuple[list[TextDoc], list[TextDoc]]:
     return halves[0], halves[1]
 
 
+def _window(model: nn.Module) -> tuple[int, int]:
+    """(seq_len, stride): 256-token windows advancing by 224, shorter where the model's context is."""
+    seq_len = min(256, context_length(model))
+    return seq_len, seq_len - seq_len // 8
+
+
 def _score(model: nn.Module, dtype: torch.dtype, tokenizer, docs, eval_tokens: int) -> dict:
     scored = copy.deepcopy(model).to(dtype).float()
-    return perplexity(scored, tokenizer, docs, seq_len=256, stride=224, max_tokens=eval_tokens, progress=False)
+    seq_len, stride = _window(model)
+    return perplexity(scored, tokenizer, docs, seq_len=seq_len, stride=stride, max_tokens=eval_tokens, progress=False)
 
 
 def _quant_rows(model: nn.Module, stats: Stats, score, dtype: torch.dtype) -> list[dict]:
@@ -112,7 +119,7 @@ def _bench(model_path: str | None, data: list[str] | None, ratios, cal_tokens: i
                      "bytes": stored_bytes(compressed, dtype),
                      "experts_per_layer": [b.num_experts for b in view(compressed)]})
     if quant:
-        rows += _quant_rows(model, stats, (tokenizer, eval_docs, 256, 224, eval_tokens), dtype)
+        rows += _quant_rows(model, stats, (tokenizer, eval_docs, *_window(model), eval_tokens), dtype)
     frequency = {r["ratio"]: r["ppl"] for r in rows if r["method"] == "frequency"}
     for r in rows:
         r["model"] = str(path)
