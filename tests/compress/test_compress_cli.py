@@ -236,3 +236,14 @@ def test_prune_then_mixed_precision_calibrates_the_pruned_model(setup, capsys):
     quant = json.loads((out / "quant_plan.json").read_text())
     assert quant["expert_bytes"] <= 8000
     assert [len(entry["formats"]) for entry in quant["layers"]] == [3, 3]  # one format per kept expert
+
+
+@pytest.mark.parametrize("flag", ["--cal-tokens", "--eval-tokens"])
+def test_token_caps_below_one_are_refused_by_name(setup, capsys, flag):
+    """--cal-tokens 0 used to end in 'no window of two or more tokens; expected more text' (the text was fine);
+    --eval-tokens 0 in a perplexity of one token per domain."""
+    code, _, err = _run(["compress", str(setup / "model"), "--method", "frequency", "--ratio", "0.5", "--data",
+                         str(setup / "cal.jsonl"), "--eval-data", str(setup / "held.jsonl"), flag, "0", "--out",
+                         str(setup / "out-caps")], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{flag} 0: expected a positive number" in err
+    assert not (setup / "out-caps").exists()

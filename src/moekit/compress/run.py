@@ -102,6 +102,9 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
     `lowrank`: afterwards cut every expert to rank round(lowrank * min(H, I)) factors (MC-SMoE's SVD step)."""
     if method is None and quant is None and skip is None and lowrank is None:
         raise ConfigError("--method / --quant / --lowrank / --skip: expected at least one of them")
+    for flag, tokens in (("--cal-tokens", cal_tokens), ("--eval-tokens", eval_tokens)):
+        if tokens < 1:
+            raise ConfigError(f"{flag} {tokens}: expected a positive number of tokens")
     if lowrank is not None:
         if not 0 < lowrank < 1:
             raise ConfigError(f"--lowrank {lowrank}: expected a fraction in (0, 1) of the full rank min(H, I)")
