@@ -145,3 +145,16 @@ def test_gpt_oss_layers_pruned_to_one_width_keep_the_family_layout():
     ids = torch.randint(3, 97, (1, 15))
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_the_ratio_is_met_exactly_when_experts_are_never_routed():
+    """Tiny GPT-OSS routes every calibration token to 2 of its 6 experts per layer, so most neurons score 0; the
+    best neuron each expert keeps is not counted against the ratio."""
+    model = tiny_model("gpt_oss")
+    stats = _stats(model)
+    assert any((s.counts() == 0).any() for s in stats.layers)
+    p = mc.plan(model, stats, "heapr", 0.5)
+    total = 2 * 6 * 24
+    assert sum(len(n) for entry in p.layers.values() for n in entry["neurons"]) == total // 2
+    assert p.summary == {"neurons_before": total, "neurons_after": total // 2}
+    assert all(len(n) >= 1 for entry in p.layers.values() for n in entry["neurons"])

@@ -56,28 +56,29 @@ def heapr_scores(model: nn.Module, stats: Stats) -> dict[int, torch.Tensor]:
 
 
 def plan_heapr(model: nn.Module, stats: Stats, ratio: float, protect: dict[int, list[int]] | None = None) -> Plan:
-    """Remove the `ratio` of all atomic experts (every layer, every expert) with the lowest HEAPr score; the
-    experts in `protect` ({layer: experts}) keep every neuron."""
+    """Remove the `ratio` of all atomic experts (every layer, every expert) with the lowest HEAPr score. Every
+    expert keeps its best neuron and the experts in `protect` ({layer: experts}) keep all of theirs; the others
+    are ranked, so exactly round(ratio * all neurons) go while that many are removable."""
     scores = heapr_scores(model, stats)
-    for layer, experts in (protect or {}).items():
-        scores[layer][experts] = float("inf")
+    removable = {}
+    for layer, s in scores.items():
+        mask = torch.ones_like(s, dtype=torch.bool)
+        mask[torch.arange(s.shape[0]), s.argmax(dim=1)] = False
+        mask[(protect or {}).get(layer, [])] = False
+        removable[layer] = mask
     flat = torch.cat([s.flatten() for s in scores.values()])
-    remove = round(ratio * len(flat))
-    order = torch.argsort(flat, stable=True)
+    eligible = torch.cat([m.flatten() for m in removable.values()]).nonzero().flatten()
+    remove = min(round(ratio * len(flat)), len(eligible))
     keep_mask = torch.ones(len(flat), dtype=torch.bool)
-    keep_mask[order[:remove]] = False
+    keep_mask[eligible[torch.argsort(flat[eligible], stable=True)[:remove]]] = False
     layers, start = {}, 0
     for layer, s in scores.items():
         mask = keep_mask[start: start + s.numel()].reshape(s.shape)
         start += s.numel()
-        neurons = []
-        for e in range(s.shape[0]):
-            kept = mask[e].nonzero().flatten().tolist()
-            neurons.append(kept or [int(s[e].argmax())])  # an expert keeps at least its best neuron
-        layers[layer] = {"keep": list(range(s.shape[0])), "neurons": neurons}
-    kept = sum(len(n) for d in layers.values() for n in d["neurons"])
+        layers[layer] = {"keep": list(range(s.shape[0])),
+                         "neurons": [mask[e].nonzero().flatten().tolist() for e in range(s.shape[0])]}
     return Plan("heapr", ratio, layers, {"protected": protect or {}},
-                summary={"neurons_before": len(flat), "neurons_after": kept})
+                summary={"neurons_before": len(flat), "neurons_after": len(flat) - remove})
 
 
 def apply_heapr(model: nn.Module, plan: Plan) -> None:
