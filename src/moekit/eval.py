@@ -112,9 +112,19 @@ def model_and_documents(model_path: str | os.PathLike | None, data: list[str] | 
 
 
 def evaluate_checkpoint(model_path: str | None, data: list[str] | None, seq_len: int | None = None,
-                        stride: int | None = None, max_tokens: int | None = None) -> dict:
+                        stride: int | None = None, max_tokens: int | None = None, skip: bool = True) -> dict:
     """`moekit eval`: perplexity of a checkpoint (None: moekit-tiny) on `data` files (None: moekit-tiny's
-    held-out split, for moekit-tiny only)."""
+    held-out split, for moekit-tiny only). A skip.json beside the checkpoint (`moekit compress --skip`) is
+    applied unless `skip` is False; the result then has `skip` {thresholds, renormalize, experts_per_token}."""
+    from moekit.compress.skip import apply_skip, read_skip
+    from moekit.hf.reroute import experts_per_token
+    from moekit.hf.view import view
+
     path, model, tokenizer, docs = model_and_documents(model_path, data)
+    spec = read_skip(path, len(view(model))) if skip else None
+    if spec is not None:
+        apply_skip(model, spec["thresholds"], spec["renormalize"])
     result = perplexity(model, tokenizer, docs, seq_len, stride, max_tokens)
+    if spec is not None:
+        result["skip"] = {**spec, "experts_per_token": experts_per_token(model)}
     return {"model": str(path), "data": data or "moekit-tiny held-out split", **result}

@@ -179,6 +179,15 @@ def test_dynamic_skipping_is_calibrated_measured_and_written(setup, capsys):
     # top-2 layers: about half of the second experts skipped on held-out text (calibrated on other text)
     assert all(1.2 < e < 1.8 for e in report["experts_per_token"].values())
     assert report["ppl_after"] != report["ppl_before"] and report["params_after"] == report["params_before"]
+    # moekit eval applies skip.json (the report's ppl_after), or not with --no-skip (the model is unchanged)
+    results = {}
+    for extra in ([], ["--no-skip"]):
+        code, text, err = _run(["eval", str(out), "--data", str(setup / "held.jsonl"), *extra], capsys)
+        assert code == 0, err
+        results[bool(extra)] = json.loads(text)
+    assert results[False]["ppl"] == pytest.approx(report["ppl_after"], rel=1e-5)
+    assert results[False]["skip"]["experts_per_token"] == pytest.approx(list(report["experts_per_token"].values()))
+    assert results[True]["ppl"] == pytest.approx(report["ppl_before"], rel=1e-5) and "skip" not in results[True]
     for extra, message in ((["--skip", "1.5"], "--skip 1.5: expected a fraction"),
                            (["--skip", "0.5", "--data", str(setup / "nope.jsonl")], "nope.jsonl")):
         code, _, err = _run(["compress", str(setup / "model"), "--out", str(setup / "x"), *extra], capsys)

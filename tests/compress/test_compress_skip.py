@@ -3,6 +3,8 @@ moekit.hf.reroute, which counts experts per token), and skipped experts of a qua
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -93,3 +95,16 @@ def test_quality_budget_bounds_the_target():
     assert max(experts_per_token(model, DOCS, CharTokenizer(), none)) <= k
     with pytest.raises(ConfigError, match="target=1.5"):
         calibrate_skip(model, DOCS, CharTokenizer(), target=1.5)
+
+
+def test_skip_file_is_read_checked_or_absent(tmp_path):
+    from moekit.compress.skip import read_skip
+
+    assert read_skip(tmp_path, 2) is None
+    (tmp_path / "skip.json").write_text(json.dumps({"thresholds": [0.2, 0.3], "renormalize": False}))
+    assert read_skip(tmp_path, 2) == {"thresholds": [0.2, 0.3], "renormalize": False}
+    with pytest.raises(ConfigError, match=r"skip.json: 2 thresholds .* expected 4"):
+        read_skip(tmp_path, 4)
+    (tmp_path / "skip.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="skip.json: expected JSON with 'thresholds'"):
+        read_skip(tmp_path, 2)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moekit.compress import METHODS, apply, calibrate, check_ratio, find_super_experts, plan, token_windows
+from moekit.compress.skip import SKIP_FILE
 from moekit.data import DataError, TextDoc, default_documents, read_documents
 from moekit.errors import ConfigError
 from moekit.eval import load_model_and_tokenizer, perplexity
@@ -233,7 +234,7 @@ def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan
         if quant_plan is not None:
             (tmp / "quant_plan.json").write_text(quant_plan.to_json())
         if report["skip_thresholds"] is not None:
-            (tmp / "skip.json").write_text(json.dumps({
+            (tmp / SKIP_FILE).write_text(json.dumps({
                 "target": report["skip_target"], "thresholds": report["skip_thresholds"],
                 "renormalize": False,
                 "apply": "moekit.compress.skip.apply_skip(model, thresholds, renormalize=False)"}, indent=1))

@@ -15,7 +15,10 @@ quantized experts (`DispatchedQuantizedExperts`) do not compute it.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +58,28 @@ def apply_skip(model: nn.Module, thresholds: Sequence[float], renormalize: bool 
     `moekit.hf.reroute`; `moekit.hf.reroute.unroute(model)` undoes it and `moekit.hf.reroute.experts_per_token(model)`
     counts the experts per token since. In place; returns `model`."""
     return reroute(model, skip_threshold=[min(float(t), 1.0) for t in thresholds], renormalize=renormalize)
+
+
+SKIP_FILE = "skip.json"
+
+
+def read_skip(directory: str | os.PathLike, num_layers: int) -> dict | None:
+    """The skip.json `moekit compress --skip` wrote next to a checkpoint ({thresholds, renormalize, ...}), or None
+    when there is none. Raises ConfigError naming the file for one that is not that."""
+    path = Path(directory) / SKIP_FILE
+    if not path.is_file():
+        return None
+    try:
+        spec = json.loads(path.read_text())
+        thresholds = [float(t) for t in spec["thresholds"]]
+        renormalize = spec.get("renormalize", None)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ConfigError(f"{path}: expected JSON with 'thresholds' (one number per MoE layer) and 'renormalize'"
+                          ) from None
+    if len(thresholds) != num_layers or renormalize not in (True, False, None):
+        raise ConfigError(f"{path}: {len(thresholds)} thresholds and renormalize={renormalize!r}; expected "
+                          f"{num_layers} (one per MoE layer) and true, false or null")
+    return {"thresholds": thresholds, "renormalize": renormalize}
 
 
 def _windows(model: nn.Module, docs: Sequence[TextDoc], tokenizer, max_tokens: int) -> list[Tensor]:
