@@ -17,6 +17,8 @@ import moekit.hf as mh
 from hf.tiny import tiny_model
 from moekit.compress.calibrate import CalibrationWarning
 from moekit.compress.heapr import heapr_scores
+from moekit.compress.quantize import plan_quant
+from moekit.compress.run import compress_checkpoint
 from moekit.compress.weights import read_experts, write_block
 from moekit.errors import ConfigError
 from moekit.hf.ragged import RaggedExperts
@@ -158,3 +160,16 @@ def test_the_ratio_is_met_exactly_when_experts_are_never_routed():
     assert sum(len(n) for entry in p.layers.values() for n in entry["neurons"]) == total // 2
     assert p.summary == {"neurons_before": total, "neurons_after": total // 2}
     assert all(len(n) >= 1 for entry in p.layers.values() for n in entry["neurons"])
+
+
+def test_quantizing_experts_of_different_widths_is_refused(tmp_path):
+    """Quantization reads experts through the zero-padded view, so after HEAPr it stored every removed neuron again
+    (heapr + int4 wrote as many bytes as int4 alone); refused, in the library and by compress before any work."""
+    model = tiny_model("gpt_oss")
+    pruned = mc.apply(copy.deepcopy(model), mc.plan(model, _stats(model), "heapr", 0.5))
+    assert any(isinstance(b.experts.module, RaggedExperts) for b in mh.view(pruned))
+    for spec in ("int4", "mixed:20KB"):
+        with pytest.raises(ConfigError, match="different widths"):
+            plan_quant(pruned, None, spec)
+    with pytest.raises(ConfigError, match="--quant: cannot follow heapr"):
+        compress_checkpoint(None, tmp_path / "out", method="heapr", ratio=0.5, quant="int4", data=["cal.jsonl"])

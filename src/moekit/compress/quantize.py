@@ -20,6 +20,7 @@ from moekit.compress.mixed import expert_cost, plan_mixed
 from moekit.compress.qexperts import quantize_experts, swap_experts
 from moekit.compress.qformat import BITS, QuantizedExperts
 from moekit.errors import ConfigError
+from moekit.hf.ragged import RaggedExperts
 from moekit.hf.view import view
 
 UNIFORM = ("int8", "int4", "ternary")
@@ -85,6 +86,9 @@ def _quantizable(model: nn.Module):
     for b in blocks:
         if isinstance(b.experts.module, QuantizedExperts):
             raise ConfigError(f"layer {b.layer}: experts are already quantized; expected a model with float experts")
+        if isinstance(b.experts.module, RaggedExperts):  # quantized through the zero-padded view: pruning undone
+            raise ConfigError(f"layer {b.layer}: experts of different widths (HEAPr) cannot be quantized; expected "
+                              "experts of one width")
     return blocks
 
 
