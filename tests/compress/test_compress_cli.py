@@ -18,6 +18,7 @@ from moekit.cli.main import main
 from moekit.compress.plan import Plan
 from moekit.compress.run import compress_checkpoint
 from moekit.default import DEFAULT_MODEL_DIR, default_test_split
+from moekit.hf.info import describe
 
 
 def _hashes(directory: Path) -> dict[str, str]:
@@ -71,6 +72,8 @@ def test_compress_writes_checkpoint_plan_and_report(setup, capsys, method, layou
     assert _hashes(out)["tokenizer.json"] == before["tokenizer.json"]  # the output runs on its own
     loaded = mh.load(out)
     assert [b.num_experts for b in mh.view(loaded)] == list(report["experts_per_layer"].values())
+    info = describe(out)  # moekit info counts what the report counts
+    assert (info["total_params"], info["active_params"]) == (report["params_after"], report["active_params_after"])
     if method == "frequency":
         assert report["experts_per_layer"] == {"0": 3, "1": 3}
 

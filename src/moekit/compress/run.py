@@ -55,7 +55,7 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     active = total
     for block in view(model):
         routed = sum(p.numel() for p in block.experts.module.parameters())
-        active -= routed - block.k * routed // block.num_experts
+        active -= routed * (block.num_experts - block.k) // block.num_experts  # as `moekit info` counts
     return {"params": total, "active": active}
 
 
