@@ -89,6 +89,29 @@ def test_default_model_is_unchanged_after_compress(setup, capsys):
     assert report["evaluation"]["files"] == "moekit-tiny held-out split"
 
 
+def test_compress_heapr_then_quant_drops_bytes_for_both_steps(setup, capsys):
+    """heapr + int4 used to write exactly int4's bytes (the removed neurons quantized back, padded); now each step
+    drops bytes, and mixed: after heapr keeps to its budget at the experts' own widths."""
+    base = ["compress", str(setup / "model"), "--data", str(setup / "cal.jsonl"), "--eval-data",
+            str(setup / "held.jsonl")]
+    heapr = ["--method", "heapr", "--ratio", "0.5"]
+    reports, quant_plans = {}, {}
+    for name, args in (("int4", ["--quant", "int4"]), ("heapr-int4", [*heapr, "--quant", "int4"]),
+                       ("heapr-mixed", [*heapr, "--quant", "mixed:9000"])):
+        out = setup / f"out-{name}"
+        code, _, err = _run([*base, *args, "--out", str(out)], capsys)
+        assert code == 0, err
+        reports[name] = json.loads((out / "report.json").read_text())
+        quant_plans[name] = json.loads((out / "quant_plan.json").read_text())
+        info = describe(out)
+        assert (info["total_params"], info["active_params"]) == \
+            (reports[name]["params_after"], reports[name]["active_params_after"])
+        assert reports[name]["ppl_after"] is not None
+    assert reports["heapr-int4"]["bytes_after"] < reports["int4"]["bytes_after"]
+    assert quant_plans["heapr-int4"]["expert_bytes"] < quant_plans["int4"]["expert_bytes"]
+    assert quant_plans["heapr-mixed"]["expert_bytes"] <= 9000 < quant_plans["heapr-int4"]["expert_bytes"]
+
+
 def test_output_that_is_the_input_or_not_empty_is_refused(setup, capsys):
     before = _hashes(setup / "model")
     base = ["compress", str(setup / "model"), "--method", "frequency", "--ratio", "0.5", "--data",

@@ -11,17 +11,19 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 import moekit.compress as mc
 import moekit.hf as mh
 from hf.tiny import tiny_model
 from moekit.compress.calibrate import CalibrationWarning
 from moekit.compress.heapr import heapr_scores
-from moekit.compress.quantize import plan_quant
-from moekit.compress.run import compress_checkpoint
+from moekit.compress.qexperts import DispatchedQuantizedExperts
+from moekit.compress.quantize import apply_quant, plan_quant, resident_bytes
 from moekit.compress.weights import read_experts, write_block
 from moekit.errors import ConfigError
-from moekit.hf.ragged import RaggedExperts
+from moekit.hf.info import describe
+from moekit.hf.ragged import RaggedExperts, make_ragged
 
 
 def _windows(n: int = 3, length: int = 20) -> list:
@@ -162,14 +164,73 @@ def test_the_ratio_is_met_exactly_when_experts_are_never_routed():
     assert all(len(n) >= 1 for entry in p.layers.values() for n in entry["neurons"])
 
 
-def test_quantizing_experts_of_different_widths_is_refused(tmp_path):
-    """Quantization reads experts through the zero-padded view, so after HEAPr it stored every removed neuron again
-    (heapr + int4 wrote as many bytes as int4 alone); refused, in the library and by compress before any work."""
-    model = tiny_model("gpt_oss")
-    pruned = mc.apply(copy.deepcopy(model), mc.plan(model, _stats(model), "heapr", 0.5))
-    assert any(isinstance(b.experts.module, RaggedExperts) for b in mh.view(pruned))
-    for spec in ("int4", "mixed:20KB"):
-        with pytest.raises(ConfigError, match="different widths"):
-            plan_quant(pruned, None, spec)
-    with pytest.raises(ConfigError, match="--quant: cannot follow heapr"):
-        compress_checkpoint(None, tmp_path / "out", method="heapr", ratio=0.5, quant="int4", data=["cal.jsonl"])
+def _int8_bytes(width: int, hidden: int, bias: bool) -> int:
+    """Bytes of one expert of `width` in int8 with groups of 64 > hidden = 40, by hand: gate_up [2w, H] is one group
+    per row (H codes + a float16 scale); down [H, w] one group per row of w rounded up to 4 codes; float32 biases."""
+    return 2 * width * (hidden + 2) + hidden * (4 * math.ceil(width / 4) + 2) + (4 * (2 * width + hidden) if bias
+                                                                                  else 0)
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss"])
+def pruned(request):
+    model = tiny_model(request.param)
+    return model, mc.apply(copy.deepcopy(model), mc.plan(model, _stats(model), "heapr", 0.3))
+
+
+@torch.no_grad()
+def test_heapr_then_int8_stores_each_expert_at_its_own_width(pruned, tmp_path):
+    model, pruned = pruned
+    widths = [b.experts.module.widths for b in mh.view(pruned)]
+    assert all(len(set(w)) > 1 for w in widths)  # ragged layers
+    logical = sum(p.numel() for p in pruned.parameters())
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    ragged_logits = pruned(ids).logits
+    plan = plan_quant(pruned, None, "int8")
+    quantized = apply_quant(copy.deepcopy(pruned), plan)
+    assert all(isinstance(b.experts.module, DispatchedQuantizedExperts) for b in mh.view(quantized))
+    expected = quantized(ids).logits
+    torch.testing.assert_close(expected, ragged_logits, atol=2e-3, rtol=0)  # int8's error only
+    assert not torch.equal(expected, ragged_logits)
+    bias = model.config.model_type == "gpt_oss"
+    by_hand = sum(_int8_bytes(w, 40, bias) for layer in widths for w in layer)
+    assert plan.expert_bytes == resident_bytes(quantized)["experts"] == by_hand
+    assert by_hand < plan_quant(model, None, "int8").expert_bytes  # heapr's removed neurons are not stored again
+    for layer, q, src in zip(widths, mh.view(quantized), mh.view(pruned), strict=True):  # padded views agree
+        for name in ("gate_up_proj", "down_proj"):
+            want = getattr(src.experts, name)
+            assert getattr(q.experts, name).shape == want.shape
+            for e in range(len(layer)):
+                got = getattr(q.experts, name)[e]
+                torch.testing.assert_close(got, want[e], atol=0.02, rtol=0)
+                assert bool((got[want[e] == 0] == 0).all())  # the padding (zeros quantize to 0)
+        if bias:
+            torch.testing.assert_close(q.experts.gate_up_proj_bias, src.experts.gate_up_proj_bias, atol=0, rtol=0)
+    out = mh.save(quantized, tmp_path / "out")
+    assert describe(out)["total_params"] == logical
+    assert describe(mh.save(pruned, tmp_path / "float"))["total_params"] == logical
+    assert torch.equal(mh.load(out, attn_implementation="eager")(ids).logits, expected)
+    plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, attn_implementation="eager").eval()
+    assert type(mh.view(plain)[0].experts.module).__name__ == "QuantizedExperts"  # the checkpoint's own copy
+    torch.testing.assert_close(plain(ids).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_heapr_then_mixed_stays_within_the_budget(pruned):
+    model, pruned = pruned
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        stats = mc.calibrate(pruned, _windows(), progress=False)
+    ternary, int8 = (plan_quant(pruned, None, f).expert_bytes for f in ("ternary", "int8"))
+    budget = (ternary + int8) // 2
+    assert budget < plan_quant(model, None, "int4").expert_bytes  # below what the padded experts would need
+    plan = plan_quant(pruned, stats, f"mixed:{budget}")
+    assert len({f for fs in plan.layers.values() for f in fs}) > 1
+    quantized = apply_quant(copy.deepcopy(pruned), plan)
+    assert plan.expert_bytes == resident_bytes(quantized)["experts"] <= budget
+
+
+def test_experts_without_neurons_are_refused():
+    model = tiny_model("qwen3_moe")
+    block = mh.view(model)[0]
+    make_ragged(block.block, [0, 3, 3, 3, 3, 3], 40, block.family.experts)
+    with pytest.raises(ConfigError, match="layer 0: expert 0 has no neurons left"):
+        plan_quant(model, None, "int8")

@@ -2,14 +2,14 @@
 integer program under a byte budget.
 
 Each expert i gets exactly one format f from `CANDIDATES` (ternary = 2 bits, int4, int8, bf16 = 16 bits). The cost
-of (i, f) is the bytes expert i holds in format f (codes, scales and float biases, exactly what `apply_quant` will
-allocate). Its damage, with calibration `Stats`, is MC-MoE's factors in one number (`output_errors`): over the
-tokens routed to i, (routing weight)^2 * ||expert_i(x) - expert_i,f(x)||^2; on moekit-tiny this beats the two
-others at every budget measured (docs/compress.md). With a load dict it is importance_i * ||W_i - deq(q_f(W_i))||^2
-over both projections, importance_i the expert's share of its layer's routed tokens
-(`stats["layers"][j]["load"]`) plus a small floor, so experts never routed to still prefer less error; without
-statistics, the weight error alone. `scipy.optimize.milp` minimises the total damage subject to total bytes <=
-budget.
+of (i, f) is the bytes expert i holds in format f at its own width (codes, scales and float biases, exactly what
+`apply_quant` will allocate). Its damage, with calibration `Stats`, is MC-MoE's factors in one number
+(`output_errors`): over the tokens routed to i, (routing weight)^2 * ||expert_i(x) - expert_i,f(x)||^2; on
+moekit-tiny this beats the two others at every budget measured (docs/compress.md). With a load dict it is
+importance_i * ||W_i - deq(q_f(W_i))||^2 over both projections, importance_i the expert's share of its layer's
+routed tokens (`stats["layers"][j]["load"]`) plus a small floor, so experts never routed to still prefer less error;
+without statistics, the weight error alone. `scipy.optimize.milp` minimises the total damage subject to total bytes
+<= budget.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from scipy.sparse import eye as sparse_eye
 from tqdm import tqdm
 
 from moekit.compress.calibrate import LayerStats, Stats
+from moekit.compress.qexperts import expert_parts, expert_widths
 from moekit.compress.qformat import decode, encode, packed_nbytes
 from moekit.errors import ConfigError
 from moekit.hf.view import BlockView
@@ -52,14 +53,14 @@ def allocate(damage: np.ndarray, cost: np.ndarray, budget: float) -> list[int]:
     return choice.tolist()
 
 
-def expert_cost(block: BlockView, fmt: str, group_size: int) -> int:
-    """Bytes one expert of `block` holds in `fmt` (both projections plus its float biases)."""
+def expert_cost(block: BlockView, e: int, fmt: str, group_size: int) -> int:
+    """Bytes expert e of `block` holds in `fmt` at its own width (both projections plus its float biases)."""
     ex = block.experts
-    width, hidden = ex.intermediate_size, ex.hidden_size
+    width, hidden = expert_widths(block)[e], ex.hidden_size
     up = 2 * width if ex.act.gated else width
     n = packed_nbytes(fmt, up, hidden, group_size) + packed_nbytes(fmt, hidden, width, group_size)
-    if ex.gate_up_proj_bias is not None:
-        n += (up + hidden) * ex.gate_up_proj_bias.element_size()
+    if ex.down_proj_bias is not None:
+        n += (up + hidden) * ex.down_proj_bias.element_size()
     return n
 
 
@@ -106,9 +107,7 @@ def output_errors(block: BlockView, s: LayerStats, group_size: int, max_tokens: 
         if not tokens.any():
             continue
         x, r = x_all[tokens], gate[tokens, e, None].float()
-        up_b = None if ex.gate_up_proj_bias is None else ex.gate_up_proj_bias[e].float()
-        down_b = None if ex.down_proj_bias is None else ex.down_proj_bias[e].float()
-        up, down = ex.up_weight(e).float(), ex.down_weight(e).float()
+        up, down, up_b, down_b = (None if t is None else t.float() for t in expert_parts(block, e))
         exact = F.linear(ex.act(F.linear(x, up, up_b)), down, down_b)
         for j, fmt in enumerate(CANDIDATES):
             y = F.linear(ex.act(F.linear(x, _roundtrip(up, fmt, group_size), up_b)), _roundtrip(down, fmt, group_size),
@@ -130,17 +129,16 @@ def plan_mixed(blocks: list[BlockView], stats: dict | Stats | None, budget: int,
     damage, cost, rows = [], [], []
     with torch.no_grad():
         for i, block in enumerate(tqdm(blocks, desc="mixed precision", unit="layer", leave=False)):
-            costs = [expert_cost(block, f, group_size) for f in CANDIDATES]
             outputs = output_errors(block, stats.layers[i], group_size) if calibrated else None
             for e in range(block.num_experts):
-                up, down = block.experts.up_weight(e), block.experts.down_weight(e)
+                up, down = expert_parts(block, e)[:2]
                 err = np.array([quant_error(up, f, group_size) + quant_error(down, f, group_size)
                                 for f in CANDIDATES])
                 if calibrated:  # never-routed experts still prefer less weight error, far below any routed one's
                     damage.append(outputs[e] + 1e-6 * err / max(err.max(), 1e-30) * outputs.max(initial=0.0))
                 else:
                     damage.append((weights[i][e] + _FLOOR / block.num_experts) * err)
-                cost.append(costs)
+                cost.append([expert_cost(block, e, f, group_size) for f in CANDIDATES])
                 rows.append((block.layer, e))
     choice = allocate(np.asarray(damage), np.asarray(cost), budget)
     plan: dict[int, list[str]] = {b.layer: [""] * b.num_experts for b in blocks}

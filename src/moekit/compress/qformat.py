@@ -131,22 +131,26 @@ class QuantizedMatrix(nn.Module):
 
 class ExpertWeights:
     """Stands for a fused 3D expert weight ([E, out, in], or [E, in, out] when `transposed`) held quantized:
-    `weights[e]` dequantizes expert e alone, in the stored orientation, as transformers' experts index theirs."""
+    `weights[e]` dequantizes expert e alone, zero-padded to the layer's widest expert, in the stored orientation, as
+    transformers' experts index theirs."""
 
     requires_grad = False  # read by moekit's threaded dispatch
 
-    def __init__(self, matrices: nn.ModuleList, transposed: bool, dtype: torch.dtype):
-        self.matrices, self.transposed, self.dtype = matrices, transposed, dtype
-        m = matrices[0]
-        rows, cols = (m.in_features, m.out_features) if transposed else (m.out_features, m.in_features)
-        self.shape = torch.Size((len(matrices), rows, cols))
+    def __init__(self, experts: QuantizedExperts, gate_up: bool):
+        self.experts, self.gate_up = experts, gate_up
+        hidden, width = experts.hidden_size, experts.intermediate_size
+        out, cols = (2 * width, hidden) if gate_up else (hidden, width)
+        rows, cols = (cols, out) if experts.transposed else (out, cols)
+        self.shape = torch.Size((experts.num_experts, rows, cols))
+        self.transposed, self.dtype = experts.transposed, experts.compute_dtype
 
     @property
     def device(self) -> torch.device:
-        return self.matrices[0].codes.device
+        return self.experts.down_q[0].codes.device
 
     def __getitem__(self, e: int) -> Tensor:
-        w = self.matrices[int(e)].dequantize(self.dtype)
+        e = int(e)
+        w = self.experts.up_matrix(e, self.dtype) if self.gate_up else self.experts.down_matrix(e, self.dtype)
         return w.t() if self.transposed else w
 
     def element_size(self) -> int:
@@ -158,51 +162,107 @@ class QuantizedExperts(nn.Module):
     transposed layout with biases and clamped interleaved SwiGLU) with every expert held quantized, each in its own
     format. `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]` dequantizes only
     the experts some token is routed to; an index equal to num_experts (or negative) means "no expert".
-    `gate_up_proj` / `down_proj` read like the fused weights (`ExpertWeights`)."""
+    `gate_up_proj` / `down_proj` read like the fused weights (`ExpertWeights`).
+
+    `widths` (experts of different widths, as atomic-expert pruning leaves them): expert e is quantized at its own
+    width w_e, gate_up [2 w_e, H] (gate rows then up rows, or interleaved for GPT-OSS) and down [H, w_e];
+    `intermediate_size` is then the widest, GPT-OSS's gate/up biases are packed in `gate_up_bias_packed`
+    [sum 2 w_e] in the same row order, and `gate_up_proj` / `down_proj` / `gate_up_proj_bias` read zero-padded to
+    the widest expert in the family's layout (exact: a padded neuron outputs 0)."""
 
     def __init__(self, formats: list[str], group_size: int, hidden_size: int, intermediate_size: int,
                  transposed: bool = False, bias: bool = False, act_fn: nn.Module | None = None,
                  gpt_oss: tuple[float, float] | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, widths: list[int] | None = None):
         super().__init__()
         self.formats, self.group_size = list(formats), group_size
         self.num_experts, self.hidden_size, self.intermediate_size = len(formats), hidden_size, intermediate_size
         self.transposed, self.compute_dtype = transposed, dtype
         self.act_fn, self.gpt_oss = act_fn, gpt_oss  # gpt_oss: (alpha, limit) of its clamped SwiGLU
-        width = 2 * intermediate_size
-        self.gate_up_q = nn.ModuleList(QuantizedMatrix(f, width, hidden_size, group_size, device) for f in formats)
-        self.down_q = nn.ModuleList(QuantizedMatrix(f, hidden_size, intermediate_size, group_size, device)
-                                    for f in formats)
-        self.gate_up_proj_bias = nn.Parameter(torch.zeros(len(formats), width, dtype=dtype, device=device),
-                                              requires_grad=False) if bias else None
-        self.down_proj_bias = nn.Parameter(torch.zeros(len(formats), hidden_size, dtype=dtype, device=device),
+        self.widths = None if widths is None else [int(w) for w in widths]
+        sizes = self.widths or [intermediate_size] * len(formats)
+        if len(sizes) != len(formats) or not 0 < max(sizes) <= intermediate_size or min(sizes) < 1:
+            raise ValueError(f"widths {sizes}: expected one width in [1, {intermediate_size}] per expert")
+        self.gate_up_q = nn.ModuleList(QuantizedMatrix(f, 2 * w, hidden_size, group_size, device)
+                                       for f, w in zip(formats, sizes, strict=True))
+        self.down_q = nn.ModuleList(QuantizedMatrix(f, hidden_size, w, group_size, device)
+                                    for f, w in zip(formats, sizes, strict=True))
+        kw = {"dtype": dtype, "device": device}
+        if self.widths is None:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(len(formats), 2 * intermediate_size, **kw),
+                                                  requires_grad=False) if bias else None
+        else:  # `gate_up_proj_bias` reads padded (__getattr__)
+            self.offsets = [sum(sizes[:e]) for e in range(len(sizes))]
+            self.register_parameter("gate_up_bias_packed", nn.Parameter(torch.zeros(2 * sum(sizes), **kw),
+                                                                        requires_grad=False) if bias else None)
+        self.down_proj_bias = nn.Parameter(torch.zeros(len(formats), hidden_size, **kw),
                                            requires_grad=False) if bias else None
 
     @classmethod
-    def like(cls, experts: nn.Module, formats: list[str], group_size: int, transposed: bool, bias: bool):
+    def like(cls, experts: nn.Module, formats: list[str], group_size: int, transposed: bool, bias: bool,
+             widths: list[int] | None = None):
         """An empty quantized stand-in for a transformers experts module, for weights about to be loaded."""
         w = experts.down_proj
         hidden, width = (w.shape[2], w.shape[1]) if transposed else (w.shape[1], w.shape[2])
         alpha_limit = (experts.alpha, experts.limit) if hasattr(experts, "limit") else None
         return cls(formats, group_size, hidden, width, transposed, bias, getattr(experts, "act_fn", None),
-                   alpha_limit, w.dtype, w.device)
+                   alpha_limit, w.dtype, w.device, widths)
+
+    def __getattr__(self, name: str):
+        if name == "gate_up_proj_bias" and "gate_up_bias_packed" in self.__dict__["_parameters"]:
+            packed = self._parameters["gate_up_bias_packed"]
+            return None if packed is None else torch.stack([self._pad_gate_up(self.up_bias(e))
+                                                            for e in range(self.num_experts)])
+        return super().__getattr__(name)
 
     def _apply(self, fn, recurse=True):
         """`.to(dtype)`, `.float()`, ... move the dtype weights dequantize to, as they would a float weight's."""
         self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
         return super()._apply(fn, recurse)
 
+    def _pad_gate_up(self, t: Tensor) -> Tensor:
+        """An expert's gate_up rows t [2 w, ...] -> [2 I, ...], zero-padded as the family lays gate/up out."""
+        width = self.intermediate_size
+        w = t.shape[0] // 2
+        if w == width:
+            return t
+        out = t.new_zeros(2 * width, *t.shape[1:])
+        if self.gpt_oss is None:
+            out[:w], out[width: width + w] = t[:w], t[w:]
+        else:
+            out[: 2 * w] = t
+        return out
+
+    def up_bias(self, e: int) -> Tensor | None:
+        """Expert e's gate_up bias at its own width [2 w_e] (None without biases)."""
+        if self.widths is None:
+            return None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[e]
+        packed = self._parameters["gate_up_bias_packed"]
+        o, w = self.offsets[e], self.widths[e]
+        return None if packed is None else packed[2 * o: 2 * o + 2 * w]
+
+    def up_matrix(self, e: int, dtype: torch.dtype) -> Tensor:
+        """Expert e's gate_up [2 I, H] dequantized, zero-padded to the widest expert."""
+        return self._pad_gate_up(self.gate_up_q[e].dequantize(dtype))
+
+    def down_matrix(self, e: int, dtype: torch.dtype) -> Tensor:
+        """Expert e's down [H, I] dequantized, zero-padded to the widest expert."""
+        w = self.down_q[e].dequantize(dtype)
+        return F.pad(w, (0, self.intermediate_size - w.shape[1]))
+
     @property
     def gate_up_proj(self) -> ExpertWeights:
-        return ExpertWeights(self.gate_up_q, self.transposed, self.compute_dtype)
+        return ExpertWeights(self, gate_up=True)
 
     @property
     def down_proj(self) -> ExpertWeights:
-        return ExpertWeights(self.down_q, self.transposed, self.compute_dtype)
+        return ExpertWeights(self, gate_up=False)
 
     def quant_spec(self) -> dict:
-        """What a checkpoint records to rebuild this module: formats per expert and the group size."""
-        return {"formats": list(self.formats), "group_size": self.group_size}
+        """What a checkpoint records to rebuild this module: formats per expert, the group size (and the widths of
+        experts of different widths)."""
+        spec = {"formats": list(self.formats), "group_size": self.group_size}
+        return spec if self.widths is None else {**spec, "widths": list(self.widths)}
 
     def activate(self, h: Tensor) -> Tensor:
         """[n, 2I] -> [n, I]: act_fn(gate) * up, or GPT-OSS's clamped SwiGLU on interleaved gate/up columns."""
@@ -215,7 +275,7 @@ class QuantizedExperts(nn.Module):
 
     def run_expert(self, x: Tensor, e: int) -> Tensor:
         """Expert e on x [n, H] -> [n, H], its weights dequantized for this call only."""
-        up_b = None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[e]
+        up_b = self.up_bias(e)
         down_b = None if self.down_proj_bias is None else self.down_proj_bias[e]
         h = F.linear(x, self.gate_up_q[e].dequantize(x.dtype), up_b)
         return F.linear(self.activate(h), self.down_q[e].dequantize(x.dtype), down_b)
@@ -232,4 +292,5 @@ class QuantizedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         counts = {f: self.formats.count(f) for f in BITS if f in self.formats}
-        return f"num_experts={self.num_experts}, group_size={self.group_size}, formats={counts}"
+        widths = "" if self.widths is None else f", widths={self.widths}"
+        return f"num_experts={self.num_experts}, group_size={self.group_size}, formats={counts}{widths}"

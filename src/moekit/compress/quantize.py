@@ -5,6 +5,7 @@ codes (formats in `moekit.compress.qformat`), so the float expert weights are re
 spec: `int8`, `int4`, `ternary` (every expert in that format) or `mixed:<bytes>` (a format per expert chosen by an
 integer program under a byte budget for all routed expert weights, `moekit.compress.mixed`; the budget takes an
 optional unit: `mixed:3.5MB`, `mixed:2MiB`). Router, attention, embeddings and shared experts stay as they are.
+Experts of different widths (`moekit.hf.ragged`, after HEAPr) are quantized and priced at their own widths.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from torch import nn
 
 from moekit.compress.calibrate import Stats
 from moekit.compress.mixed import expert_cost, plan_mixed
-from moekit.compress.qexperts import quantize_experts, swap_experts
+from moekit.compress.qexperts import expert_parts, expert_widths, quantize_experts, swap_experts
 from moekit.compress.qformat import BITS, QuantizedExperts
 from moekit.errors import ConfigError
-from moekit.hf.ragged import RaggedExperts
 from moekit.hf.view import view
 
 UNIFORM = ("int8", "int4", "ternary")
@@ -86,9 +86,10 @@ def _quantizable(model: nn.Module):
     for b in blocks:
         if isinstance(b.experts.module, QuantizedExperts):
             raise ConfigError(f"layer {b.layer}: experts are already quantized; expected a model with float experts")
-        if isinstance(b.experts.module, RaggedExperts):  # quantized through the zero-padded view: pruning undone
-            raise ConfigError(f"layer {b.layer}: experts of different widths (HEAPr) cannot be quantized; expected "
-                              "experts of one width")
+        widths = expert_widths(b)
+        if min(widths) < 1:
+            raise ConfigError(f"layer {b.layer}: expert {widths.index(min(widths))} has no neurons left; expected "
+                              "every expert to keep at least one to be quantized")
     return blocks
 
 
@@ -106,9 +107,9 @@ def plan_quant(model: nn.Module, stats: dict | Stats | None, spec: str, group_si
     else:
         layers = {b.layer: [kind] * b.num_experts for b in blocks}
     by_layer = {b.layer: b for b in blocks}
-    expert_bytes = sum(expert_cost(by_layer[layer], f, group_size) for layer, fs in layers.items() for f in fs)
-    weights = sum(b.num_experts * (b.experts.up_weight(0).numel() + b.experts.down_weight(0).numel())
-                  for b in blocks)
+    expert_bytes = sum(expert_cost(by_layer[layer], e, f, group_size) for layer, fs in layers.items()
+                       for e, f in enumerate(fs))
+    weights = sum(sum(t.numel() for t in expert_parts(b, e)[:2]) for b in blocks for e in range(b.num_experts))
     return QuantPlan(spec, group_size, layers, budget, expert_bytes, weights)
 
 

@@ -112,9 +112,6 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         if quant is not None or method == "heapr":
             raise ConfigError(f"--lowrank: cannot follow {'--quant' if quant else 'heapr'}; expected it with a "
                               "merging or pruning method (or alone)")
-    if quant is not None and method == "heapr":
-        raise ConfigError("--quant: cannot follow heapr (its experts of different widths would be quantized padded "
-                          "back to the widest); expected --quant alone or after a pruning or merging method")
     if skip is not None:
         if not 0 < skip < 1:
             raise ConfigError(f"--skip {skip}: expected a fraction in (0, 1) of second and later experts to skip")

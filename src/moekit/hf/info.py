@@ -86,6 +86,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
              if "rank" in spec}
     # moekit-quantized experts (moekit.compress.quantize) hold codes and scales: count their logical parameters
     moekit_quant = {int(i): spec["formats"] for i, spec in (getattr(config, "moekit_quant", None) or {}).items()}
+    quant_widths = {int(i): spec["widths"] for i, spec in (getattr(config, "moekit_quant", None) or {}).items()
+                    if spec.get("widths") is not None}  # experts of different widths, each quantized at its own
     pattern = re.compile(family.checkpoint_experts)
     layers, inactive, stored_quant = [], 0, 0
     for i in range(config.num_hidden_layers):
@@ -99,6 +101,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             stored_quant += expert_params
             experts = len(moekit_quant[i])
             expert_params = experts * per_expert
+            if i in quant_widths:
+                expert_params = sum(_params_per_expert(family, config.hidden_size, w) for w in quant_widths[i])
             stored_quant -= expert_params
         if i in ragged:
             experts, per_expert = len(ragged[i]), 0
@@ -109,7 +113,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{directory / CONFIG}: layer {i} is {'MoE' if i in moe_by_config else 'dense'} "
                                   f"by the config ({family.dense_rule}) but the weights say "
                                   f"{'MoE' if experts else 'dense'}")
-        if experts and i not in ragged and expert_params != experts * per_expert:
+        if experts and i not in ragged and i not in quant_widths and expert_params != experts * per_expert:
             raise CheckpointError(
                 f"{directory / CONFIG}: layer {i} experts hold {expert_params // experts} parameters each in the "
                 f"weights; hidden_size={config.hidden_size}, width {width} ({family.width_key} or moekit_layers) "

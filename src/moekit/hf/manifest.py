@@ -11,7 +11,8 @@ Layout written by `save_manifest` (into the temporary directory `save` renames i
   modeling_moekit.py     the family's causal LM class, whose __init__ resizes the listed layers (needs only torch
                          and transformers; `resize_block` below is copied into it verbatim)
   model*.safetensors     tensors by their in-memory names (fused experts), sharded above `max_shard_size`
-Quantized experts (`moekit.compress.quantize`) add `moekit_quant` {layer: {formats, group_size}} to config.json and
+Quantized experts (`moekit.compress.quantize`) add `moekit_quant` {layer: {formats, group_size[, widths]}} (`widths`:
+per-expert widths of experts of different widths, each quantized at its own) to config.json and
 `quant` to moekit.json, and `moekit_qformat.py` (a copy of `moekit.compress.qformat`, torch only), which the
 modeling file imports to put `QuantizedExperts` in those layers.
 """
@@ -106,12 +107,13 @@ class MoekitForCausalLM(_Base):
 _QUANT_SWAP = '''        for layer, spec in config.moekit_quant.items():
             block = getattr(self.model.layers[int(layer)], "{block}")
             setattr(block, "{experts}", QuantizedExperts.like(getattr(block, "{experts}"), spec["formats"],
-                                                             spec["group_size"], {transposed}, {bias}))
+                                                             spec["group_size"], {transposed}, {bias},
+                                                             spec.get("widths")))
 '''
 
 
 def quantized_layers(model: nn.Module) -> dict[int, dict]:
-    """{layer: {formats, group_size}} of every MoE layer whose experts are held quantized."""
+    """{layer: {formats, group_size[, widths]}} of every MoE layer whose experts are held quantized."""
     return {b.layer: b.experts.module.quant_spec() for b in view(model) if hasattr(b.experts.module, "quant_spec")}
 
 
@@ -220,12 +222,13 @@ def read_manifest(directory: Path) -> dict:
         layers = {int(i): (int(s["num_experts"]), int(s["intermediate_size"])) for i, s in manifest["layers"].items()}
         widths = {int(i): [int(w) for w in s["widths"]] for i, s in manifest["layers"].items() if "widths" in s}
         ranks = {int(i): int(s["rank"]) for i, s in manifest["layers"].items() if "rank" in s}
-        quant = {int(i): {"formats": [str(f) for f in s["formats"]], "group_size": int(s["group_size"])}
+        quant = {int(i): {"formats": [str(f) for f in s["formats"]], "group_size": int(s["group_size"]),
+                          "widths": None if s.get("widths") is None else [int(w) for w in s["widths"]]}
                  for i, s in manifest.get("quant", {}).items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise CheckpointError(f"{path}: corrupt manifest: expected JSON with 'format', 'version', 'layers' "
                               f"{{layer: {{num_experts, intermediate_size[, widths | rank]}}}} and optionally 'quant' "
-                              f"{{layer: {{formats, group_size}}}}") from None
+                              f"{{layer: {{formats, group_size[, widths]}}}}") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                               f"expected {FORMAT!r} version {VERSION}")
@@ -268,8 +271,12 @@ def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **k
 
         for layer, spec in manifest["quant"].items():
             block = getattr(layers[layer], family.block)
-            experts = DispatchedQuantizedExperts.like(getattr(block, family.experts), spec["formats"],
-                                                      spec["group_size"], family.transposed, family.bias)
+            try:
+                experts = DispatchedQuantizedExperts.like(getattr(block, family.experts), spec["formats"],
+                                                          spec["group_size"], family.transposed, family.bias,
+                                                          spec["widths"])
+            except ValueError as err:
+                raise CheckpointError(f"{directory / MANIFEST}: quant layer {layer}: {err}") from None
             setattr(block, family.experts, experts)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     _check_tensors(directory, expected, {name: info.shape for name, info in headers.items()})
