@@ -46,13 +46,16 @@ def tiny_config(model_type: str, **overrides: Any):
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
-    """A tiny random model in eval mode. Router weights and GPT-OSS's biases are drawn at a useful scale (some
-    families initialise them to zero, which would make every routing a tie)."""
+    """A tiny random model in eval mode. Router weights and GPT-OSS's router and expert biases are drawn at a useful
+    scale (some families initialise them to zero, which would make every routing a tie); attention biases keep
+    their initialisation (at that scale GPT-OSS's o_proj bias added one vector to every token, far above the
+    embeddings, and every token routed alike)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight")) or "bias" in name:
+            if name.endswith(("gate.weight", "router.weight", "router.bias")) or (".experts." in name
+                                                                                    and "bias" in name):
                 p.normal_(0.0, 0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
