@@ -49,8 +49,8 @@ class DispatchedQuantizedExperts(QuantizedExperts):
         return self.run_expert(x, e)
 
     def bytes_per_expert(self) -> int:
-        m_up, m_down = self.gate_up_q[0], self.down_q[0]
-        n = m_up.out_features * m_up.in_features + m_down.out_features * m_down.in_features
+        """Dequantized bytes of an average expert (experts may differ in width): what dispatch's choice weighs."""
+        n = sum(m.out_features * m.in_features for m in (*self.gate_up_q, *self.down_q)) // self.num_experts
         return n * torch.empty(0, dtype=self.compute_dtype).element_size()
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
