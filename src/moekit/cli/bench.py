@@ -48,6 +48,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     co.add_argument("--data", action="append", help="text to split into calibration and held-out halves")
     co.add_argument("--json", action="store_true", help="print the records as a JSON list")
     co.add_argument("--quick", action="store_true", help="256 calibration and evaluation tokens: a smoke run")
+    co.add_argument("--speed", action="store_true",
+                    help="instead: forward time of the original against heapr, int8, int4 and heapr + int4")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
             records = bench_routers(args.router, args.steps, args.quick, seed=args.seed)
             rows, cols = table_rows(records)
         print(json.dumps(records, indent=1) if args.json else format_table(rows, cols))
+        return 0
+    if args.what == "compress" and args.speed:
+        from moekit.bench.compress_speed import SPEED_COLUMNS, bench_compress_speed
+
+        records = bench_compress_speed(args.model, args.data, **({"prefill": 32, "repeats": 2, "cal_tokens": 256}
+                                                                 if args.quick else {}))
+        print(json.dumps(records, indent=1) if args.json else format_table(records, SPEED_COLUMNS))
         return 0
     if args.what == "compress":
         from moekit.bench.compress import COLUMNS, bench_compress
