@@ -42,3 +42,16 @@ def test_bench_rows_and_ratios(checkpoint):
     assert quant["int4"]["bytes"] < quant["int8"]["bytes"] < original["bytes"]
     assert quant["ternary"]["bytes"] < quant["int4"]["bytes"]
     assert quant["mixed"]["bytes"] <= quant["int4"]["bytes"]
+
+
+def test_speed_bench_times_every_variant_against_the_original(checkpoint):
+    from moekit.bench.compress_speed import bench_compress_speed
+
+    rows = bench_compress_speed(str(checkpoint / "model"), [str(checkpoint / "data.jsonl")], prefill=16,
+                                repeats=1, cal_tokens=128)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"original", "original, accelerated", "heapr 50%", "int8", "int4", "heapr 50% + int4"}
+    assert by["original"]["prefill_ratio"] == by["original"]["token_ratio"] == 1.0
+    for r in rows:
+        assert r["prefill_ms"] > 0 and r["token_ms"] > 0
+        assert r["prefill_ratio"] == pytest.approx(r["prefill_ms"] / by["original"]["prefill_ms"], rel=1e-2)
