@@ -116,15 +116,24 @@ def evaluate_checkpoint(model_path: str | None, data: list[str] | None, seq_len:
     """`moekit eval`: perplexity of a checkpoint (None: moekit-tiny) on `data` files (None: moekit-tiny's
     held-out split, for moekit-tiny only). A skip.json beside the checkpoint (`moekit compress --skip`) is
     applied unless `skip` is False; the result then has `skip` {thresholds, renormalize, experts_per_token}."""
-    from moekit.compress.skip import apply_skip, read_skip
-    from moekit.hf.reroute import experts_per_token
+    from moekit.compress.skip import read_skip
     from moekit.hf.view import view
 
     path, model, tokenizer, docs = model_and_documents(model_path, data)
     spec = read_skip(path, len(view(model))) if skip else None
-    if spec is not None:
-        apply_skip(model, spec["thresholds"], spec["renormalize"])
-    result = perplexity(model, tokenizer, docs, seq_len, stride, max_tokens)
-    if spec is not None:
-        result["skip"] = {**spec, "experts_per_token": experts_per_token(model)}
+    result = (perplexity(model, tokenizer, docs, seq_len, stride, max_tokens) if spec is None
+              else skipped_perplexity(model, tokenizer, docs, spec, seq_len=seq_len, stride=stride,
+                                      max_tokens=max_tokens))
     return {"model": str(path), "data": data or "moekit-tiny held-out split", **result}
+
+
+def skipped_perplexity(model: nn.Module, tokenizer, docs: Sequence[TextDoc], skip: dict, **kwargs) -> dict:
+    """`perplexity` (same keyword arguments) with dynamic skipping applied to `model` in place: skip is
+    {thresholds, renormalize} as skip.json holds it; the result gains `skip` with the experts per token each MoE
+    layer used."""
+    from moekit.compress.skip import apply_skip
+    from moekit.hf.reroute import experts_per_token
+
+    apply_skip(model, skip["thresholds"], skip["renormalize"])
+    result = perplexity(model, tokenizer, docs, **kwargs)
+    return {**result, "skip": {**skip, "experts_per_token": experts_per_token(model)}}

@@ -23,7 +23,7 @@ from moekit.compress import METHODS, apply, calibrate, check_ratio, find_super_e
 from moekit.compress.skip import SKIP_FILE
 from moekit.data import DataError, TextDoc, default_documents, read_documents
 from moekit.errors import ConfigError
-from moekit.eval import load_model_and_tokenizer, perplexity
+from moekit.eval import load_model_and_tokenizer, perplexity, skipped_perplexity
 from moekit.hf.checkpoint import save
 from moekit.hf.headers import CheckpointError, read_checkpoint
 from moekit.hf.view import view
@@ -75,21 +75,16 @@ def _held_out(eval_data: list[str] | None, is_default: bool, calibration: list[T
     return [d for d in docs if d.text not in seen]
 
 
-def _ppl(model: nn.Module, tokenizer, docs: list[TextDoc], max_tokens: int,
-         skip_thresholds: list[float] | None = None) -> dict | None:
+def _ppl(model: nn.Module, tokenizer, docs: list[TextDoc], max_tokens: int, skip: dict | None = None
+         ) -> dict | None:
     """Perplexity of a float32 copy of `model`; with skip thresholds, under skipping, plus the measured experts per
     token of each layer."""
     if not docs or tokenizer is None:
         return None
     scored = copy.deepcopy(model).float()
-    if skip_thresholds is None:
+    if skip is None:
         return perplexity(scored, tokenizer, docs, max_tokens=max_tokens)
-    from moekit.compress.skip import apply_skip
-    from moekit.hf.reroute import experts_per_token
-
-    apply_skip(scored, skip_thresholds)
-    result = perplexity(scored, tokenizer, docs, max_tokens=max_tokens)
-    return {**result, "experts_per_token": experts_per_token(scored)}
+    return skipped_perplexity(scored, tokenizer, docs, skip, max_tokens=max_tokens)
 
 
 def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: str | None = None,
@@ -182,15 +177,17 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         quant_plan = plan_quant(model, quant_stats, quant)
         apply_quant(model, quant_plan)
     model = model.to(dtype)
-    thresholds = None
+    thresholds, skip_spec = None, None
     if skip is not None:
         from moekit.compress.skip import calibrate_skip
 
+        rule = False  # NAEE's rule: the kept experts keep their own weights (measured cheaper; apply_skip's default)
         thresholds = calibrate_skip(copy.deepcopy(model).float(), cal_docs, tokenizer, target=skip,
-                                    max_tokens=cal_tokens)
-    ppl_after = _ppl(model, tokenizer, eval_docs, eval_tokens, thresholds)
+                                    max_tokens=cal_tokens, renormalize=rule)
+        skip_spec = {"thresholds": thresholds, "renormalize": rule}
+    ppl_after = _ppl(model, tokenizer, eval_docs, eval_tokens, skip_spec)
     blocks = view(model)
-    measured = (ppl_after or {}).get("experts_per_token")  # under skipping; else every token uses k experts
+    measured = (ppl_after or {}).get("skip", {}).get("experts_per_token")  # else every token uses k experts
     report = {
         "model": str(path), "method": method, "ratio": ratio, "quant": quant, "task": task,
         "protect_super": protect_super, "super_experts": supers,
@@ -208,7 +205,7 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         "dtype": str(dtype).removeprefix("torch."),
         "warnings": caught,
     }
-    _write(model, out, force, report, p, quant_plan, path)
+    _write(model, out, force, report, p, quant_plan, path, skip_spec)
     return report
 
 
@@ -217,7 +214,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
-def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan, source: Path) -> None:
+def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan, source: Path,
+           skip_spec: dict | None) -> None:
     """Checkpoint (with the source's tokenizer files), plan.json and report.json into a temporary sibling, then
     renamed to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,11 +231,11 @@ def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan
             p.save(tmp / "plan.json")
         if quant_plan is not None:
             (tmp / "quant_plan.json").write_text(quant_plan.to_json())
-        if report["skip_thresholds"] is not None:
+        if skip_spec is not None:
             (tmp / SKIP_FILE).write_text(json.dumps({
-                "target": report["skip_target"], "thresholds": report["skip_thresholds"],
-                "renormalize": False,
-                "apply": "moekit.compress.skip.apply_skip(model, thresholds, renormalize=False)"}, indent=1))
+                "target": report["skip_target"], **skip_spec,
+                "apply": f"moekit.compress.skip.apply_skip(model, thresholds, renormalize={skip_spec['renormalize']})"},
+                indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
