@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array, kron
 from scipy.sparse import eye as sparse_eye
+from torch import Tensor
 from tqdm import tqdm
 
 from moekit.compress.calibrate import LayerStats, Stats
@@ -30,6 +31,7 @@ from moekit.hf.view import BlockView
 
 CANDIDATES = ("ternary", "int4", "int8", "bf16")
 _FLOOR = 0.01  # importance floor, as a fraction of a uniform expert's share
+OUTPUT_TOKENS = 4096  # calibration tokens per layer the output errors are measured on
 
 
 def allocate(damage: np.ndarray, cost: np.ndarray, budget: float) -> list[int]:
@@ -64,11 +66,6 @@ def expert_cost(block: BlockView, e: int, fmt: str, group_size: int) -> int:
     return n
 
 
-def quant_error(w: torch.Tensor, fmt: str, group_size: int) -> float:
-    """||w - deq(q(w))||^2 of one [out, in] matrix."""
-    return float((_roundtrip(w, fmt, group_size) - w.float()).pow(2).sum())
-
-
 def importance(blocks: list[BlockView], stats: dict | None) -> list[np.ndarray]:
     """Per block, each expert's share of the layer's routed tokens (from stats' `load`, else uniform)."""
     if stats is None:
@@ -93,26 +90,44 @@ def _roundtrip(w: torch.Tensor, fmt: str, group_size: int) -> torch.Tensor:
     return decode(codes, scale, fmt, w.shape[1], torch.float32)
 
 
+def _expert_errors(block: BlockView, e: int, group_size: int, x: Tensor | None = None, r: Tensor | None = None,
+                   tokens: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
+    """Expert e of `block` in each candidate format, quantized once: its weight error ||W - deq(q(W))||^2 over both
+    projections [F], and with routed inputs x [n, H] and routing weights r [n, 1] (of `tokens` calibration tokens)
+    the sum of r^2 * ||expert(x) - quantized expert(x)||^2 divided by `tokens` [F] (else None)."""
+    ex = block.experts
+    up, down, up_b, down_b = (None if t is None else t.float() for t in expert_parts(block, e))
+    exact = None if x is None else F.linear(ex.act(F.linear(x, up, up_b)), down, down_b)
+    weight, output = np.zeros(len(CANDIDATES)), None if x is None else np.zeros(len(CANDIDATES))
+    for j, fmt in enumerate(CANDIDATES):
+        q_up, q_down = _roundtrip(up, fmt, group_size), _roundtrip(down, fmt, group_size)
+        weight[j] = float((q_up - up).pow(2).sum() + (q_down - down).pow(2).sum())
+        if x is not None:
+            y = F.linear(ex.act(F.linear(x, q_up, up_b)), q_down, down_b)
+            output[j] = float((r * (y - exact)).pow(2).sum()) / tokens
+    return weight, output
+
+
+def _routed(s: LayerStats, e: int, max_tokens: int) -> tuple[Tensor | None, Tensor | None, int]:
+    """The first `max_tokens` calibration inputs routed to expert e [n, H], their routing weights [n, 1] (None, None
+    when no token chose e) and how many tokens were looked at."""
+    gate = s.gate_weight()[:max_tokens, e]
+    tokens = gate > 0
+    if not tokens.any():
+        return None, None, len(gate)
+    return s.x[:max_tokens][tokens].float(), gate[tokens, None].float(), len(gate)
+
+
 @torch.no_grad()
-def output_errors(block: BlockView, s: LayerStats, group_size: int, max_tokens: int = 4096) -> np.ndarray:
+def output_errors(block: BlockView, s: LayerStats, group_size: int, max_tokens: int = OUTPUT_TOKENS) -> np.ndarray:
     """[E, F]: per expert and candidate format, sum over the calibration tokens routed to the expert of
     (routing weight)^2 * ||expert(x) - quantized expert(x)||^2, divided by the token count (MC-MoE's factors in one
     number: how often the expert is chosen, with what routing score, and how far its quantized output moves)."""
-    ex = block.experts
-    x_all = s.x[:max_tokens].float()
-    gate = s.gate_weight()[:max_tokens]  # [T, E]
     out = np.zeros((block.num_experts, len(CANDIDATES)))
     for e in range(block.num_experts):
-        tokens = gate[:, e] > 0
-        if not tokens.any():
-            continue
-        x, r = x_all[tokens], gate[tokens, e, None].float()
-        up, down, up_b, down_b = (None if t is None else t.float() for t in expert_parts(block, e))
-        exact = F.linear(ex.act(F.linear(x, up, up_b)), down, down_b)
-        for j, fmt in enumerate(CANDIDATES):
-            y = F.linear(ex.act(F.linear(x, _roundtrip(up, fmt, group_size), up_b)), _roundtrip(down, fmt, group_size),
-                         down_b)
-            out[e, j] = float((r * (y - exact)).pow(2).sum()) / len(x_all)
+        x, r, tokens = _routed(s, e, max_tokens)
+        if x is not None:
+            out[e] = _expert_errors(block, e, group_size, x, r, tokens)[1]
     return out
 
 
@@ -129,13 +144,13 @@ def plan_mixed(blocks: list[BlockView], stats: dict | Stats | None, budget: int,
     damage, cost, rows = [], [], []
     with torch.no_grad():
         for i, block in enumerate(tqdm(blocks, desc="mixed precision", unit="layer", leave=False)):
-            outputs = output_errors(block, stats.layers[i], group_size) if calibrated else None
-            for e in range(block.num_experts):
-                up, down = expert_parts(block, e)[:2]
-                err = np.array([quant_error(up, f, group_size) + quant_error(down, f, group_size)
-                                for f in CANDIDATES])
+            errors = [_expert_errors(block, e, group_size, *(_routed(stats.layers[i], e, OUTPUT_TOKENS) if calibrated
+                                                             else ()))
+                      for e in range(block.num_experts)]
+            top = max((float(o.max()) for _, o in errors if o is not None), default=0.0)
+            for e, (err, out) in enumerate(errors):
                 if calibrated:  # never-routed experts still prefer less weight error, far below any routed one's
-                    damage.append(outputs[e] + 1e-6 * err / max(err.max(), 1e-30) * outputs.max(initial=0.0))
+                    damage.append((0.0 if out is None else out) + 1e-6 * err / max(err.max(), 1e-30) * top)
                 else:
                     damage.append((weights[i][e] + _FLOOR / block.num_experts) * err)
                 cost.append([expert_cost(block, e, f, group_size) for f in CANDIDATES])
