@@ -76,17 +76,17 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     k = 2 if family.routing == "sparsemixer" else family.k(config)
     moe_by_config = set(family.moe_layers(config))
     quant = _quantization(config)
-    widths = {int(i): spec["intermediate_size"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()}
+    moekit_layers = {int(i): spec for i, spec in (getattr(config, "moekit_layers", None) or {}).items()}
+    quant_layers = {int(i): spec for i, spec in (getattr(config, "moekit_quant", None) or {}).items()}
+    widths = {i: spec["intermediate_size"] for i, spec in moekit_layers.items()}
     # moekit.hf.ragged layers (experts of different widths, packed): widths per expert in moekit_layers
-    ragged = {int(i): spec["widths"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()
-              if "widths" in spec}
+    ragged = {i: spec["widths"] for i, spec in moekit_layers.items() if "widths" in spec}
     # moekit.hf.lowrank layers: every projection stored as rank-r factors, r (2I + H) + r (H + I) per expert (plus
     # GPT-OSS's whole biases)
-    ranks = {int(i): spec["rank"] for i, spec in (getattr(config, "moekit_layers", None) or {}).items()
-             if "rank" in spec}
+    ranks = {i: spec["rank"] for i, spec in moekit_layers.items() if "rank" in spec}
     # moekit-quantized experts (moekit.compress.quantize) hold codes and scales: count their logical parameters
-    moekit_quant = {int(i): spec["formats"] for i, spec in (getattr(config, "moekit_quant", None) or {}).items()}
-    quant_widths = {int(i): spec["widths"] for i, spec in (getattr(config, "moekit_quant", None) or {}).items()
+    moekit_quant = {i: spec["formats"] for i, spec in quant_layers.items()}
+    quant_widths = {i: spec["widths"] for i, spec in quant_layers.items()
                     if spec.get("widths") is not None}  # experts of different widths, each quantized at its own
     pattern = re.compile(family.checkpoint_experts)
     layers, inactive, stored_quant = [], 0, 0
