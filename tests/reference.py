@@ -216,3 +216,37 @@ def ref_expert_choice(logits: Tensor, capacity: int) -> list[dict[int, float]]:
             out[t][e] = probs[t][e]
     return out
 
+
+
+def ref_attention_experts(x: Tensor, indices: Tensor, weights: Tensor, mask: Tensor | None, moa) -> Tensor:
+    """Per token, per chosen head, in float64 loops: q = W_q[e] x_t, scores over the allowed keys, softmax or
+    stick-breaking weights walked from the nearest key back, y_t += w W_o[e] sum_s a_s v_s. `moa` is a
+    `MixtureOfAttention` (its raw weights and config are read)."""
+    cfg = moa.config
+    batch, seq, _ = x.shape
+    xd = x.detach().double()
+    q_w, k_w, v_w, o_w = (p.detach().double() for p in (moa.q_proj, moa.k_proj, moa.v_proj, moa.o_proj))
+    out = torch.zeros(batch, seq, x.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for t in range(seq):
+            n = b * seq + t
+            for j in range(indices.shape[1]):
+                if mask is not None and not mask[n, j]:
+                    continue
+                e = int(indices[n, j])
+                kv = 0 if cfg.shared_kv else e
+                q = q_w[e] @ xd[b, t]
+                keys = list(range(t + 1)) if cfg.causal else list(range(seq))
+                scores = [float(q @ (k_w[kv] @ xd[b, s])) / math.sqrt(q.shape[0]) for s in keys]
+                if cfg.kind == "softmax":
+                    a = _softmax(scores)
+                else:
+                    a = [0.0] * len(keys)
+                    remaining = 1.0
+                    for i in reversed(range(len(keys))):  # nearest key first
+                        beta = 1 / (1 + math.exp(-scores[i]))
+                        a[i] = remaining * beta
+                        remaining *= 1 - beta
+                head = sum(a[i] * (v_w[kv] @ xd[b, s]) for i, s in enumerate(keys))
+                out[b, t] += float(weights[n, j].detach()) * (o_w[e] @ head)
+    return out
