@@ -27,9 +27,11 @@ from moekit.bench.timing import interleaved
 EP_SHAPE = dict(hidden=256, intermediate=384, experts=8, k=2, tokens=4096)
 
 
-def bench_tiny_step(repeats: int, batch: int = 8, seq_len: int = 256) -> dict:
+def bench_tiny_step(repeats: int, batch: int = 8, seq_len: int = 256, bf16: bool = False) -> dict:
+    """One training step, moekit's blocks against transformers' own; with `bf16` also moekit's blocks under bf16
+    autocast (fp32 master weights, as `moekit train --set dtype=bf16` runs), all interleaved."""
     import moekit.hf as mh
-    from moekit.train.trainer import RECIPES, _build_model
+    from moekit.train.trainer import RECIPES, _build_model, bf16_native
 
     recipe = RECIPES["tiny"]
     model = _build_model(recipe, recipe.vocab_size)
@@ -37,19 +39,29 @@ def bench_tiny_step(repeats: int, batch: int = 8, seq_len: int = 256) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, recipe.vocab_size, (batch, seq_len), generator=g)
 
-    def step(accelerated: bool) -> None:
+    def step(accelerated: bool, autocast: bool = False) -> None:
         (mh.accelerate if accelerated else mh.restore)(model)
         opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt.step()
 
-    ms = interleaved({"moekit": lambda: step(True), "transformers": lambda: step(False)}, repeats)
+    fns = {"moekit": lambda: step(True), "transformers": lambda: step(False)}
+    if bf16:
+        fns["moekit_bf16"] = lambda: step(True, autocast=True)
+    ms = interleaved(fns, repeats)
     tokens = batch * seq_len
-    return {"case": "tiny-step", "tokens": tokens, "repeats": repeats, "moekit_ms": round(ms["moekit"], 2),
-            "transformers_ms": round(ms["transformers"], 2),
-            "moekit_tokens_per_s": round(tokens / ms["moekit"] * 1e3, 1),
-            "transformers_tokens_per_s": round(tokens / ms["transformers"] * 1e3, 1),
-            "moekit_over_transformers_tokens_per_s": round(ms["transformers"] / ms["moekit"], 3)}
+    rec = {"case": "tiny-step", "tokens": tokens, "repeats": repeats, "moekit_ms": round(ms["moekit"], 2),
+           "transformers_ms": round(ms["transformers"], 2),
+           "moekit_tokens_per_s": round(tokens / ms["moekit"] * 1e3, 1),
+           "transformers_tokens_per_s": round(tokens / ms["transformers"] * 1e3, 1),
+           "moekit_over_transformers_tokens_per_s": round(ms["transformers"] / ms["moekit"], 3)}
+    if bf16:
+        rec.update(moekit_bf16_ms=round(ms["moekit_bf16"], 2), bf16_native=bf16_native(),
+                   moekit_bf16_tokens_per_s=round(tokens / ms["moekit_bf16"] * 1e3, 1),
+                   bf16_over_fp32_tokens_per_s=round(ms["moekit"] / ms["moekit_bf16"], 3))
+    return rec
 
 
 def _free_port() -> int:
@@ -111,7 +123,9 @@ def bench_ep(repeats: int) -> dict:
             "two_ranks_over_one_rank_tokens_per_s": round(results[1] / results[2], 3)}
 
 
-def bench_train(repeats: int = 5, quick: bool = False) -> list[dict]:
+def bench_train(repeats: int = 5, quick: bool = False, dtype: str = "fp32") -> list[dict]:
+    """dtype "bf16" adds a bf16-autocast contender to the training step (against fp32 in the same run)."""
+    bf16 = dtype == "bf16"
     if quick:
-        return [bench_tiny_step(1, batch=1, seq_len=32), bench_ep(1)]
-    return [bench_tiny_step(repeats), bench_ep(repeats)]
+        return [bench_tiny_step(1, batch=1, seq_len=32, bf16=bf16), bench_ep(1)]
+    return [bench_tiny_step(repeats, bf16=bf16), bench_ep(repeats)]

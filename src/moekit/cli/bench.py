@@ -32,6 +32,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--json", action="store_true", help="print the records as a JSON list")
     tr.add_argument("--repeats", type=int, default=5, help="timed rounds per contender (median; default 5)")
     tr.add_argument("--quick", action="store_true", help="one round of small batches: a smoke run")
+    tr.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: also time the step under bf16 autocast, against fp32 in the same run")
     ro = sub.add_parser("routers", help="every research router trained by one shortened tiny recipe, compared")
     ro.add_argument("--json", action="store_true", help="print the records as a JSON list")
     ro.add_argument("--router", action="append", help="run only this router (repeatable; default: all)")
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.what == "train":
         from moekit.bench.train import bench_train
 
-        records = bench_train(args.repeats, args.quick)
+        records = bench_train(args.repeats, args.quick, args.dtype)
         cols = sorted({k for r in records for k in r}, key=lambda k: (k != "case", k))
     else:
         records, cols = bench_layer(args.case, args.repeats, args.quick), None
