@@ -41,11 +41,9 @@ class Window:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read data file ({e.strerror or e}); expected a readable text or .jsonl "
-                        "file") from None
+    from moekit.files import MAX_DATA_BYTES, read_bounded
+
+    raw = read_bounded(path, MAX_DATA_BYTES, "text or .jsonl data file", DataError)
     if b"\0" in raw[:65536]:
         raise DataError(f"{path}: binary file (NUL bytes); expected UTF-8 text or JSON lines")
     try:
@@ -79,8 +77,6 @@ def read_documents(paths: Iterable[str | os.PathLike[str]]) -> list[TextDoc]:
     docs: list[TextDoc] = []
     for p in paths:
         path = Path(p)
-        if path.is_dir():
-            raise DataError(f"{path}: is a directory; expected a text or .jsonl data file")
         text = _read_text(path)
         found = _read_jsonl(path, text) if path.suffix == ".jsonl" else \
             ([TextDoc(text, path.stem, str(path))] if text.strip() else [])

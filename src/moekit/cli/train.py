@@ -27,6 +27,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="override a recipe field (VALUE as JSON, else a string), e.g. --set lr=1e-3 "
                         "--set 'moe_layer={\"router\": \"top_p\"}'")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="start again in --out, replacing the training run there (finished, interrupted or failed)")
     p.add_argument("--steps", type=int, help="override the recipe's number of steps")
     p.add_argument("--stop-at", type=int, help="stop after this step (the schedule still follows --steps)")
     p.add_argument("--prose-dir", help="English reST/text prose for the corpus (default: python3.11-doc or pydoc_data)")
@@ -57,15 +59,13 @@ def load_recipe_file(path: str):
     """A Recipe from a JSON file of recipe fields (plus an optional `base` recipe name)."""
     from dataclasses import replace
 
+    from moekit.files import MAX_JSON_BYTES, read_bounded
     from moekit.train.trainer import Recipe, get_recipe
 
     try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read recipe file ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); expected an object of recipe "
-                          "fields") from None
+        data = json.loads(read_bounded(path, MAX_JSON_BYTES, "recipe file (JSON)", ConfigError))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid JSON ({e}); expected an object of recipe fields") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of recipe fields")
     unknown = set(data) - _field_names() - {"base"}
@@ -75,6 +75,8 @@ def load_recipe_file(path: str):
     base = data.pop("base", None)
     data.setdefault("name", Path(path).stem)
     if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base={base!r}; expected a recipe name (a string)")
         return replace(get_recipe(base), **data)
     if "model" not in data:
         raise ConfigError(f"{path}: field 'model' missing; expected transformers config keywords with model_type "
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     overrides.update({name: value for name, value in (("steps", args.steps), ("prose_dir", args.prose_dir),
                                                       ("code_dir", args.code_dir)) if value is not None})
     recipe = load_recipe_file(args.config) if args.config else args.recipe
-    records = train(recipe, args.out, resume=args.resume, stop_at=args.stop_at, **overrides)
+    records = train(recipe, args.out, resume=args.resume, stop_at=args.stop_at, force=args.force, **overrides)
     if records and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
         last = records[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}), "

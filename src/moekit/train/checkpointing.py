@@ -8,18 +8,23 @@ position, so it survives the change of module order between a 1-rank and an expe
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError
+from moekit.files import MAX_JSON_BYTES, clean_stale, read_bounded, swap_in, temp_dir
 from moekit.train.parallel import Runtime, full_state, local_state
+
+# what a training directory holds; --force replaces a directory of these and nothing else
+RUN_ENTRIES = frozenset({"checkpoint", "model", "tokenizer", "metrics.jsonl"})
 
 
 def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -42,11 +47,11 @@ def write_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, re
     model_state = full_state(model, rt, _model_tensors(model))
     opt_state = full_state(model, rt, _optimizer_tensors(model, opt))
     if rt.main:
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".checkpoint-"))
-        save_file(model_state, str(tmp / "model.safetensors"))
-        save_file(opt_state, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"recipe": asdict(recipe), "step": step, "world": rt.world}))
-        _replace_dir(tmp, out / "checkpoint")
+        with temp_dir(out / "checkpoint", "saving") as tmp:
+            save_file(model_state, str(tmp / "model.safetensors"))
+            save_file(opt_state, str(tmp / "optimizer.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"recipe": asdict(recipe), "step": step, "world": rt.world}))
+            swap_in(tmp, out / "checkpoint")
     rt.barrier()
 
 
@@ -55,52 +60,105 @@ def write_run_model(path: Path, model: nn.Module, recipe: Any, vocab_size: int, 
     read back by `moekit.train.trainer.load_run`. Collective: every rank calls it; rank 0 writes."""
     state = full_state(model, rt, _model_tensors(model))
     if rt.main:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-        save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "run.json").write_text(json.dumps({"recipe": asdict(recipe), "vocab_size": vocab_size}, indent=1))
-        _replace_dir(tmp, path)
+        with temp_dir(path, "saving") as tmp:
+            save_file(state, str(tmp / "model.safetensors"))
+            (tmp / "run.json").write_text(json.dumps({"recipe": asdict(recipe), "vocab_size": vocab_size}, indent=1))
+            swap_in(tmp, path)
     rt.barrier()
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Put the finished directory `tmp` in place of `final` (absent or an earlier version), by renames."""
-    if final.exists():
-        old = final.with_name(f".{final.name}-old")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+def _load(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path}: cannot be read ({' '.join(str(err).split())[:200]}); expected the safetensors "
+                          "file of a training checkpoint (start again with --force)") from None
 
 
 def read_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime) -> None:
     """Load checkpoint/ into `model` and `opt` (this rank's shards of the experts and their optimizer state)."""
     ckpt = out / "checkpoint"
-    state = local_state(model, rt, load_file(str(ckpt / "model.safetensors")))
+    state = local_state(model, rt, _load(ckpt / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"{ckpt / 'model.safetensors'}: tensors do not match the recipe's model (missing "
                           f"{missing[:3]}, unexpected {unexpected[:3]}); expected a checkpoint of this recipe")
     params = dict(model.named_parameters())
-    for key, value in local_state(model, rt, load_file(str(ckpt / "optimizer.safetensors"))).items():
-        name, field = key.rsplit(".", 1)
+    path = ckpt / "optimizer.safetensors"
+    for key, value in local_state(model, rt, _load(path)).items():
+        name, _, field = key.rpartition(".")
         if name not in params:
-            raise ConfigError(f"{ckpt / 'optimizer.safetensors'}: state for unknown parameter {name!r}")
-        opt.state[params[name]][field] = value.reshape(()) if field == "step" else value.clone()
+            raise ConfigError(f"{path}: state for unknown parameter {name!r}")
+        want = () if field == "step" else tuple(params[name].shape)
+        size = 1 if field == "step" else params[name].numel()
+        if field not in ("step", "exp_avg", "exp_avg_sq") or value.numel() != size or not value.is_floating_point():
+            raise ConfigError(f"{path}: {key} is {value.dtype} {list(value.shape)}; expected AdamW state "
+                              f"(step, exp_avg, exp_avg_sq) shaped like the parameter {list(params[name].shape)}")
+        opt.state[params[name]][field] = value.reshape(()) if field == "step" else value.clone().reshape(want)
 
 
-def check_out_dir(out: Path, recipe: Any, resume: bool) -> int:
-    """The step to start from; refuses a non-empty directory without `resume` and another recipe's directory."""
+def _read_state(state_file: Path, recipe: Any) -> int:
+    try:
+        state = json.loads(read_bounded(state_file, MAX_JSON_BYTES, "state.json", ConfigError))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{state_file}: not JSON ({err}); expected the state of a training checkpoint (start "
+                          "again with --force)") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    saved = state.get("recipe") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or not isinstance(step, int) or isinstance(step, bool) \
+            or not 0 <= step <= recipe.steps:
+        raise ConfigError(f"{state_file}: expected an object with a recipe object and a step in [0, "
+                          f"{recipe.steps}] (start again with --force)")
+    if saved != json.loads(json.dumps(asdict(recipe))):
+        raise ConfigError(f"{state_file}: recipe {saved.get('name')!r} with other settings; expected recipe "
+                          f"{recipe.name!r} as saved to resume it")
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        path = state_file.parent / name
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(f"{path}: cannot be read ({' '.join(str(err).split())[:200]}); expected the "
+                              "safetensors file of a training checkpoint (start again with --force)") from None
+    return step
+
+
+def check_out_dir(out: Path, recipe: Any, resume: bool, force: bool = False) -> int:
+    """The step to start from, checked before anything is written: `resume` needs a readable checkpoint of the same
+    recipe; a fresh run needs an absent or empty directory, or `force` and a training directory (its entries are
+    removed); both clean what an interrupted run left (temporaries, a half-swapped checkpoint)."""
+    if resume and force:
+        raise ConfigError("--resume and --force: expected one of them (continue the run, or start it again)")
+    for name in ("checkpoint", "model"):
+        clean_stale(out / name)
     state_file = out / "checkpoint" / "state.json"
     if resume:
         if not state_file.exists():
-            raise ConfigError(f"{out}: expected a training directory with checkpoint/state.json to resume")
-        state = json.loads(state_file.read_text())
-        saved = state["recipe"]
-        if saved != json.loads(json.dumps(asdict(recipe))):
-            raise ConfigError(f"{state_file}: recipe {saved.get('name')!r} with other settings; expected recipe "
-                              f"{recipe.name!r} as saved to resume it")
-        return int(state["step"])
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: directory is not empty; expected a new --out (or --resume to continue it)")
+            started = out.is_dir() and any(out.iterdir())
+            raise ConfigError(f"{out}: no checkpoint/state.json to resume" + (
+                " (the run stopped before its first checkpoint); expected --force to start it again" if started
+                else "; expected a training directory"))
+        return _read_state(state_file, recipe)
+    if out.is_dir() and any(out.iterdir()):
+        names = {p.name for p in out.iterdir()}
+        if not force:
+            raise ConfigError(f"{out}: directory is not empty; expected a new --out (or --resume to continue the "
+                              "run, or --force to start it again)")
+        if not names <= RUN_ENTRIES:
+            other = sorted(names - RUN_ENTRIES)
+            raise ConfigError(f"{out}: holds {', '.join(other[:3])}, not a training directory; --force replaces "
+                              f"only {', '.join(sorted(RUN_ENTRIES))}")
     return 0
+
+
+def clear_run(out: Path) -> None:
+    """Remove a training directory's entries (what `--force` replaces), each by a rename first so that a kill
+    leaves a temporary that the next run removes, never a half-deleted checkpoint."""
+    for name in sorted(RUN_ENTRIES):
+        path = out / name
+        if path.is_dir():
+            doomed = out / f".{name}.removing-{os.getpid()}-0"
+            path.rename(doomed)
+            shutil.rmtree(doomed)
+        elif path.exists():
+            path.unlink()

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from moekit.errors import ConfigError
+from moekit.files import MAX_DATA_BYTES
 
 DEFAULT_PROSE_DIR = "/usr/share/doc/python3.11/html/_sources"
 PROSE_SUFFIX = ".rst.txt"
@@ -84,8 +85,8 @@ def _files(root: Path, suffix: str, skip_dirs: frozenset[str] = frozenset()) -> 
     found = {}
     for path in root.rglob(f"*{suffix}"):
         rel = path.relative_to(root)
-        if skip_dirs.intersection(rel.parts[:-1]) or not path.is_file():
-            continue
+        if skip_dirs.intersection(rel.parts[:-1]) or not path.is_file() or path.stat().st_size > MAX_DATA_BYTES:
+            continue  # FIFOs, devices and huge files are never opened
         found[rel.as_posix()] = path
     return found
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from moekit.errors import ConfigError
+from moekit.files import atomic_write
 from moekit.train.corpus import Corpus
 
 EOS_TOKEN = "<|endoftext|>"
@@ -41,17 +41,6 @@ def train_tokenizer(corpus: Corpus, vocab_size: int = 8192, split: str = "train"
     return tok
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike[str], model_max_length: int = 2048) -> Path:
     """Write tokenizer.json and tokenizer_config.json into out_dir (each via a temp file and a rename), loadable by
     transformers' AutoTokenizer.from_pretrained(out_dir) or PreTrainedTokenizerFast(tokenizer_file=...)."""
@@ -69,8 +58,8 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike[str], model_max_le
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
     }
-    _write_atomic(out / "tokenizer.json", tok.to_str(pretty=True))
-    _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write(out / "tokenizer.json", tok.to_str(pretty=True))
+    atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     return out
 
 

@@ -22,11 +22,13 @@ from tqdm import tqdm
 
 from moekit.core.losses import update_correction_bias, z_loss
 from moekit.errors import ConfigError, UnknownNameError
-from moekit.train.checkpointing import check_out_dir, read_checkpoint, write_checkpoint, write_run_model
+from moekit.files import atomic_write, check_output
+from moekit.train.checkpointing import check_out_dir, clear_run, read_checkpoint, write_checkpoint, write_run_model
 from moekit.train.corpus import build_corpus
 from moekit.train.moe_model import MoEBlock, moe_blocks, use_moekit_layers
 from moekit.train.parallel import Runtime, average_gradients, clip_gradients, init_runtime, shard_experts
 from moekit.train.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_tokenizer
+from moekit.train.validate import check_recipe
 
 
 @dataclass(frozen=True)
@@ -176,22 +178,27 @@ def _step_hooks(blocks: list[MoEBlock], step: int, total: int) -> None:
 
 
 def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = False, stop_at: int | None = None,
-          progress: bool = True, init: Callable[[nn.Module], None] | None = None, **overrides: Any) -> list[dict]:
+          progress: bool = True, init: Callable[[nn.Module], None] | None = None, force: bool = False,
+          **overrides: Any) -> list[dict]:
     """Train `recipe` into out_dir (metrics.jsonl, tokenizer/, checkpoint/, model/ at the end). `stop_at` ends
     early at that step (the schedule still follows `recipe.steps`). `init(model)`, if given, runs on the freshly
-    built model before the first step of a new run. Under torchrun (WORLD_SIZE > 1) the experts are sharded over
-    the ranks and each rank trains on its slice of every batch; only rank 0 writes. Returns this call's metrics."""
+    built model before the first step of a new run. `force` starts again in a training directory that holds a
+    run (finished, interrupted or failed). Under torchrun (WORLD_SIZE > 1) the experts are sharded over the ranks
+    and each rank trains on its slice of every batch; only rank 0 writes. Returns this call's metrics."""
     import moekit.hf as mh
 
     recipe = replace(get_recipe(recipe) if isinstance(recipe, str) else recipe, **overrides)
+    check_recipe(recipe, stop_at)
     rt = init_runtime()
     if recipe.batch_size % rt.world:
         raise ConfigError(f"batch_size={recipe.batch_size}: expected a multiple of the {rt.world} ranks")
-    out = Path(out_dir)
-    start = check_out_dir(out, recipe, resume)
+    out = check_output(out_dir, (recipe.prose_dir, recipe.code_dir))
+    start = check_out_dir(out, recipe, resume, force)
     corpus = build_corpus(recipe.prose_dir, recipe.code_dir, recipe.max_docs_per_domain, corpus_seed(recipe))
     rt.barrier()  # every rank has checked the directory before rank 0 fills it
     if rt.main:
+        if force:
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             tok = train_tokenizer(corpus, vocab_size=recipe.vocab_size)
@@ -218,9 +225,8 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
     k = getattr(model.config, "num_experts_per_tok", 0)
     metrics_path = out / "metrics.jsonl"
     if rt.main:
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] \
-            if resume and metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        atomic_write(metrics_path, "".join(line + "\n" for line in _metrics_before(metrics_path, start)
+                                           if resume))
     end = min(recipe.steps, stop_at or recipe.steps)
     records = []
     model.train()
@@ -255,6 +261,10 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
                 z = balance = torch.zeros(())
                 cvs, entropies = [], []
                 loss = lm_loss = out_.loss
+            if not torch.isfinite(loss):
+                raise ConfigError(f"step {step + 1}: the loss is {float(loss)}; the run diverged (lr={recipe.lr}, "
+                                  f"clip={recipe.clip}); expected finite losses (lower lr; --resume restarts from "
+                                  "the last checkpoint, --force from the start)")
             (loss / recipe.grad_accum).backward()
             for name, value in (("loss", loss), ("lm_loss", lm_loss), ("balance", balance), ("z", z)):
                 sums[name] += value.item() / recipe.grad_accum
@@ -292,6 +302,21 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
         elif rt.main:
             model.eval().save_pretrained(out / "model")
     return records
+
+
+def _metrics_before(path: Path, start: int) -> list[str]:
+    """The metrics lines of steps <= start (a resumed run rewrites the rest); unreadable lines are dropped."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(step, int) and step <= start:
+            kept.append(line)
+    return kept
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> nn.Module:
