@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MOEKIT_TUNE", "0")  # no timing inside tests unless a test asks (moekit.core.tune)
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -18,12 +18,12 @@ import moekit.hf as mh
 from hf.tiny import tiny_model
 from moekit.compress.calibrate import CalibrationWarning
 from moekit.compress.heapr import heapr_scores
-from moekit.compress.qexperts import DispatchedQuantizedExperts
 from moekit.compress.quantize import apply_quant, plan_quant, resident_bytes
 from moekit.compress.weights import read_experts, write_block
+from moekit.core.experts.quantized import DispatchedQuantizedExperts
+from moekit.core.experts.ragged import RaggedExperts, make_ragged
 from moekit.errors import ConfigError
 from moekit.hf.info import describe
-from moekit.hf.ragged import RaggedExperts, make_ragged
 
 
 def _windows(n: int = 3, length: int = 20) -> list:

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 import moekit.hf as mh
 from hf.tiny import tiny_model
 from moekit.compress.lowrank import apply_lowrank, plan_lowrank
+from moekit.core.experts.lowrank import LowRankExperts
 from moekit.errors import ConfigError
 from moekit.hf.info import describe
-from moekit.hf.lowrank import LowRankExperts
 
 IDS = torch.randint(3, 97, (1, 14), generator=torch.Generator().manual_seed(7))
 

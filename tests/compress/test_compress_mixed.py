@@ -17,8 +17,8 @@ from moekit.compress import calibrate
 from moekit.compress.calibrate import CalibrationWarning, LayerStats, Stats
 from moekit.compress.mixed import CANDIDATES, allocate, output_errors
 from moekit.compress.qexperts import quantize_experts
-from moekit.compress.qformat import BITS
 from moekit.compress.quantize import apply_quant, plan_quant, resident_bytes
+from moekit.core.experts.qformat import BITS
 from moekit.errors import ConfigError
 
 

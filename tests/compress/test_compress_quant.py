@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 import moekit.hf as mh
 from hf.tiny import tiny_model
-from moekit.compress.qformat import QuantizedExperts, QuantizedMatrix, decode, encode
 from moekit.compress.quantize import QuantPlan, apply_quant, parse_spec, plan_quant, resident_bytes
+from moekit.core.experts.qformat import QuantizedExperts, QuantizedMatrix, decode, encode
 from moekit.errors import ConfigError
 from moekit.hf.headers import CheckpointError
 from moekit.hf.info import describe

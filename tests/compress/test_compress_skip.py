@@ -10,9 +10,9 @@ import torch
 
 import moekit.hf as mh
 from hf.tiny import tiny_model
-from moekit.compress.qformat import QuantizedMatrix
 from moekit.compress.quantize import apply_quant, plan_quant
 from moekit.compress.skip import apply_skip, calibrate_skip, experts_per_token, quantile_threshold, weight_ratios
+from moekit.core.experts.qformat import QuantizedMatrix
 from moekit.data import TextDoc
 from moekit.errors import ConfigError
 from moekit.hf.reroute import unroute

@@ -8,7 +8,7 @@ import torch
 import moekit.hf as mh
 from hf.tiny import tiny_model
 from moekit.compress.quantize import apply_quant, plan_quant
-from moekit.hf.ragged import RaggedExperts
+from moekit.core.experts.ragged import RaggedExperts
 
 IDS = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(5))
 

@@ -9,7 +9,7 @@ calibration loss at the block output for token t), removing it costs about
 
 (HEAPr's score; the expectation over all calibration tokens, 0 where e is not routed). Scores are ranked
 globally across layers; the lowest `ratio` of all atomic experts go, every expert keeping at least one. Experts
-end with different widths, stored as `moekit.hf.ragged.RaggedExperts` (saved through the moekit manifest).
+end with different widths, stored as `moekit.core.experts.ragged.RaggedExperts` (saved through the moekit manifest).
 GPT-OSS's biases follow their neurons (gate / up bias k with atomic expert k); an expert's down bias belongs to no
 neuron and stays.
 """
@@ -23,8 +23,8 @@ from torch import nn
 from moekit.compress.calibrate import Stats
 from moekit.compress.plan import Plan
 from moekit.compress.weights import ExpertWeights, read_experts, write_block
+from moekit.core.experts.ragged import make_ragged
 from moekit.errors import ConfigError
-from moekit.hf.ragged import make_ragged
 from moekit.hf.view import view
 
 

@@ -1,6 +1,6 @@
 """Low-rank compression of experts (MC-SMoE's second step, its SVD part; meant for the experts merging left):
 every projection of every expert of a layer is replaced by its best rank-r approximation (truncated SVD,
-Eckart-Young), W = U S V^T ~ (U_r S_r) V_r^T, stored as the two factors (`moekit.hf.lowrank.LowRankExperts`).
+Eckart-Young), W = U S V^T ~ (U_r S_r) V_r^T, stored as the two factors (`moekit.core.experts.lowrank.LowRankExperts`).
 
 r = round(fraction * min(H, I)) per layer, at least 1. The factors hold r (2I + H) + r (H + I) = r (3I + 2H)
 numbers per expert against 3 H I dense, so they save bytes when r < 3 H I / (3I + 2H) (r < 177 for moekit-tiny's
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from moekit.compress.plan import Plan
+from moekit.core.experts.lowrank import make_lowrank
 from moekit.errors import ConfigError
-from moekit.hf.lowrank import make_lowrank
 from moekit.hf.view import view
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from moekit.compress.calibrate import LayerStats, Stats
 from moekit.compress.qexperts import expert_parts, expert_widths
-from moekit.compress.qformat import decode, encode, packed_nbytes
+from moekit.core.experts.qformat import decode, encode, packed_nbytes
 from moekit.errors import ConfigError
 from moekit.hf.view import BlockView
 

@@ -1,11 +1,11 @@
 """Quantization of a transformers MoE model's routed experts: `plan_quant(model, stats, spec) -> QuantPlan`, then
 `apply_quant(model, plan)` swaps each MoE block's experts module for a `DispatchedQuantizedExperts` holding packed
-codes (formats in `moekit.compress.qformat`), so the float expert weights are released and memory really drops.
+codes (formats in `moekit.core.experts.qformat`), so the float expert weights are released and memory really drops.
 
 spec: `int8`, `int4`, `ternary` (every expert in that format) or `mixed:<bytes>` (a format per expert chosen by an
 integer program under a byte budget for all routed expert weights, `moekit.compress.mixed`; the budget takes an
 optional unit: `mixed:3.5MB`, `mixed:2MiB`). Router, attention, embeddings and shared experts stay as they are.
-Experts of different widths (`moekit.hf.ragged`, after HEAPr) are quantized and priced at their own widths.
+Experts of different widths (`moekit.core.experts.ragged`, after HEAPr) are quantized and priced at their own widths.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from moekit.compress.calibrate import Stats
 from moekit.compress.mixed import expert_cost, plan_mixed
 from moekit.compress.qexperts import expert_parts, expert_widths, quantize_experts, swap_experts
-from moekit.compress.qformat import BITS, QuantizedExperts
+from moekit.core.experts.qformat import BITS, QuantizedExperts
 from moekit.errors import ConfigError
 from moekit.hf.view import view
 

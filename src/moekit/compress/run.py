@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from moekit.compress.skip import SKIP_FILE
 from moekit.data import DataError, TextDoc, default_documents, read_documents
 from moekit.errors import ConfigError
 from moekit.eval import load_model_and_tokenizer, perplexity, skipped_perplexity
+from moekit.files import check_output, clean_stale, swap_in, temp_dir
 from moekit.hf.checkpoint import save
 from moekit.hf.headers import CheckpointError, read_checkpoint
 from moekit.hf.view import view
@@ -59,14 +59,14 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {"params": total, "active": active}
 
 
-def check_out(out: Path, model_dir: Path, force: bool) -> None:
-    source = model_dir.resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise CheckpointError(f"{out}: is or holds the input checkpoint {source}; expected another output directory")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a directory; expected a directory to write into")
+def check_out(out: str | os.PathLike, inputs: list, force: bool) -> Path:
+    """The resolved output directory, checked before any work (see `moekit.files.check_output`), after removing
+    what an interrupted compress left beside it."""
+    out = check_output(out, inputs)
+    clean_stale(out)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out}: not empty; expected an empty or new directory (or --force)")
+    return out
 
 
 def _held_out(eval_data: list[str] | None, is_default: bool, calibration: list[TextDoc]) -> list[TextDoc]:
@@ -131,8 +131,7 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         parse_spec(quant)
     from moekit.default import default_model_path
 
-    out = Path(out).resolve()
-    check_out(out, Path(model_path) if model_path else default_model_path(), force)
+    out = check_out(out, [model_path or default_model_path(), *(data or ()), *(eval_data or ())], force)
     cal_docs = read_documents(data) if data else []
     path, model, tokenizer, is_default = load_model_and_tokenizer(model_path)
     eval_docs = _held_out(eval_data, is_default, cal_docs)
@@ -218,9 +217,7 @@ def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan
            skip_spec: dict | None) -> None:
     """Checkpoint (with the source's tokenizer files), plan.json and report.json into a temporary sibling, then
     renamed to `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.compress-", dir=out.parent))
-    try:
+    with temp_dir(out, "compress") as tmp:
         save(model, tmp, force=True)
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
@@ -239,13 +236,6 @@ def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-        if old is not None:
-            if not force:
-                raise CheckpointError(f"{out}: appeared while compressing; expected it absent (or --force)")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if out.exists() and not force:
+            raise CheckpointError(f"{out}: appeared while compressing; expected it absent (or --force)")
+        swap_in(tmp, out)

@@ -19,14 +19,16 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from moekit.core.experts import ExpertsLike, linear
+from moekit.core import tune
+from moekit.core.experts.base import ExpertsLike, linear
 from moekit.core.routing import Routing
 from moekit.errors import ConfigError, RoutingError
 
 DISPATCH_IMPLS = ("auto", "loop", "grouped_mm", "threads")
 _GEMV_ROWS = 8  # reading an expert's weights costs about as much as this many rows of its GEMM
-# The thread pool pays a fixed few milliseconds per call on a 2-core machine (OpenMP's idle threads spin on a core
-# after every parallel op of the calling thread), so it needs this much work to win: weights read or GEMM FLOPs.
+# `default_impl` (MOEKIT_TUNE=0, or under autograd): thresholds measured once on a 2-core AMD EPYC (Zen 4). The
+# thread pool paid a fixed few milliseconds per call there (OpenMP's idle threads spin on a core after every parallel
+# op of the calling thread), so it needed this much work to win: weights read or GEMM FLOPs.
 _THREADS_MIN_BYTES = 64 * 2**20
 _THREADS_MIN_FLOPS = 4 * 10**9
 _THREADS_MIN_ROWS = 2  # decode (about one row per expert) is faster with one BLAS call per expert on all cores
@@ -131,8 +133,12 @@ def _run_loop(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike) -> Tensor:
 @cache
 def _pool(workers: int) -> ThreadPoolExecutor:
     """Worker threads that each run their BLAS calls on one core (torch's thread count is per thread)."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="moekit-experts", initializer=torch.set_num_threads,
-                              initargs=(1,))
+    return ThreadPoolExecutor(workers, thread_name_prefix="moekit-experts", initializer=_init_worker)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    tune.suspend_in_this_thread()  # timings taken beside the other workers would mislead
 
 
 def _work_groups(plan: DispatchPlan, workers: int, split: bool) -> list[list[tuple[int, int, int]]]:
@@ -261,7 +267,7 @@ def _aligned(t: Tensor) -> bool:
 
 
 def grouped_mm_supported(xs: Tensor, experts: ExpertsLike) -> bool:
-    if not hasattr(torch, "_grouped_mm") or xs.dtype not in _GROUPED_DTYPES:
+    if not hasattr(torch, "_grouped_mm") or xs.dtype not in _GROUPED_DTYPES or not hasattr(experts, "grouped_weights"):
         return False
     hidden_row_bytes = experts.intermediate_size * xs.element_size()  # the activation output's row stride
     return hidden_row_bytes % 16 == 0 and all(_aligned(t) for t in (xs, *experts.grouped_weights()))
@@ -272,31 +278,72 @@ _RUNNERS = {"loop": _run_loop, "grouped_mm": _run_grouped, "threads": _run_threa
 
 def choose_impl(impl: str, xs: Tensor, experts: ExpertsLike, active_experts: int) -> str:
     """`loop`: one GEMM per active expert. `grouped_mm`: every expert in one torch._grouped_mm call, where its
-    dtype (float32, bfloat16) and alignment rules allow, else `loop`. `threads`: experts concurrently on a thread
-    pool, one core each, forward and backward. `auto`, as measured by `moekit bench layer` (docs/benchmarks.md):
-    threads when there is more than one core, at least two rows per active expert on average and enough work
-    (64 MiB of expert weights or 4 GFLOP); else grouped_mm when several experts get 64 rows or more in all; else
-    loop."""
+    dtype (float32, bfloat16) and alignment rules allow and the format gives grouped weights, else `loop`.
+    `threads`: experts concurrently on a thread pool, one core each, forward and backward. `auto`: `default_impl`
+    (`run_experts` measures instead, when tuning is on and no gradient is needed)."""
     if impl not in DISPATCH_IMPLS:
         raise ConfigError(f"dispatch={impl!r}: expected one of {', '.join(DISPATCH_IMPLS)}")
     if impl == "threads":
         return "threads"
-    if impl == "auto" and torch.get_num_threads() > 1 and xs.shape[0] >= _THREADS_MIN_ROWS * active_experts:
+    if impl == "loop" or not grouped_mm_supported(xs, experts):
+        return "loop"
+    if impl == "grouped_mm":
+        return "grouped_mm"
+    return default_impl(xs, experts, active_experts)
+
+
+def default_impl(xs: Tensor, experts: ExpertsLike, active_experts: int) -> str:
+    """The choice without measurement (MOEKIT_TUNE=0, or a gradient needed): threads when there is more than one
+    core, at least two rows per active expert on average and enough work (64 MiB of expert weights or 4 GFLOP);
+    else grouped_mm when supported and several experts get 64 rows or more in all; else loop. Thresholds measured
+    on one machine (a 2-core AMD EPYC, Zen 4); other CPUs differ, hence `moekit.core.tune`."""
+    if torch.get_num_threads() > 1 and xs.shape[0] >= _THREADS_MIN_ROWS * active_experts:
         weight_bytes = active_experts * experts.bytes_per_expert()
         flops = 2 * xs.shape[0] * experts.bytes_per_expert() // xs.element_size()
         if weight_bytes >= _THREADS_MIN_BYTES or flops >= _THREADS_MIN_FLOPS:
             return "threads"
-    if impl == "loop" or not grouped_mm_supported(xs, experts):
-        return "loop"
-    if impl == "auto" and (active_experts < 2 or xs.shape[0] < 64):
+    if active_experts < 2 or xs.shape[0] < 64 or not grouped_mm_supported(xs, experts):
         return "loop"
     return "grouped_mm"
 
 
+def candidate_impls(xs: Tensor, experts: ExpertsLike) -> list[str]:
+    """The implementations that can run these rows on these experts here."""
+    names = ["loop"]
+    if grouped_mm_supported(xs, experts):
+        names.append("grouped_mm")
+    if torch.get_num_threads() > 1:
+        names.append("threads")
+    return names
+
+
+def shape_class(xs: Tensor, experts: ExpertsLike, active_experts: int) -> tuple:
+    """What the tuner keys a dispatch choice by (with the thread count): the experts' format, dtype, H, I, the rows
+    per active expert and the active experts (each rounded up to a power of two)."""
+    per_expert = -(-xs.shape[0] // max(active_experts, 1))
+    return (getattr(experts, "format", "dense"), xs.dtype, experts.hidden_size, experts.intermediate_size,
+            tune.bucket(per_expert), tune.bucket(active_experts))
+
+
+def _needs_grad(xs: Tensor, experts: ExpertsLike) -> bool:
+    return torch.is_grad_enabled() and (xs.requires_grad or any(
+        getattr(t, "requires_grad", False) for t in (experts.gate_up_proj, experts.down_proj)))
+
+
 def run_experts(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike, impl: str = "auto") -> Tensor:
     """The expert FFNs on rows xs [N, H] already sorted by expert (`plan.counts[e]` rows for expert e; only
-    `plan.counts` and `plan.expert` are read). Returns [N, H], unweighted, in the same order."""
-    return _RUNNERS[choose_impl(impl, xs, experts, sum(1 for n in plan.counts if n))](xs, plan, experts)
+    `plan.counts` and `plan.expert` are read). Returns [N, H], unweighted, in the same order. With `impl="auto"`
+    the implementation is the tuner's measured choice for this shape class (`moekit.core.tune`; forward only: a
+    call that needs gradients, or MOEKIT_TUNE=0, takes `default_impl`)."""
+    active = sum(1 for n in plan.counts if n)
+    if impl == "auto" and tune.enabled() and not _needs_grad(xs, experts):
+        candidates = {name: (lambda run=_RUNNERS[name]: run(xs, plan, experts))
+                      for name in candidate_impls(xs, experts)}
+        name = tune.tuner().choose("dispatch", shape_class(xs, experts, active), candidates,
+                                   default_impl(xs, experts, active))
+    else:
+        name = choose_impl(impl, xs, experts, active)
+    return _RUNNERS[name](xs, plan, experts)
 
 
 def sorted_plan(counts: list[int], device: torch.device | str | None = None) -> DispatchPlan:

@@ -79,10 +79,10 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     moekit_layers = {int(i): spec for i, spec in (getattr(config, "moekit_layers", None) or {}).items()}
     quant_layers = {int(i): spec for i, spec in (getattr(config, "moekit_quant", None) or {}).items()}
     widths = {i: spec["intermediate_size"] for i, spec in moekit_layers.items()}
-    # moekit.hf.ragged layers (experts of different widths, packed): widths per expert in moekit_layers
+    # moekit.core.experts.ragged layers (experts of different widths, packed): widths per expert in moekit_layers
     ragged = {i: spec["widths"] for i, spec in moekit_layers.items() if "widths" in spec}
-    # moekit.hf.lowrank layers: every projection stored as rank-r factors, r (2I + H) + r (H + I) per expert (plus
-    # GPT-OSS's whole biases)
+    # moekit.core.experts.lowrank layers: every projection stored as rank-r factors, r (2I + H) + r (H + I) per
+    # expert (plus GPT-OSS's whole biases)
     ranks = {i: spec["rank"] for i, spec in moekit_layers.items() if "rank" in spec}
     # moekit-quantized experts (moekit.compress.quantize) hold codes and scales: count their logical parameters
     moekit_quant = {i: spec["formats"] for i, spec in quant_layers.items()}

@@ -4,8 +4,9 @@ manifest, and a modeling file that lets plain transformers load them with `trust
 
 Layout written by `save_manifest` (into the temporary directory `save` renames into place):
   config.json            the family's config plus `moekit_layers` {layer: {num_experts, intermediate_size[, widths |
-                         rank]}} (`widths`: per-expert widths of a layer of `moekit.hf.ragged.RaggedExperts`; `rank`:
-                         the factor rank of a layer of `moekit.hf.lowrank.LowRankExperts`) and
+                         rank]}} (`widths`: per-expert widths of a layer of
+                         `moekit.core.experts.ragged.RaggedExperts`; `rank`: the factor rank of a layer of
+                         `moekit.core.experts.lowrank.LowRankExperts`) and
                          `auto_map` {"AutoModelForCausalLM": "modeling_moekit.MoekitForCausalLM"}
   moekit.json            {"format": "moekit-hf", "version": 1, "family": model_type, "layers": ...}
   modeling_moekit.py     the family's causal LM class, whose __init__ resizes the listed layers (needs only torch
@@ -13,7 +14,7 @@ Layout written by `save_manifest` (into the temporary directory `save` renames i
   model*.safetensors     tensors by their in-memory names (fused experts), sharded above `max_shard_size`
 Quantized experts (`moekit.compress.quantize`) add `moekit_quant` {layer: {formats, group_size[, widths]}} (`widths`:
 per-expert widths of experts of different widths, each quantized at its own) to config.json and
-`quant` to moekit.json, and `moekit_qformat.py` (a copy of `moekit.compress.qformat`, torch only), which the
+`quant` to moekit.json, and `moekit_qformat.py` (a copy of `moekit.core.experts.qformat`, torch only), which the
 modeling file imports to put `QuantizedExperts` in those layers.
 """
 
@@ -28,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.core.experts.lowrank import LowRankExperts, make_lowrank
+from moekit.core.experts.ragged import RaggedExperts, glu, make_ragged
 from moekit.hf.families import Family, family_of
 from moekit.hf.headers import INDEX, SINGLE, CheckpointError, read_checkpoint
-from moekit.hf.lowrank import LowRankExperts, make_lowrank
-from moekit.hf.ragged import RaggedExperts, glu, make_ragged
 from moekit.hf.view import decoder_layers, view
 
 MANIFEST = "moekit.json"
@@ -194,7 +195,7 @@ def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB"
     config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.MoekitForCausalLM"}
     manifest = {"format": FORMAT, "version": VERSION, "family": family.model_type, "layers": layers}
     if quant:
-        from moekit.compress import qformat  # the format lives with the quantizer; torch only, copied verbatim
+        from moekit.core.experts import qformat  # torch only, copied verbatim
 
         config.moekit_quant = manifest["quant"] = quant
         (directory / QFORMAT).write_text(inspect.getsource(qformat))
@@ -216,24 +217,30 @@ def _modeling_source(family: Family, quant: bool = False) -> str:
 
 
 def read_manifest(directory: Path) -> dict:
+    """moekit.json, checked: its format and version, and for every layer a positive expert count and width, one
+    width per expert for ragged layers, a positive rank, and one known quant format per expert."""
+    from moekit.files import MAX_JSON_BYTES, read_bounded
+
     path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_bounded(path, MAX_JSON_BYTES, "moekit manifest", CheckpointError))
         layers = {int(i): (int(s["num_experts"]), int(s["intermediate_size"])) for i, s in manifest["layers"].items()}
         widths = {int(i): [int(w) for w in s["widths"]] for i, s in manifest["layers"].items() if "widths" in s}
         ranks = {int(i): int(s["rank"]) for i, s in manifest["layers"].items() if "rank" in s}
         quant = {int(i): {"formats": [str(f) for f in s["formats"]], "group_size": int(s["group_size"]),
                           "widths": None if s.get("widths") is None else [int(w) for w in s["widths"]]}
                  for i, s in manifest.get("quant", {}).items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError,
+            OverflowError):
         raise CheckpointError(f"{path}: corrupt manifest: expected JSON with 'format', 'version', 'layers' "
                               f"{{layer: {{num_experts, intermediate_size[, widths | rank]}}}} and optionally 'quant' "
                               f"{{layer: {{formats, group_size[, widths]}}}}") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
                               f"expected {FORMAT!r} version {VERSION}")
+    _check_layer_specs(path, layers, widths, ranks, quant)
     if quant:
-        from moekit.compress.qformat import BITS
+        from moekit.core.experts.qformat import BITS
 
         bad = sorted({f for spec in quant.values() for f in spec["formats"] if f not in BITS})
         if bad:
@@ -241,20 +248,30 @@ def read_manifest(directory: Path) -> dict:
     return {"family": manifest.get("family"), "layers": layers, "widths": widths, "ranks": ranks, "quant": quant}
 
 
-def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
-    """Build the family's model from `config`, resize the layers the manifest lists, load the tensors (by their
-    in-memory names) and refuse any missing, unexpected or misshapen one."""
-    from safetensors.torch import load_file
+def _check_layer_specs(path: Path, layers: dict, widths: dict, ranks: dict, quant: dict) -> None:
+    for layer, (experts, width) in layers.items():
+        where = f"{path}: layers[{str(layer)!r}]"
+        if layer < 0 or experts < 1 or width < 1:
+            raise CheckpointError(f"{where}: num_experts={experts}, intermediate_size={width}; expected a layer "
+                                  f"index >= 0 and positive sizes")
+        if layer in widths and (len(widths[layer]) != experts or not all(0 < w <= width for w in widths[layer])):
+            raise CheckpointError(f"{where}: widths has {len(widths[layer])} entries; expected {experts} (one per "
+                                  f"expert), each in [1, {width}]")
+        if ranks.get(layer, 1) < 1:
+            raise CheckpointError(f"{where}: rank={ranks[layer]}; expected a positive rank")
+    for layer, spec in quant.items():
+        experts = layers.get(layer, (len(spec["formats"]), 0))[0]
+        if layer < 0 or not spec["formats"] or len(spec["formats"]) != experts or spec["group_size"] < 1:
+            raise CheckpointError(f"{path}: quant[{str(layer)!r}]: {len(spec['formats'])} formats, group_size="
+                                  f"{spec['group_size']}; expected one format per expert and a positive group size")
+
+
+def build_manifest_model(config, manifest: dict, family: Family, dtype: torch.dtype, source: Path,
+                         **kwargs) -> nn.Module:
+    """The family's model from `config` with the layers `manifest` lists resized, made ragged, low-rank or
+    quantized; its tensors are uninitialised (on the meta device when called under `torch.device("meta")`)."""
     from transformers import AutoModelForCausalLM
 
-    manifest = read_manifest(directory)
-    family = family_of(config, source=str(directory / "config.json"))
-    if manifest["family"] != family.model_type:
-        raise CheckpointError(f"{directory / MANIFEST}: family {manifest['family']!r} but config.json says "
-                              f"{family.model_type!r}; expected the same")
-    headers = read_checkpoint(directory)
-    config.auto_map = {}  # built here from moekit's own code, not the checkpoint's modeling file
-    dtype = dtype or _main_dtype({name: info for name, info in headers.items() if not _QUANT_TENSOR.search(name)})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     layers = decoder_layers(model)
     for layer, (experts, width) in manifest["layers"].items():
@@ -267,7 +284,7 @@ def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **k
             make_lowrank(getattr(layers[layer], family.block), manifest["ranks"][layer], config.hidden_size,
                          family.experts)
     if manifest["quant"]:
-        from moekit.compress.qexperts import DispatchedQuantizedExperts  # quantized experts run by moekit's dispatch
+        from moekit.core.experts.quantized import DispatchedQuantizedExperts  # run by moekit's dispatch
 
         for layer, spec in manifest["quant"].items():
             block = getattr(layers[layer], family.block)
@@ -276,8 +293,27 @@ def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **k
                                                           spec["group_size"], family.transposed, family.bias,
                                                           spec["widths"])
             except ValueError as err:
-                raise CheckpointError(f"{directory / MANIFEST}: quant layer {layer}: {err}") from None
+                raise CheckpointError(f"{source}: quant layer {layer}: {err}") from None
             setattr(block, family.experts, experts)
+    return model
+
+
+def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, manifest: dict | None = None,
+                  headers: dict | None = None, **kwargs) -> nn.Module:
+    """Build the family's model from `config`, resize the layers the manifest lists, load the tensors (by their
+    in-memory names) and refuse any missing, unexpected or misshapen one. `manifest` and `headers`: what
+    `read_manifest` and `read_checkpoint` already returned for `directory`."""
+    from safetensors.torch import load_file
+
+    manifest = manifest or read_manifest(directory)
+    family = family_of(config, source=str(directory / "config.json"))
+    if manifest["family"] != family.model_type:
+        raise CheckpointError(f"{directory / MANIFEST}: family {manifest['family']!r} but config.json says "
+                              f"{family.model_type!r}; expected the same")
+    headers = headers or read_checkpoint(directory)
+    config.auto_map = {}  # built here from moekit's own code, not the checkpoint's modeling file
+    dtype = dtype or main_dtype(headers)
+    model = build_manifest_model(config, manifest, family, dtype, directory / MANIFEST, **kwargs)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     _check_tensors(directory, expected, {name: info.shape for name, info in headers.items()})
     state = {}
@@ -285,6 +321,11 @@ def load_manifest(directory: Path, config, dtype: torch.dtype | None = None, **k
         state.update(load_file(directory / file))
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def main_dtype(headers: dict) -> torch.dtype:
+    """The float dtype holding most bytes of the checkpoint's tensors other than quantized codes."""
+    return _main_dtype({name: info for name, info in headers.items() if not _QUANT_TENSOR.search(name)})
 
 
 def _main_dtype(headers: dict) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""Expert weights, stored as transformers v5 stores them, and their activations.
+"""Dense experts, stored as transformers v5 stores them.
 
 Routed experts are fused 3D parameters, so a Hugging Face model's tensors can be used as views:
   gate_up_proj [E, 2I, H] (gate rows first, then up rows), down_proj [E, H, I], optional biases [E, 2I] / [E, H].
@@ -9,91 +9,19 @@ The plain `gelu` MLP has no gate: gate_up_proj is [E, I, H].
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.core.experts.base import Activation, linear
 from moekit.errors import ConfigError
-
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "gpt_oss")
-
-
-@dataclass(frozen=True)
-class Activation:
-    """kind: one of ACTIVATIONS. alpha / limit: GPT-OSS's clamped SwiGLU, (clamp(up) + 1) * g * sigmoid(alpha g)
-    with g = min(gate, limit), gate and up interleaved (even / odd columns)."""
-
-    kind: str = "swiglu"
-    alpha: float = 1.702
-    limit: float = 7.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ACTIVATIONS:
-            raise ConfigError(f"activation={self.kind!r}: expected one of {', '.join(ACTIVATIONS)}")
-
-    @property
-    def gated(self) -> bool:
-        return self.kind != "gelu"
-
-    def split(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """[n, 2I] -> gate [n, I], up [n, I]."""
-        if self.kind == "gpt_oss":
-            return h[..., ::2], h[..., 1::2]
-        return h.chunk(2, dim=-1)
-
-    def glu(self, gate: Tensor, up: Tensor) -> Tensor:
-        if self.kind == "swiglu":
-            return F.silu(gate) * up
-        if self.kind == "geglu":
-            return F.gelu(gate) * up
-        gate = gate.clamp(max=self.limit)
-        up = up.clamp(min=-self.limit, max=self.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-
-    def __call__(self, h: Tensor) -> Tensor:
-        """[n, 2I] (or [n, I] for gelu) -> [n, I]."""
-        if not self.gated:
-            return F.gelu(h)
-        return self.glu(*self.split(h))
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [n, in] @ weight[out, in]^T (+ bias). For 2 or 3 rows it computes (weight @ x^T)^T: CPU BLAS runs
-    x @ W^T with so few rows as one matrix-vector product per row, reading the weight once per row, while
-    W @ x^T reads it once (measured 2-2.5x faster for an expert at 2-3 rows; `moekit bench layer` decode-8x2)."""
-    if 2 <= x.shape[0] <= 3 and x.dim() == 2:
-        y = torch.mm(weight, x.t()).t()
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
-
-
-class ExpertsLike(Protocol):
-    """What dispatch needs from a set of experts: moekit's `Experts`, or a view of another library's experts module
-    over its own tensors (`moekit.hf.HFExperts`)."""
-
-    gate_up_proj: Tensor
-    down_proj: Tensor
-    gate_up_proj_bias: Tensor | None
-    down_proj_bias: Tensor | None
-    act: Callable[[Tensor], Tensor]
-    transposed: bool
-    num_experts: int
-    hidden_size: int
-    intermediate_size: int
-
-    def up_weight(self, e: int) -> Tensor: ...
-    def down_weight(self, e: int) -> Tensor: ...
-    def expert(self, x: Tensor, e: int) -> Tensor: ...
-    def grouped_weights(self) -> tuple[Tensor, Tensor]: ...
-    def bytes_per_expert(self) -> int: ...
 
 
 class Experts(nn.Module):
     """E feed-forward experts of width I over hidden size H, as fused 3D parameters."""
+
+    format = "dense"
 
     def __init__(
         self,

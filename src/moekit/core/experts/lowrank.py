@@ -8,8 +8,8 @@ keep their gate/up rows interleaved as the family does and their biases `gate_up
 [T, k] -> [T, H]) and runs each chosen expert as two thin products per projection. For tools that read experts
 through `moekit.hf.view`, `gate_up_proj` / `down_proj` give the dense products in the family's layout ([E, 2I, H] /
 [E, H, I], GPT-OSS's transposed [E, H, 2I] / [E, I, H]), computed on each read. This file needs only torch (and
-`glu` from `moekit.hf.ragged`): `moekit.hf.manifest` copies both into the modeling file of a checkpoint that holds
-low-rank layers.
+`glu` from `moekit.core.experts.ragged`): `moekit.hf.manifest` copies both into the modeling file of a checkpoint
+that holds low-rank layers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.hf.ragged import glu
+from moekit.core.experts.ragged import glu
 
 
 class LowRankExperts(nn.Module):

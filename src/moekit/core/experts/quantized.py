@@ -1,0 +1,64 @@
+"""Quantized experts run by moekit's dispatch.
+
+`DispatchedQuantizedExperts` is `qformat.QuantizedExperts` (what a quantized checkpoint carries for plain
+transformers) whose forward sorts the assignments by expert (`plan_assignments`) and runs each expert that received
+tokens once on its contiguous slice (`run_experts`), dequantizing that expert's weights for the call only, so the
+model holds packed codes and scales, never float copies of its experts. It is an `ExpertsLike`: `up_weight(e)` /
+`down_weight(e)` dequantize one expert (zero-padded to the widest expert where experts differ in width; `expert`
+runs each at its own width).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.core.dispatch import combine, plan_assignments, run_experts
+from moekit.core.experts.qformat import QuantizedExperts
+from moekit.errors import ConfigError
+
+QUANT_IMPLS = ("loop", "threads")
+
+
+class DispatchedQuantizedExperts(QuantizedExperts):
+    """`QuantizedExperts` run by moekit's dispatch. `impl`: `loop` (one expert after another, each GEMM on all
+    cores) or `threads` (experts side by side on the thread pool, one core each)."""
+
+    format = "quantized"
+
+    def __init__(self, *args, impl: str = "loop", **kwargs):
+        super().__init__(*args, **kwargs)
+        if impl not in QUANT_IMPLS:
+            raise ConfigError(f"impl={impl!r}: expected one of {', '.join(QUANT_IMPLS)}")
+        self.impl = impl
+
+    @property
+    def act(self):
+        return self.activate
+
+    def up_weight(self, e: int) -> Tensor:
+        """Expert e's first projection [2I, H], dequantized (zero-padded to the widest expert)."""
+        return self.up_matrix(e, self.compute_dtype)
+
+    def down_weight(self, e: int) -> Tensor:
+        return self.down_matrix(e, self.compute_dtype)
+
+    def expert(self, x: Tensor, e: int) -> Tensor:
+        """Expert e on x [n, H] (in the compute dtype) -> [n, H], at its own width."""
+        return self.run_expert(x, e)
+
+    def bytes_per_expert(self) -> int:
+        """Dequantized bytes of an average expert (experts may differ in width): what dispatch's choice weighs."""
+        n = sum(m.out_features * m.in_features for m in (*self.gate_up_q, *self.down_q)) // self.num_experts
+        return n * torch.empty(0, dtype=self.compute_dtype).element_size()
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """hidden [T, H], top_k_index / top_k_weights [T, k] -> [T, H]. An index of num_experts (or < 0) means no
+        expert, and an assignment of weight 0 (a skipped expert, `moekit.compress.skip`) is not computed."""
+        valid = (top_k_index >= 0) & (top_k_index < self.num_experts) & (top_k_weights != 0)
+        mask = None if bool(valid.all()) else valid
+        plan = plan_assignments(top_k_index, top_k_weights, self.num_experts, mask=mask)
+        if plan.token.numel() == 0:
+            return torch.zeros_like(hidden_states)
+        xs = hidden_states.index_select(0, plan.token).to(self.compute_dtype)
+        return combine(run_experts(xs, plan, self, self.impl), plan, hidden_states)
