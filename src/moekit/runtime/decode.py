@@ -1,0 +1,299 @@
+"""A lean decode loop over any bridged family: a preallocated KV cache, one model call per token, the logits of the
+last position only, no generation-config machinery per step.
+
+```python
+model, tok = load_for_decode(None, dtype="fp32")          # moekit-tiny, experts through moekit's dispatch
+dec = Decoder(model)
+result = dec.generate(tok("def f(x):", return_tensors="pt").input_ids, max_new_tokens=32)
+print(tok.decode(result.tokens[0]), result.decode_tokens_per_s)
+```
+
+A batch of sequences of different lengths is left-padded (`pad_batch`) and decoded together: `prefill(ids [B, T],
+attention_mask [B, T])`, then `step(tokens [B])`; each row keeps its own positions (padding takes none), as in
+transformers' batched `generate`. Greedy decoding gives transformers' `generate(do_sample=False)` tokens exactly in
+fp32, because every call runs the model's own modules on the tensors transformers' dynamic cache would give them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moekit.errors import ConfigError
+from moekit.runtime.decode_cache import StaticLayer, static_cache
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling instead of greedy: `temperature` > 0, then the `top_k` most likely tokens (0: all), then the
+    smallest set whose probability reaches `top_p`; `seed` makes it reproducible."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature={self.temperature}: expected a number above 0 (greedy: sampling=None)")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k}: expected 0 (no limit) or a positive integer")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p}: expected a number in (0, 1]")
+
+
+@dataclass
+class GenerationResult:
+    """`tokens[b]`: the new tokens of row b (up to and including its end-of-sequence token). Timings in seconds:
+    `prefill_s` the prompt's forward, `decode_s` the `decode_steps` one-token steps after it (callbacks excluded);
+    rates are tokens per second of each phase (prefill: prompt tokens of all rows; decode: steps x rows)."""
+
+    tokens: list[list[int]]
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    batch: int = 1
+    stop_reason: list[str] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps * self.batch / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's position embeddings were configured for (None when unstated)."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists to one `[B, T]` batch; returns `(input_ids, attention_mask)` (0 on padding)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ConfigError("sequences: expected at least one sequence, each of at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def _eos_ids(model: nn.Module) -> set[int]:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, list | tuple) else {int(eos)}
+
+
+def _pad_id(model: nn.Module, eos: set[int]) -> int:
+    gen = getattr(model, "generation_config", None)
+    pad = getattr(gen, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        pad = min(eos) if eos else 0
+    return int(pad[0] if isinstance(pad, list | tuple) else pad)
+
+
+def sample(logits: Tensor, sampling: Sampling | None, generator: torch.Generator | None = None) -> Tensor:
+    """Next tokens `[B]` from `logits [B, V]`: argmax when `sampling` is None."""
+    if sampling is None:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cum - sorted_scores.softmax(-1) >= sampling.top_p  # the set reaching top_p keeps its last token
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class Decoder:
+    """Prefill and one-token steps of `model` over a KV cache of `max_len` positions (default: the model's
+    context). `compile=True` compiles the model's forward with `torch.compile(dynamic=True)` (first calls are
+    slow; measure before using it: `moekit bench decode` does)."""
+
+    def __init__(self, model: nn.Module, max_len: int | None = None, compile: bool = False):
+        self.model = model
+        self.context = context_length(model.config)
+        self.max_len = max_len or self.context
+        if self.max_len is None:
+            raise ConfigError("max_len: the model's config states no max_position_embeddings; pass max_len")
+        if self.context is not None and self.max_len > self.context:
+            raise ConfigError(f"max_len={self.max_len}: the model's context is {self.context} positions")
+        params = inspect.signature(model.forward).parameters
+        self._kw: dict = {"use_cache": True}
+        if "logits_to_keep" in params:
+            self._kw["logits_to_keep"] = 1
+        if "output_router_logits" in params:
+            self._kw["output_router_logits"] = False
+        self._forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        self.eos = _eos_ids(model)
+        self.pad_token_id = _pad_id(model, self.eos)
+        self.cache = None
+        self.length = 0  # positions filled in the cache (padding included)
+        self.positions: Tensor | None = None  # [B]: the next position of each row
+        self.mask: Tensor | None = None  # [B, max_len] 1 where a real token sits; None: no padding
+        self.device = next(model.parameters()).device
+
+    @property
+    def batch(self) -> int:
+        return 0 if self.positions is None else int(self.positions.shape[0])
+
+    def reset(self) -> None:
+        self.cache = static_cache(self.model.config, self.max_len)
+        if self.cache.layer_class_to_replicate is not None:
+            self.cache.layer_class_to_replicate = functools.partial(StaticLayer, self.max_len)
+        self.length, self.positions, self.mask = 0, None, None
+
+    def _check_room(self, tokens: int) -> None:
+        if self.length + tokens > self.max_len:
+            where = f"the model's context is {self.context}" if self.max_len == self.context else \
+                f"the cache holds max_len={self.max_len}"
+            raise ConfigError(f"prompt and generation need {self.length + tokens} positions; {where} (expected a "
+                              f"shorter prompt or fewer new tokens)")
+
+    @torch.inference_mode()
+    def _run(self, ids: Tensor, position_ids: Tensor, mask: Tensor | None) -> Tensor:
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                            past_key_values=self.cache, **self._kw)
+        return out.logits[:, -1].float()
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Start new sequences: `input_ids [B, T]` (or `[T]`), left-padded where `attention_mask [B, T]` is 0.
+        Returns the logits of each row's last position, `[B, V]` float32."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ConfigError(f"input_ids: expected [T] or [B, T] with T >= 1, got shape {list(ids.shape)}")
+        self.reset()
+        self._check_room(ids.shape[1])
+        ids = ids.to(self.device)
+        if attention_mask is not None and bool((torch.as_tensor(attention_mask) == 1).all()):
+            attention_mask = None
+        if attention_mask is None:
+            position_ids = torch.arange(ids.shape[1], device=self.device).unsqueeze(0).expand_as(ids)
+            self.positions = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=self.device)
+            mask = None
+        else:
+            mask = torch.as_tensor(attention_mask, dtype=torch.long).to(self.device)
+            if mask.shape != ids.shape:
+                raise ConfigError(f"attention_mask: expected shape {list(ids.shape)} like input_ids, got "
+                                  f"{list(mask.shape)}")
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            self.positions = mask.sum(-1)
+            self.mask = torch.zeros((ids.shape[0], self.max_len), dtype=torch.long, device=self.device)
+            self.mask[:, :ids.shape[1]] = mask
+        logits = self._run(ids, position_ids, mask)
+        self.length = ids.shape[1]
+        return logits
+
+    def step(self, token_ids: Tensor | Sequence[int] | int) -> Tensor:
+        """Append one token to each row (`[B]`, or an int for one row); returns the next logits `[B, V]`."""
+        if self.positions is None:
+            raise ConfigError("step: no sequence started; expected prefill(input_ids) first")
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1, 1)
+        if ids.shape[0] != self.batch:
+            raise ConfigError(f"token_ids: expected {self.batch} tokens (one per row), got {ids.shape[0]}")
+        self._check_room(1)
+        mask = None
+        if self.mask is not None:
+            self.mask[:, self.length] = 1
+            mask = self.mask[:, :self.length + 1]
+        logits = self._run(ids, self.positions.unsqueeze(1), mask)
+        self.positions += 1
+        self.length += 1
+        return logits
+
+    def generate(self, prompt_ids: Tensor | Sequence[int], max_new_tokens: int, sampling: Sampling | None = None,
+                 on_token: Callable[[list[int]], object] | None = None, attention_mask: Tensor | None = None,
+                 stop_at_eos: bool = True) -> GenerationResult:
+        """Up to `max_new_tokens` per row after `prompt_ids` (`[T]` or left-padded `[B, T]` with
+        `attention_mask`). Greedy unless `sampling`. A row ends at the model's end-of-sequence token (then it gets
+        padding, as in transformers); all rows ended: the loop stops. `on_token(tokens)` gets each step's tokens,
+        one per row."""
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens}: expected a positive integer")
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+        ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ConfigError(f"prompt_ids: expected [T] or [B, T] with T >= 1, got shape {list(ids.shape)}")
+        if self.context is not None and ids.shape[1] > self.context:
+            raise ConfigError(f"the prompt has {ids.shape[1]} tokens; the model's context is {self.context} "
+                              f"(expected a shorter prompt)")
+        self.reset()
+        self._check_room(ids.shape[1] + max_new_tokens - 1)
+        gen = torch.Generator().manual_seed(sampling.seed) if sampling and sampling.seed is not None else None
+        eos = torch.tensor(sorted(self.eos), dtype=torch.long) if stop_at_eos and self.eos else None
+        start = time.perf_counter()
+        logits = self.prefill(ids, attention_mask)
+        prefill_s = time.perf_counter() - start
+        prompt_tokens = int(ids.numel() if attention_mask is None else torch.as_tensor(attention_mask).sum())
+        batch = ids.shape[0]
+        out: list[list[int]] = [[] for _ in range(batch)]
+        done = torch.zeros(batch, dtype=torch.bool)
+        callback_s, steps = 0.0, 0
+        start = time.perf_counter()
+        while True:
+            tokens = torch.where(done, self.pad_token_id, sample(logits, sampling, gen).cpu())
+            for row, t in enumerate(tokens.tolist()):
+                if not done[row]:
+                    out[row].append(t)
+            if eos is not None:
+                done |= torch.isin(tokens, eos)
+            if on_token is not None:
+                c0 = time.perf_counter()
+                on_token(tokens.tolist())
+                callback_s += time.perf_counter() - c0
+            if steps + 1 >= max_new_tokens or bool(done.all()):
+                break
+            logits = self.step(tokens)
+            steps += 1
+        decode_s = time.perf_counter() - start - callback_s
+        reasons = ["eos" if d else "length" for d in done.tolist()]
+        return GenerationResult(tokens=out, prompt_tokens=prompt_tokens, new_tokens=sum(len(o) for o in out),
+                                prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps, batch=batch,
+                                stop_reason=reasons)
+
+
+def load_for_decode(model_path: str | None = None, dtype: str = "fp32", accelerate: bool = True,
+                    attn_implementation: str | None = None) -> tuple[nn.Module, object]:
+    """`(model, tokenizer)` ready for `Decoder`: moekit-tiny when `model_path` is None, else any bridged family
+    through `moekit.hf.load` (checked). `dtype`: fp32 or bf16. `accelerate`: experts through moekit's dispatch
+    (`moekit.hf.accelerate`, whose `auto` picks the implementation; compressed experts keep their own forward)."""
+    from transformers import AutoTokenizer
+
+    import moekit.hf as mh
+    from moekit.default import default_model_path
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    path = default_model_path() if model_path is None else model_path
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = mh.load(path, dtype=DTYPES[dtype], **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if accelerate:
+        mh.accelerate(model)
+    return model, tokenizer

@@ -1,0 +1,157 @@
+"""moekit.runtime.decode: greedy tokens equal transformers' generate (fp32) on the default model and on tiny models
+of every family, batched rows equal transformers' batched generate, the preallocated cache holds what transformers'
+dynamic cache holds, bad input is a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit.hf as mh
+from hf.tiny import FAMILY_TYPES, tiny_model
+from moekit.errors import ConfigError
+from moekit.runtime.decode import Decoder, Sampling, load_for_decode, pad_batch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hf_greedy(model, ids: torch.Tensor, n: int, mask: torch.Tensor | None = None) -> list[list[int]]:
+    """transformers' greedy tokens after the prompt, each row cut after its end-of-sequence token."""
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                             max_new_tokens=n, do_sample=False)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_default():
+    model, tok = load_for_decode(None, dtype="fp32", accelerate=False)
+    ids = tok("def fibonacci(n):\n    if n < 2:\n", return_tensors="pt").input_ids
+    return model, tok, ids
+
+
+def test_default_model_greedy_equals_transformers(tiny_default):
+    model, _, ids = tiny_default
+    ref = hf_greedy(model, ids, 40)
+    assert len(ref[0]) == 40  # moekit-tiny has no end-of-sequence token: all 40 compared
+    assert Decoder(model).generate(ids, 40).tokens == ref
+    mh.accelerate(model)  # experts through moekit's dispatch: still transformers' tokens
+    try:
+        assert Decoder(model).generate(ids, 40).tokens == ref
+    finally:
+        mh.restore(model)
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_every_family_greedy_equals_transformers(family):
+    model = tiny_model(family)
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    ref = hf_greedy(model, ids, 24)  # gpt_oss: sliding window 8, so the window slides in prefill and decode
+    result = Decoder(model).generate(ids, 24)
+    assert result.tokens == ref
+    assert result.new_tokens == len(ref[0]) and result.prompt_tokens == 12
+    assert result.decode_steps == len(ref[0]) - 1
+    mh.accelerate(model)
+    assert Decoder(model).generate(ids, 24).tokens == ref
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_batch_of_different_lengths_equals_transformers_batched_generate(family):
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 11, 8)]
+    ids, mask = pad_batch(seqs, pad_token_id=0)
+    ref = hf_greedy(model, ids, 16, mask)
+    result = Decoder(model).generate(ids, 16, attention_mask=mask)
+    assert result.tokens == ref
+    assert result.prompt_tokens == 24 and result.batch == 3
+    # each row alone gives the same tokens as in the batch
+    for row, seq in enumerate(seqs):
+        assert Decoder(model).generate(torch.tensor(seq), 16).tokens[0] == ref[row]
+
+
+def test_cache_after_prefill_and_step_matches_transformers_cache():
+    from transformers import DynamicCache
+
+    model = tiny_model("gpt_oss")  # one sliding and one full layer
+    ids = torch.randint(3, 97, (1, 11), generator=torch.Generator().manual_seed(3))
+    dec = Decoder(model, max_len=32)
+    logits = dec.prefill(ids)
+    assert dec.length == 11 and dec.positions.tolist() == [11]
+    ref_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        ref = model(ids, past_key_values=ref_cache, use_cache=True, logits_to_keep=1)
+    torch.testing.assert_close(logits, ref.logits[:, -1], rtol=0, atol=0)
+    full, sliding = dec.cache.layers[1], dec.cache.layers[0]
+    assert full._k.shape[2] == 32 and full.get_seq_length() == 11 and sliding.get_seq_length() == 11
+    for ours, theirs in zip(dec.cache.layers, ref_cache.layers, strict=True):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    nxt = logits.argmax(-1)
+    step_logits = dec.step(nxt)
+    with torch.no_grad():
+        ref2 = model(nxt[:, None], past_key_values=ref_cache, use_cache=True, logits_to_keep=1,
+                     position_ids=torch.tensor([[11]]))
+    torch.testing.assert_close(step_logits, ref2.logits[:, -1], rtol=0, atol=0)
+    assert dec.length == 12 and dec.positions.tolist() == [12] and full.get_seq_length() == 12
+    assert torch.equal(full.keys[:, :, 11], ref_cache.layers[1].keys[:, :, 11])
+
+
+def test_bf16_runs_and_stays_close_to_fp32(tiny_default):
+    model32, _, ids = tiny_default
+    model16, _ = load_for_decode(None, dtype="bf16", accelerate=False)
+    assert next(model16.parameters()).dtype == torch.bfloat16
+    l32, l16 = Decoder(model32).prefill(ids), Decoder(model16).prefill(ids)
+    assert l16.dtype == torch.float32  # logits handed back in fp32
+    assert bool((l32.argmax(-1) == l16.argmax(-1)).all())
+    assert float((l32 - l16).abs().mean()) < 0.05 * float(l32.std())
+    # bf16 greedy tokens equal transformers' bf16 greedy tokens (same modules, same tensors)
+    assert Decoder(model16).generate(ids, 16).tokens == hf_greedy(model16, ids, 16)
+    mh.accelerate(model16)
+    assert len(Decoder(model16).generate(ids, 16).tokens[0]) == 16
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_default):
+    model, _, ids = tiny_default
+    dec = Decoder(model)
+    greedy = dec.generate(ids, 12).tokens
+    assert dec.generate(ids, 12, sampling=Sampling(top_k=1, seed=0)).tokens == greedy
+    a = dec.generate(ids, 12, sampling=Sampling(temperature=1.5, seed=7)).tokens
+    assert dec.generate(ids, 12, sampling=Sampling(temperature=1.5, seed=7)).tokens == a
+    assert dec.generate(ids, 12, sampling=Sampling(temperature=1.5, top_p=0.9, seed=7)).tokens[0][0] >= 0
+
+
+def test_on_token_streams_every_token(tiny_default):
+    model, _, ids = tiny_default
+    seen: list[int] = []
+    result = Decoder(model).generate(ids, 10, on_token=lambda t: seen.extend(t))
+    assert seen == result.tokens[0] and len(seen) == 10
+    assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+
+
+def test_bad_input_is_a_one_line_error(tiny_default):
+    model, _, _ = tiny_default
+    dec = Decoder(model)
+    with pytest.raises(ConfigError, match="the prompt has 600 tokens; the model's context is 512"):
+        dec.generate(torch.zeros(600, dtype=torch.long), 4)
+    with pytest.raises(ConfigError, match="need 520 positions; the model.s context is 512"):
+        dec.generate(torch.zeros(500, dtype=torch.long), 21)
+    with pytest.raises(ConfigError, match="max_new_tokens=0"):
+        dec.generate(torch.zeros(4, dtype=torch.long), 0)
+    with pytest.raises(ConfigError, match="no sequence started"):
+        Decoder(model).step(1)
+    with pytest.raises(ConfigError, match="dtype='fp8'"):
+        load_for_decode(None, dtype="fp8")
+    with pytest.raises(ConfigError, match="temperature=0"):
+        Sampling(temperature=0)
