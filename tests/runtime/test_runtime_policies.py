@@ -78,7 +78,7 @@ def test_per_layer_quotas():
     keys = [(0, 0), (0, 1), (0, 2), (1, 0), (0, 0), (1, 0)]
     # layer 0 has 2 slots: (0, 2) evicts (0, 0), so (0, 0) misses again; layer 1 keeps (1, 0)
     assert count_hits(p, keys) == 1
-    assert len(p) == 3 and p.victim(1) == (1, 0)
+    assert len(p) == 3 and p.victim(layer=1) == (1, 0)
     assert count_hits(LRU(4), keys) == 2  # the global cache lends layer 0 layer 1's slots
     with pytest.raises(ConfigError, match="per layer"):
         PerLayer(1, 2, LRU)
@@ -111,3 +111,14 @@ def test_make_policy_names():
         keys = [(i % 2, (i * 7) % 3) for i in range(20)]
         count_hits(p, keys)
         assert len(p) <= cap
+
+
+def test_protected_keys_are_never_evicted():
+    from moekit.runtime.policies import CacheFull
+
+    p = LFU(2)
+    count_hits(p, ["A", "A", "B"])
+    assert p.victim() == "B" and p.victim(protect={"B"}) == "A"
+    assert p.insert("C", protect={"B"}) == ["A"]
+    with pytest.raises(CacheFull):
+        p.insert("D", protect={"B", "C"})

@@ -12,13 +12,17 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 
 import torch
 
 from moekit.errors import ConfigError, UnknownNameError
 
 Key = Hashable
+
+
+class CacheFull(ConfigError):
+    """Every resident key is protected: nothing can be evicted for a new one."""
 
 
 class Policy:
@@ -48,6 +52,9 @@ class Policy:
     def _touch(self, key: Key) -> None:
         """Record a use (hit or miss) before the resident check."""
 
+    def _arrive(self, key: Key) -> None:
+        """Bookkeeping when a key becomes resident (after its use, if any, was recorded)."""
+
     def access(self, key: Key) -> bool:
         self.clock += 1
         self._touch(key)
@@ -65,27 +72,38 @@ class Policy:
             self._heap = [(p, next(self._tie), k) for k, p in self._prio.items()]
             heapq.heapify(self._heap)
 
-    def victim(self) -> Key:
-        if not self.resident:
-            raise ConfigError("victim() of an empty cache")
-        if self._demoted:
-            return next(iter(self._demoted))
-        while True:
-            prio, _, key = self._heap[0]
-            if key in self.resident and self._prio.get(key) == prio:
-                return key
-            heapq.heappop(self._heap)
+    def victim(self, protect: Collection[Key] = ()) -> Key:
+        """The next key to evict, never one in `protect` (keys the current step needs)."""
+        demoted = [k for k in self._demoted if k not in protect]
+        if demoted:
+            return demoted[0]
+        held = []
+        try:
+            while self._heap:
+                prio, _, key = self._heap[0]
+                if key in self.resident and self._prio.get(key) == prio:
+                    if key not in protect:
+                        return key
+                    held.append(heapq.heappop(self._heap))
+                else:
+                    heapq.heappop(self._heap)
+        finally:
+            for item in held:
+                heapq.heappush(self._heap, item)
+        raise CacheFull(f"no key to evict: all {len(self.resident)} resident keys are needed by this step")
 
-    def insert(self, key: Key) -> list[Key]:
-        """Make `key` resident, evicting as needed (a prefetch inserts without `access`: it records no use)."""
+    def insert(self, key: Key, protect: Collection[Key] = ()) -> list[Key]:
+        """Make `key` resident, evicting as needed but never a key in `protect`; returns the evicted keys (a
+        prefetch inserts without `access`: it records no use)."""
         if key in self.resident:
             return []
         evicted = []
         while len(self.resident) >= self.capacity:
-            v = self.victim()
+            v = self.victim(protect)
             self.evict(v)
             evicted.append(v)
         self.resident.add(key)
+        self._arrive(key)
         self._push(key)
         return evicted
 
@@ -107,6 +125,9 @@ class LRU(Policy):
     def _touch(self, key: Key) -> None:
         self.last[key] = self.clock
 
+    def _arrive(self, key: Key) -> None:
+        self.last[key] = self.clock
+
     def priority(self, key: Key) -> tuple:
         return (self.last.get(key, self.clock),)
 
@@ -121,6 +142,9 @@ class LFU(Policy):
 
     def _touch(self, key: Key) -> None:
         self.count[key] = self.count.get(key, 0) + 1
+        self.last[key] = self.clock
+
+    def _arrive(self, key: Key) -> None:
         self.last[key] = self.clock
 
     def priority(self, key: Key) -> tuple:
@@ -225,12 +249,13 @@ class ActivationAware(Policy):
         want = self._rows(self.current) + (self._rows(m) if m is not None else 0) + self.eps
         return topo[:, None] * want * (1 + self._rows(self.freq))
 
-    def victim(self) -> Key:
-        if not self.resident:
-            raise ConfigError("victim() of an empty cache")
-        if self._demoted:
-            return next(iter(self._demoted))
-        keys = list(self.resident)
+    def victim(self, protect: Collection[Key] = ()) -> Key:
+        demoted = [k for k in self._demoted if k not in protect]
+        if demoted:
+            return demoted[0]
+        keys = [k for k in self.resident if k not in protect]
+        if not keys:
+            raise CacheFull(f"no key to evict: all {len(self.resident)} resident keys are needed by this step")
         layers, experts = zip(*keys, strict=True)
         vals = self.scores()[torch.tensor(layers), torch.tensor(experts)]
         return keys[int(vals.argmin())]
@@ -256,8 +281,8 @@ class PerLayer(Policy):
     def access(self, key: Key) -> bool:
         return self.layers[key[0]].access(key)
 
-    def insert(self, key: Key) -> list[Key]:
-        evicted = self.layers[key[0]].insert(key)
+    def insert(self, key: Key, protect: Collection[Key] = ()) -> list[Key]:
+        evicted = self.layers[key[0]].insert(key, protect)
         self.resident.add(key)
         self.resident.difference_update(evicted)
         return evicted
@@ -269,10 +294,10 @@ class PerLayer(Policy):
     def demote(self, key: Key) -> None:
         self.layers[key[0]].demote(key)
 
-    def victim(self, layer: int | None = None) -> Key:
+    def victim(self, protect: Collection[Key] = (), layer: int | None = None) -> Key:
         if layer is not None:
-            return self.layers[layer].victim()
-        return next(p.victim() for p in self.layers if p.resident)
+            return self.layers[layer].victim(protect)
+        return next(p.victim(protect) for p in self.layers if set(p.resident) - set(protect))
 
 
 POLICIES = ("lru", "lfu", "lfuda", "moe-infinity", "belady", "layer-lru", "layer-lfu", "layer-lfuda")
