@@ -90,7 +90,8 @@ def test_cli_bad_inputs_exit_2(checkpoints, tmp_path, capsys):
     config = json.loads((mismatch / "config.json").read_text())
     config["intermediate_size"] = 30
     (mismatch / "config.json").write_text(json.dumps(config))
-    _expect_exit_2(capsys, mismatch, "config.json: layer 0 experts hold")
+    _expect_exit_2(capsys, mismatch, "experts.0.w1.weight is F32[24, 40]; config.json (hidden_size=40, "
+                                     "num_local_experts=6, intermediate_size=30, num_hidden_layers=2) expects [30, 40]")
 
     dense = AutoModelForCausalLM.from_config(tiny_config("qwen2_moe", num_experts=0))
     dense.save_pretrained(tmp_path / "dense")

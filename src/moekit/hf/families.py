@@ -131,17 +131,21 @@ def supported() -> str:
     return ", ".join(f"{f.name} ({t})" for t, f in FAMILIES.items())
 
 
+def family_by_type(model_type: object, source: str = "config") -> Family:
+    """The family whose `model_type` this is; UnknownNameError naming `source` and listing the supported ones."""
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise UnknownNameError(
+            f"{source}: model_type={model_type!r} is not a supported MoE family; expected one of: {supported()}")
+    return FAMILIES[model_type]
+
+
 def family_of(config: Any, source: str = "config") -> Family:
     """The family of a transformers config (or any object with `model_type`), by `config.model_type`.
 
     Raises UnknownNameError for an architecture not in the table and ConfigError for a dense model of a known
     family (no experts), naming `source` (a file or "config") and listing the supported families.
     """
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise UnknownNameError(
-            f"{source}: model_type={model_type!r} is not a supported MoE family; expected one of: {supported()}")
-    family = FAMILIES[model_type]
+    family = family_by_type(getattr(config, "model_type", None), source)
     experts = getattr(config, family.experts_key, None)
     if not experts or not family.moe_layers(config):
         raise ConfigError(f"{source}: {family.experts_key}={experts!r} gives a dense {family.name} model with no MoE "

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any
 
-from moekit.hf.checkpoint import CONFIG, read_config
-from moekit.hf.families import Family, family_of
-from moekit.hf.headers import CheckpointError, TensorInfo, read_checkpoint, weight_files
+from moekit.hf.families import Family
+from moekit.hf.headers import CheckpointError, TensorInfo, weight_files
 from moekit.hf.manifest import MANIFEST
+from moekit.hf.validate import CONFIG, check_checkpoint
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SCALES = ("_scales", "_scale_inv", "_scale")
@@ -59,15 +58,11 @@ def _params_per_expert(family: Family, hidden: int, width: int) -> int:
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON-ready description of the checkpoint directory `path`. Raises a MoekitError naming the file for a
-    missing directory or config, an unsupported or dense model, a missing, truncated or corrupt shard, or expert
-    tensors that disagree with the config."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{path}: expected a checkpoint directory (config.json + safetensors)")
-    config = read_config(directory)
-    family = family_of(config)
-    tensors = read_checkpoint(directory)
+    """A JSON-ready description of the checkpoint directory `path`. Raises a MoekitError naming the file for
+    whatever `moekit.hf.load` would refuse (`moekit.hf.validate.check_checkpoint`: a missing directory or config, an
+    unsupported or dense model, a missing, truncated or corrupt shard, tensors that disagree with the config)."""
+    checked = check_checkpoint(path)  # what the loader refuses, info refuses too
+    directory, config, family, tensors = checked.directory, checked.config, checked.family, checked.tensors
     by_layer: dict[int, list[TensorInfo]] = defaultdict(list)
     for t in tensors.values():
         match = _LAYER.search(t.name)
