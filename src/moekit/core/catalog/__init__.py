@@ -1,7 +1,7 @@
 """The research routers and expert kinds, one module per idea; importing this package registers them all.
 
 Registry names: top_p, null_experts, expert_choice, hash, random, smoe_dropout, sinkhorn, recurrent, chain,
-weak_strong, small_big_skip, film, thor (and topk from `moekit.core.routers`). docs/routers.md compares them.
+weak_strong, small_big_skip, film, thor, sparse_ot (and topk from `moekit.core.routers`). docs/routers.md compares them.
 """
 
 from moekit.core.catalog import (
@@ -14,10 +14,11 @@ from moekit.core.catalog import (
     recurrent,
     sinkhorn,
     small_big_skip,
+    sparse_ot,
     thor,
     top_p,
     weak_strong,
 )
 
 __all__ = ["chain", "expert_choice", "film", "fixed", "null_experts", "random", "recurrent", "sinkhorn",
-           "small_big_skip", "thor", "top_p", "weak_strong"]
+           "small_big_skip", "sparse_ot", "thor", "top_p", "weak_strong"]
