@@ -205,13 +205,13 @@ def swap_in(tmp: Path, final: Path) -> None:
         _remove(old)
     moved = False
     if final.exists():
-        os.rename(final, old)
+        final.rename(old)
         moved = True
     try:
-        os.rename(tmp, final)
+        tmp.rename(final)
     except BaseException:
         if moved and not final.exists():
-            os.rename(old, final)
+            old.rename(final)
         raise
     if moved:
         _remove(old)

@@ -59,10 +59,14 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {"params": total, "active": active}
 
 
-def check_out(out: str | os.PathLike, inputs: list, force: bool) -> Path:
+def check_out(out: str | os.PathLike, model_dir: str | os.PathLike, data: list, force: bool) -> Path:
     """The resolved output directory, checked before any work (see `moekit.files.check_output`), after removing
     what an interrupted compress left beside it."""
-    out = check_output(out, inputs)
+    out, source = Path(out).resolve(), Path(model_dir).resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise CheckpointError(f"{out}: is or holds the input checkpoint {source}, or lies inside it; expected "
+                              "another output directory")
+    out = check_output(out, data)
     clean_stale(out)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out}: not empty; expected an empty or new directory (or --force)")
@@ -131,7 +135,7 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         parse_spec(quant)
     from moekit.default import default_model_path
 
-    out = check_out(out, [model_path or default_model_path(), *(data or ()), *(eval_data or ())], force)
+    out = check_out(out, model_path or default_model_path(), [*(data or ()), *(eval_data or ())], force)
     cal_docs = read_documents(data) if data else []
     path, model, tokenizer, is_default = load_model_and_tokenizer(model_path)
     eval_docs = _held_out(eval_data, is_default, cal_docs)

@@ -1,8 +1,9 @@
 """`load(path)` and `save(model, out_dir)`: checked, atomic, safetensors-only checkpoints of a supported family.
 
-`load` checks the directory before transformers reads a weight (config.json parses and names an MoE family, every
-shard exists, every safetensors header fits its file), then loads with transformers and refuses any tensor the
-config did not expect, expected but did not get, or expected with another shape.
+`load` checks the directory before any model object is built (`moekit.hf.validate.check_checkpoint`: config.json
+against every safetensors header, so every tensor the config describes is stored with its shape and a fitting
+dtype), then loads with transformers and again refuses any tensor the config did not expect, expected but did not
+get, or expected with another shape.
 `save` writes the family's native layout (loadable by plain `AutoModelForCausalLM.from_pretrained`), or for a model
 whose layers no longer fit the config a manifest checkpoint (`moekit.hf.manifest`), into a temporary sibling
 directory and renames it into place, so `out_dir` never holds half a checkpoint.
@@ -11,41 +12,23 @@ directory and renames it into place, so `out_dir` never holds half a checkpoint.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from moekit.files import check_output, clean_stale, swap_in, temp_dir
 from moekit.hf.families import family_of
 from moekit.hf.headers import CheckpointError, read_checkpoint
 from moekit.hf.manifest import (
-    MANIFEST,
     check_float_experts,
     layer_shapes,
     load_manifest,
     quantized_layers,
     save_manifest,
 )
-
-CONFIG = "config.json"
-
-
-def read_config(directory: Path):
-    """The transformers config of a checkpoint directory (config.json only), with its family checked."""
-    from transformers import AutoConfig
-
-    path = directory / CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; expected a transformers config.json in the checkpoint directory")
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except Exception as err:  # noqa: BLE001 (json, validation and hub errors share no base class)
-        reason = " ".join(str(err).split())[:300] or type(err).__name__
-        raise CheckpointError(f"{path}: cannot be read as a transformers config: {reason}") from None
-    family_of(config, source=str(path))
-    return config
+from moekit.hf.validate import CONFIG, check_checkpoint
 
 
 def _check_loading_info(directory: Path, info: dict) -> None:
@@ -77,10 +60,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, **kwargs) ->
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", **kwargs)
         family_of(model.config, source=str(path))
         return model.eval()
-    config = read_config(directory)
-    if (directory / MANIFEST).exists():
-        return load_manifest(directory, config, dtype, **kwargs)
-    read_checkpoint(directory)
+    checked = check_checkpoint(directory)
+    if checked.manifest is not None:
+        return load_manifest(directory, checked.config, dtype, checked.manifest, checked.tensors, **kwargs)
     model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
                                                        ignore_mismatched_sizes=True, **kwargs)
     _check_loading_info(directory, info)
@@ -97,41 +79,40 @@ def save(model: nn.Module, out_dir: str | os.PathLike, force: bool = False, max_
     layout when every MoE layer has the config's expert count and width and float experts, else with a moekit
     manifest and a modeling file (see `moekit.hf.manifest`). `out_dir` may not be (or contain) the directory the
     model was loaded from, and must be empty unless `force`. Returns the output directory."""
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None \
+            or not hasattr(model, "save_pretrained"):
+        raise CheckpointError(f"model: a {type(model).__name__}; expected a transformers causal LM of a supported MoE "
+                              "family (as moekit.hf.load returns)")
+    _check_shard_size(max_shard_size)
     out = Path(out_dir).resolve()
     source = _source_dir(model)
-    if source is not None and (out == source or out in source.parents):
-        raise CheckpointError(f"{out_dir}: is the directory the model was loaded from ({source}); expected "
-                              f"another output directory")
+    if source is not None and (out == source or out in source.parents or source in out.parents):
+        raise CheckpointError(f"{out_dir}: is the directory the model was loaded from ({source}), holds it or lies "
+                              "inside it; expected another output directory")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out_dir}: exists and is not a directory; expected a directory to save into")
+    check_output(out, flag="out_dir")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out_dir}: not empty; expected an empty or new directory (or force=True)")
     check_float_experts(model)
     native = not layer_shapes(model) and not quantized_layers(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
-    try:
+    clean_stale(out)
+    with temp_dir(out, "saving") as tmp:
         if native:
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
         else:
-            save_manifest(model, tmp, max_shard_size)
+            save_manifest(model, tmp, str(max_shard_size))
         read_checkpoint(tmp)  # what was written has whole headers and all its shards
-        _swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        swap_in(tmp, out)
     return out
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and put back if the rename fails."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-    if old is not None:
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
+def _check_shard_size(size: object) -> None:
+    """max_shard_size: a positive number of bytes, or a string such as "2GB", "500MB", "1GiB"."""
+    ok = isinstance(size, int) and not isinstance(size, bool) and size > 0
+    if isinstance(size, str):  # what transformers' save_pretrained parses: whole number, unit
+        m = re.fullmatch(r"(\d+)([KMG]i?B)", size, flags=re.IGNORECASE)
+        ok = m is not None and int(m.group(1)) > 0
+    if not ok:
+        raise CheckpointError(f"max_shard_size={size!r}: expected a positive number of bytes or a whole number with "
+                              "a unit, such as '2GB', '500MB' or '1GiB'")
