@@ -1,0 +1,99 @@
+"""`moekit generate [MODEL] --prompt TEXT [--max-new-tokens N] [--dtype fp32|bf16] [--json]`: streams the new text
+to stdout as it is produced, then prefill and decode tokens/s on stderr (or one JSON record with --json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from moekit.errors import ConfigError
+
+HELP = "generate text from a prompt on the lean decode path (streams; reports prefill and decode tokens/s)"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint directory (default: moekit-tiny)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' dtype (default fp32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sample")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--no-accelerate", action="store_true",
+                   help="keep transformers' experts forward instead of moekit's dispatch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; measure first)")
+    p.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
+
+
+def build_model(args: argparse.Namespace):
+    """`(model, tokenizer)` as the options ask. Options that change how the model is built or placed (expert
+    memory, offloading) belong here; the decode loop below stays the same."""
+    from moekit.runtime.decode import load_for_decode
+
+    return load_for_decode(args.model, dtype=args.dtype, accelerate=not args.no_accelerate)
+
+
+def sampling_of(args: argparse.Namespace):
+    from moekit.runtime.decode import Sampling
+
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature={args.temperature}: expected 0 (greedy) or a positive number")
+    if args.temperature == 0:
+        return None
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+class TextStream:
+    """Prints the decoded text of the tokens seen so far as it grows (held back while the last token ends inside a
+    multi-byte character)."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], ""
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids.append(tokens[0])
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def decode(args: argparse.Namespace, model, tokenizer) -> dict:
+    """Runs the prompt through `Decoder.generate` (streaming unless --json); returns the record."""
+    from moekit.core.tune import cpu_info
+    from moekit.runtime.decode import Decoder
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: expected a positive integer")
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ConfigError("--prompt: encodes to no tokens; expected some text")
+    decoder = Decoder(model, compile=args.compile)
+    stream = None if args.json else TextStream(tokenizer)
+    result = decoder.generate(ids, args.max_new_tokens, sampling=sampling_of(args), on_token=stream)
+    info = cpu_info()
+    return {"prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens,
+            "prefill_tokens_per_s": round(result.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+            "text": tokenizer.decode(result.tokens[0], skip_special_tokens=True),
+            "stop_reason": result.stop_reason[0], "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "cpu": info["cpu"], "cpu_flags": info["cpu_flags"], "torch": torch.__version__}
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = build_model(args)
+    record = decode(args, model, tokenizer)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print()
+        print(f"prompt {record['prompt_tokens']} tokens: {record['prefill_tokens_per_s']:.1f} tokens/s; "
+              f"{record['new_tokens']} new tokens: {record['decode_tokens_per_s']:.1f} tokens/s "
+              f"({record['dtype']}, {record['threads']} threads)", file=sys.stderr)
+    return 0
