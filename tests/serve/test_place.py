@@ -1,0 +1,151 @@
+"""Expert placement: the integer program against brute force and a hand-made optimum, the greedy fallback's
+bound, EPLB replicas within memory, the simulator's bytes on hand-computed cases, and `moekit place`'s errors."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from moekit.cli.main import main
+from moekit.serve.place import (
+    PlacementError,
+    RoutingCounts,
+    add_replicas,
+    capacities,
+    contiguous,
+    counts_from_indices,
+    lower_bound,
+    objective,
+    place,
+)
+from moekit.serve.simulate import CostModel, a2a_bytes, compare, simulate
+
+
+def brute_force(counts: RoutingCounts, devices: int) -> float:
+    """The optimal objective by enumerating every equal-count placement of every layer."""
+    E = counts.num_experts
+    cap = capacities(E, devices)
+    layouts = [np.array(p) for p in set(itertools.permutations(np.repeat(np.arange(devices), cap)))]
+    return min(objective(counts, np.stack(combo), devices)[0]
+               for combo in itertools.product(layouts, repeat=counts.num_layers))
+
+
+def random_counts(rng, layers=3, experts=4, tokens=60, k=2):
+    idx = [np.stack([rng.choice(experts, k, replace=False, p=rng.dirichlet(np.ones(experts)))
+                     for _ in range(tokens)]) for _ in range(layers)]
+    return counts_from_indices(idx, experts), idx
+
+
+def test_counts_hand_computed():
+    # token 0: layer 0 -> {0, 1}, layer 1 -> {2, 3}; token 1: layer 0 -> {0, 2}, layer 1 -> {0, 2}
+    idx = [np.array([[0, 1], [0, 2]]), np.array([[2, 3], [0, 2]])]
+    c = counts_from_indices(idx, 4)
+    np.testing.assert_array_equal(c.load, [[2, 1, 1, 0], [1, 0, 2, 1]])
+    want = np.zeros((4, 4))
+    want[0, 2] = want[0, 3] = want[1, 2] = want[1, 3] = 0.5  # token 0: 1/k_0 per pair
+    want[0, 0] += 0.5
+    want[0, 2] += 0.5
+    want[2, 0] += 0.5
+    want[2, 2] += 0.5
+    np.testing.assert_allclose(c.deps[0], want)
+    assert c.deps[0].sum() == c.load[1].sum()  # every layer-1 assignment counts once
+
+
+def test_program_finds_the_hand_made_optimum():
+    # balanced loads; expert i at layer 0 feeds expert 3 - i at layer 1 only: the optimum keeps every pair together
+    load = np.full((2, 4), 10.0)
+    deps = [np.fliplr(np.eye(4)) * 10]
+    counts = RoutingCounts(load, deps, 40)
+    p, info = place(counts, 2)
+    assert info.method == "milp" and info.gap < 1e-6
+    assert objective(counts, p.device, 2) == (40.0, 40.0, 0.0)  # 20 per device per layer, nothing crosses
+    for i in range(4):
+        assert p.device[0, i] == p.device[1, 3 - i]
+    # contiguous puts 0, 1 with 0, 1 at layer 1, which are fed by 3, 2: everything crosses
+    assert objective(counts, contiguous(4, 2, 2), 2) == (80.0, 40.0, 40.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_program_matches_brute_force_and_greedy_is_bounded(seed):
+    counts, _ = random_counts(np.random.default_rng(seed))
+    best = brute_force(counts, 2)
+    p, info = place(counts, 2)
+    assert info.method == "milp"
+    assert objective(counts, p.device, 2)[0] == pytest.approx(best)
+    for row in p.device:  # equal counts
+        np.testing.assert_array_equal(np.bincount(row, minlength=2), [2, 2])
+    g, ginfo = place(counts, 2, max_vars=0)  # too large for the program: greedy, with its gap to a lower bound
+    assert ginfo.method == "greedy" and ginfo.status.startswith("skipped")
+    assert ginfo.objective >= best - 1e-9 >= ginfo.bound - 1e-9
+    assert ginfo.bound >= lower_bound(counts, 2) - 1e-9
+    assert ginfo.gap == pytest.approx((ginfo.objective - ginfo.bound) / ginfo.objective)
+
+
+@pytest.mark.parametrize(("experts", "devices", "replicas"), [(8, 2, 2), (8, 4, 3), (16, 8, 8), (6, 4, 5), (4, 4, 9)])
+def test_replicas_never_exceed_memory(experts, devices, replicas):
+    rng = np.random.default_rng(experts * devices + replicas)
+    load = rng.pareto(1.0, experts) * 100
+    primary = contiguous(experts, 1, devices)[0]
+    copies, slots = add_replicas(load, primary, devices, replicas)
+    per_device = np.bincount([d for c in copies for d in c], minlength=devices)
+    assert per_device.max() <= slots == -(-(experts + replicas) // devices)
+    assert all(len(set(c)) == len(c) and c[0] == primary[e] for e, c in enumerate(copies))
+    assert experts <= sum(len(c) for c in copies) <= experts + replicas
+    assert len(copies[int(np.argmax(load))]) > 1  # the hottest expert is copied first
+
+
+def test_a2a_bytes_hand_computed():
+    idx = np.array([[0, 1], [2, 3], [1, 2]])
+    home = np.array([0, 1, 1])
+    where = np.array([[0, 0], [1, 1], [0, 1]])  # experts 0, 1 on device 0; 2, 3 on device 1
+    sent, recv = a2a_bytes(idx, home, where, 2, 10)
+    np.testing.assert_array_equal(sent, [0, 10])  # only token 2's expert 1 is remote: device 1 -> device 0
+    np.testing.assert_array_equal(recv, [10, 0])
+    mask = np.array([[True, True], [True, True], [False, True]])
+    assert a2a_bytes(idx, home, where, 2, 10, mask)[0].sum() == 0
+
+
+def test_simulator_against_contiguous():
+    counts, idx = random_counts(np.random.default_rng(7), layers=3, experts=6, tokens=400)
+    p, _ = place(counts, 2, replicas=2)
+    cost = CostModel(hidden_size=16, intermediate_size=32)
+    one = simulate(idx, place(counts, 1)[0], cost, step_tokens=100)
+    assert one["bytes_per_step"] == 0  # one device: nothing moves
+    sim = simulate(idx, p, cost, step_tokens=100)
+    assert sim["steps"] == 4
+    for li, layer in enumerate(sim["layers"]):
+        assert sum(layer["load"]) == counts.load[li].sum()  # every assignment runs somewhere
+    out = compare(idx, counts, p, cost, step_tokens=100)
+    assert out["placed"]["cross_tokens"] <= out["contiguous"]["cross_tokens"]
+    assert out["cost_model"]["hidden_size"] == 16
+
+
+def test_bad_input(tmp_path, capsys):
+    with pytest.raises(PlacementError, match="no tokens"):
+        counts_from_indices([np.zeros((0, 2), int)], 4)
+    counts, _ = random_counts(np.random.default_rng(0))
+    with pytest.raises(PlacementError, match="--devices 0"):
+        place(counts, 0)
+    with pytest.raises(PlacementError, match="more devices than"):
+        place(counts, 5)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    for args, msg in ((["--devices", "0"], "--devices 0: expected at least 1"),
+                      (["--devices", "9"], "more devices than the model's 8 experts"),
+                      (["--devices", "2", "--data", str(empty)], "no text in it"),
+                      (["--devices", "2", "--replicas", "-1"], "--replicas -1")):
+        assert main(["place", *args, "--out", str(tmp_path / "p.json")]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # above it: transformers' loading bar
+        assert last.startswith("moekit place: error: ") and msg in last, last
+
+
+def test_cli_writes_a_placement(tmp_path, capsys):
+    out = tmp_path / "placement.json"
+    assert main(["place", "--devices", "2", "--replicas", "1", "--max-tokens", "256", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["devices"] == 2 and res["slots"] == 5
+    for row in res["device_of_expert"]:
+        assert sorted(row) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert res["solver"]["method"] == "milp"
+    assert "cross-device tokens" in capsys.readouterr().out
