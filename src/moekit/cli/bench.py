@@ -1,7 +1,8 @@
 """`moekit bench layer [--json] [--case NAME ...] [--repeats N] [--quick]`,
 `moekit bench hf-accelerate [--json] [--repeats N] [--quick]`, `moekit bench train [--json] [--repeats N] [--quick]`,
 `moekit bench routers [--json] [--router NAME ...] [--steps N] [--quick]`,
-`moekit bench compress [MODEL] [--data FILE] [--json] [--quick]`."""
+`moekit bench compress [MODEL] [--data FILE] [--json] [--quick]`,
+`moekit bench drift [--json] [--quick] [--length N] [--stream NAME ...] [--model NAME ...] [--seed N]`."""
 
 from __future__ import annotations
 
@@ -52,9 +53,27 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     co.add_argument("--quick", action="store_true", help="256 calibration and evaluation tokens: a smoke run")
     co.add_argument("--speed", action="store_true",
                     help="instead: forward time of the original against heapr, int8, int4 and heapr + int4")
+    dr = sub.add_parser("drift", help="DriftMoE against river's HT, ARF, SRP, leveraging bagging on drifting streams")
+    dr.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    dr.add_argument("--quick", action="store_true", help="200-instance streams: a smoke run")
+    dr.add_argument("--length", type=int, default=10_000,
+                    help="instances per synthetic stream; real data: at most half as many (default 10000)")
+    dr.add_argument("--stream", action="append", help="run only this stream (repeatable; default: all)")
+    dr.add_argument("--model", action="append", help="run only this contender (repeatable; default: all)")
+    dr.add_argument("--seed", type=int, default=0, help="streams, ensembles and routers (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "drift":
+        from moekit.bench.drift import COLUMNS as DRIFT_COLUMNS
+        from moekit.bench.drift import bench_drift
+
+        if args.length < 8:
+            raise ConfigError(f"--length={args.length}: expected at least 8 instances")
+        records = bench_drift(args.length, args.length // 2, args.seed, args.quick, args.model, args.stream)
+        rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
+        print(json.dumps(records, indent=1) if args.json else format_table(rows, DRIFT_COLUMNS))
+        return 0
     if args.what == "routers":
         from moekit.bench.routers import bench_reroute, bench_routers, table_rows
 
