@@ -5,12 +5,17 @@
   calibration tokens); members' neurons are permuted to line up with the dominant expert's (Hungarian matching,
   `scipy.optimize.linear_sum_assignment`, on each neuron's gate row, up row and down column); the group's expert is
   the routing-frequency weighted average of the aligned members.
-- `submoe` (Sub-MoE): experts are grouped by the cosine similarity of their outputs on the calibration tokens
-  (average-linkage agglomerative clustering to E' groups); per group a joint SVD of the members' concatenated
-  weights gives a shared basis on the hidden-size side, truncated to one expert's rank, and the members' own
-  coefficient matrices are averaged with their routing frequencies (identical experts merge exactly). Where the
-  hidden size is no larger than one expert's rank (moekit-tiny: H = 256, I = 384) the subspace is all of it and
-  the merge is the frequency-weighted average of the members (no neuron alignment).
+- `submoe` (Sub-MoE): experts are grouped by K-means on their outputs (spherical K-means: the cosine similarity
+  of each expert's output on the same calibration tokens, farthest-first initialisation from the most routed
+  expert, Lloyd steps to a fixed point; `cluster="agglomerative"` keeps moekit's earlier average-linkage
+  clustering). Per group the Experts Union Decomposition is a joint SVD of the members' concatenated weights,
+  [W_1 ... W_n] = U S [V_1 ... V_n] (each W_i oriented [H, .]), the shared basis U [H, r] truncated to `rank`;
+  the members' own coefficient matrices V_i are averaged with their routing frequencies f_i and the expert is rebuilt,
+  W = U S sum_i f_i V_i (identical experts merge exactly). With the default rank (one expert's rank, capped at H)
+  the subspace is all of the hidden space when H <= one expert's rank (moekit-tiny: H = 256, I = 384) and the
+  merge is the frequency-weighted average; a smaller `rank` keeps only the directions the group shares, which
+  drops the members' conflicting directions (tests: a group sharing a rank-2 part recovers it better than the
+  plain average does).
 
 The router keeps one row per group. A group's row is fitted so its logit matches the log-sum-exp of the members'
 logits on the calibration tokens (least squares; with the router bias as intercept where there is one): under
@@ -31,6 +36,7 @@ from moekit.compress.calibrate import LayerStats, Stats
 from moekit.compress.plan import Plan
 from moekit.compress.prune import drop_count
 from moekit.compress.weights import ExpertWeights, read_experts, write_block
+from moekit.errors import ConfigError
 from moekit.hf.view import BlockView, view
 
 
@@ -128,31 +134,84 @@ def _cluster(sim: Tensor, count: int) -> list[list[int]]:
     return clusters
 
 
+def spherical_kmeans(features: Tensor, count: int, first: int = 0, max_steps: int = 100) -> list[list[int]]:
+    """K-means of the rows of `features` [n, D] under cosine similarity into `count` clusters (sorted lists of
+    row indices). Deterministic: the first centre is row `first`, each next one the row least similar to every
+    centre so far; then Lloyd steps (assign each row to its most similar centre, centre = normalised mean) until
+    the assignment repeats. A cluster left empty takes the row least similar to its own centre."""
+    x = features.double() / features.double().norm(dim=1, keepdim=True).clamp(min=1e-12)
+    n = x.shape[0]
+    count = max(1, min(count, n))
+    centres = [first]
+    while len(centres) < count:
+        best = (x @ x[centres].t()).max(dim=1).values
+        best[centres] = float("inf")
+        centres.append(int(best.argmin()))
+    c = x[centres]
+    assign = None
+    for _ in range(max_steps):
+        new = (x @ c.t()).argmax(dim=1)
+        for j in range(count):
+            if not (new == j).any():
+                own = (x * c[new]).sum(1)
+                new[int(own.argmin())] = j
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        c = torch.stack([x[assign == j].mean(0) for j in range(count)])
+        c = c / c.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return [sorted(int(i) for i in torch.nonzero(assign == j).flatten()) for j in range(count)]
+
+
 @torch.no_grad()
-def output_similarity(block: BlockView, stats: LayerStats, max_tokens: int = 512) -> Tensor:
-    """[E, E] cosine similarity of the experts' outputs on the same calibration tokens (flattened [T * H])."""
+def expert_outputs(block: BlockView, stats: LayerStats, max_tokens: int = 512) -> Tensor:
+    """[E, T * H]: each expert's output on the same calibration tokens, flattened and normalised."""
     x = stats.x[:max_tokens].to(block.experts.gate_up_proj.dtype)
     outs = torch.stack([block.experts.expert(x, e).float().flatten() for e in range(block.num_experts)])
-    outs = outs / outs.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return outs / outs.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def output_similarity(block: BlockView, stats: LayerStats, max_tokens: int = 512) -> Tensor:
+    """[E, E] cosine similarity of the experts' outputs on the same calibration tokens (flattened [T * H])."""
+    outs = expert_outputs(block, stats, max_tokens)
     return outs @ outs.t()
 
 
-def plan_submoe(model: nn.Module, stats: Stats, ratio: float, protect: dict[int, list[int]] | None = None) -> Plan:
+CLUSTERINGS = ("kmeans", "agglomerative")
+
+
+def plan_submoe(model: nn.Module, stats: Stats, ratio: float, protect: dict[int, list[int]] | None = None,
+                cluster: str = "kmeans", rank: int | None = None) -> Plan:
+    """Sub-MoE's plan: groups by `cluster` (K-means, the paper's, or moekit's earlier agglomerative clustering)
+    on the experts' outputs; `rank`: the shared subspace's dimension in the union decomposition (None: one
+    expert's rank, capped at the hidden size)."""
+    if cluster not in CLUSTERINGS:
+        raise ConfigError(f"cluster={cluster!r}: expected one of {', '.join(CLUSTERINGS)}")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ConfigError(f"rank={rank!r}: expected a positive integer or None")
     protected = protect or {}
     layers = {}
     for block, s in zip(view(model), stats.layers, strict=True):
-        sim = output_similarity(block, s)
-        guard = protected.get(block.layer, [])
-        for a in guard:  # a super expert joins no group
-            sim[a, :] = sim[:, a] = -2.0
-            sim[a, a] = 1.0
-        clusters = _cluster(sim, block.num_experts - drop_count(block.num_experts, ratio))
+        guard = sorted(set(protected.get(block.layer, [])))
+        count = block.num_experts - drop_count(block.num_experts, ratio)
         f = s.counts()
+        if cluster == "agglomerative":
+            sim = output_similarity(block, s)
+            for a in guard:  # a super expert joins no group
+                sim[a, :] = sim[:, a] = -2.0
+                sim[a, a] = 1.0
+            clusters = _cluster(sim, count)
+        else:  # a super expert is a group of its own; the others are clustered into what is left
+            free = [e for e in range(block.num_experts) if e not in guard]
+            outs = expert_outputs(block, s)[free]
+            first = max(range(len(free)), key=lambda i: (float(f[free[i]]), -i)) if free else 0
+            parts = spherical_kmeans(outs, max(1, count - len(guard)), first) if free else []
+            clusters = [[free[i] for i in c] for c in parts] + [[a] for a in guard]
         groups = [sorted(c, key=lambda e: (-float(f[e]), e)) for c in clusters]
         groups.sort(key=lambda g: g[0])
-        layers[block.layer] = {"keep": [g[0] for g in groups], "groups": groups,
+        layers[block.layer] = {"keep": [g[0] for g in groups], "groups": groups, "rank": rank,
                                "weights": [merge_weights(s, g) for g in groups], **_router_entry(block, s, groups)}
-    return Plan("submoe", ratio, layers, {"protected": protected})
+    return Plan("submoe", ratio, layers, {"protected": protected, "cluster": cluster})
 
 
 def _avg(tensors: list[Tensor | None], weights: list[float]) -> Tensor | None:
@@ -179,15 +238,16 @@ def _top_basis(gram: Tensor, rank: int) -> Tensor:
     return vectors[:, values.argsort(descending=True)[:rank]]
 
 
-def subspace_merge(w: ExpertWeights, members: list[int], weights: list[float]) -> tuple:
+def subspace_merge(w: ExpertWeights, members: list[int], weights: list[float], rank: int | None = None) -> tuple:
     """Sub-MoE: a joint SVD of the members' concatenated weights gives a shared basis on the hidden-size side
-    (the leading eigenvectors of the summed Gram matrix, the same subspace), truncated to one expert's rank; each
-    member's coefficients in it are averaged with `weights` and mapped back."""
+    (the leading eigenvectors of the summed Gram matrix, the same subspace), truncated to `rank` (default: one
+    expert's rank); each member's coefficients in it are averaged with `weights` and mapped back."""
     gate_up = [torch.cat([w.gate[m], w.up[m]], dim=0).double() for m in members]  # each [2I, H]
-    basis = _top_basis(sum(t.t() @ t for t in gate_up), min(2 * w.width, gate_up[0].shape[1]))  # [H, r]
+    hidden = gate_up[0].shape[1]
+    basis = _top_basis(sum(t.t() @ t for t in gate_up), min(rank or 2 * w.width, hidden))  # [H, r]
     merged_up = (sum(f * (t @ basis) for f, t in zip(weights, gate_up, strict=True)) @ basis.t()).float()
     down = [w.down[m].double() for m in members]  # each [H, I]
-    basis = _top_basis(sum(t @ t.t() for t in down), min(w.width, down[0].shape[0]))  # [H, r]
+    basis = _top_basis(sum(t @ t.t() for t in down), min(rank or w.width, hidden))  # [H, r]
     merged_down = (basis @ sum(f * (basis.t() @ t) for f, t in zip(weights, down, strict=True))).float()
     biases = [_avg([None if b is None else b[m] for m in members], weights)
               for b in (w.gate_bias, w.up_bias, w.down_bias)]
@@ -217,5 +277,5 @@ def apply_merge(model: nn.Module, plan: Plan) -> None:
             elif len(members) == 1:
                 merged.append(tuple(None if t is None else t[members[0]] for t in w.tensors()))
             else:
-                merged.append(subspace_merge(w, members, entry["weights"][g]))
+                merged.append(subspace_merge(w, members, entry["weights"][g], entry.get("rank")))
         write_groups(block, entry, merged)
