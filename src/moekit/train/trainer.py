@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from moekit.core.losses import update_correction_bias, z_loss
 from moekit.errors import ConfigError, UnknownNameError
 from moekit.files import atomic_write, check_output
+from moekit.train.balance import LoadRecorder, correction_biases, load_stats, sequence_balance_loss, update_biases
 from moekit.train.checkpointing import check_out_dir, clear_run, read_checkpoint, write_checkpoint, write_run_model
 from moekit.train.corpus import build_corpus
 from moekit.train.moe_model import MoEBlock, moe_blocks, use_moekit_layers
@@ -58,6 +60,8 @@ class Recipe:
     # moekit.MoE keyword arguments (router, router_options, ...): the model's MoE blocks become moekit layers
     moe_layer: dict[str, Any] | None = None
     bias_update_rate: float = 0.0  # DeepSeek-V3 auxiliary-loss-free balancing step per training step (0: off)
+    seq_balance_coef: float = 0.0  # DeepSeek-V3's sequence-wise balance loss weight (native families; 0: off)
+    dtype: str = "fp32"  # "bf16": forward and backward under bf16 autocast, fp32 master weights and optimizer
 
 
 _TINY_MODEL = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, moe_intermediate_size=384,
@@ -107,18 +111,51 @@ def batch_at(tokens: Tensor, recipe: Recipe, step: int, micro: int) -> Tensor:
     return torch.stack([tokens[s:s + recipe.seq_len] for s in starts.tolist()])
 
 
-def router_stats(router_logits: tuple[Tensor, ...], k: int) -> tuple[Tensor, list[float], list[float]]:
-    """z-loss over all layers, and per layer the load CV and the mean router entropy."""
-    z, cvs, entropies = [], [], []
+def router_stats(router_logits: tuple[Tensor, ...]) -> tuple[Tensor, list[float]]:
+    """z-loss over all layers, and per layer the mean router entropy (of the softmax over the logits). The load
+    itself is counted from the real selections (`LoadRecorder`)."""
+    z, entropies = [], []
     for logits in router_logits:
         logits = logits.float()
         z.append(z_loss(logits))
         with torch.no_grad():
             probs = torch.softmax(logits, -1)
-            load = torch.bincount(probs.topk(k, -1).indices.reshape(-1), minlength=probs.shape[-1]).float()
-            cvs.append(float(load.std(unbiased=False) / load.mean()))
             entropies.append(float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()))
-    return torch.stack(z).mean(), cvs, entropies
+    return torch.stack(z).mean(), entropies
+
+
+DTYPES = ("fp32", "bf16")
+
+
+def check_balancing(recipe: Recipe) -> None:
+    """Refuse, before anything is built or written, balancing and precision settings the run cannot honour."""
+    for name in ("bias_update_rate", "seq_balance_coef"):
+        value = getattr(recipe, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"recipe {recipe.name!r}: {name}={value!r}; expected a finite number >= 0")
+    if recipe.dtype not in DTYPES:
+        raise ConfigError(f"recipe {recipe.name!r}: dtype={recipe.dtype!r}; expected one of {', '.join(DTYPES)}")
+    model_type = recipe.model.get("model_type")
+    if recipe.moe_layer is None and (recipe.bias_update_rate or recipe.seq_balance_coef):
+        import moekit.hf as mh
+
+        family = mh.FAMILIES.get(model_type)
+        if family is None:
+            raise ConfigError(f"recipe {recipe.name!r}: bias_update_rate / seq_balance_coef need an MoE model; "
+                              f"model_type={model_type!r} is not one of {', '.join(sorted(mh.FAMILIES))}")
+        if recipe.bias_update_rate and not family.routing.startswith("sigmoid"):
+            raise ConfigError(f"recipe {recipe.name!r}: bias_update_rate needs a router with a correction bias; "
+                              f"{family.name} has none (expected model_type 'deepseek_v3')")
+    if model_type == "deepseek_v3":
+        experts, groups = recipe.model.get("n_routed_experts", 256), recipe.model.get("n_group", 8)
+        if not isinstance(groups, int) or groups < 1 or experts % groups:
+            raise ConfigError(f"recipe {recipe.name!r}: n_group={groups!r}; expected a divisor of "
+                              f"n_routed_experts={experts}")
+
+
+def bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _build_model(recipe: Recipe, vocab_size: int, rt: Runtime | None = None):
@@ -189,6 +226,7 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
 
     recipe = replace(get_recipe(recipe) if isinstance(recipe, str) else recipe, **overrides)
     check_recipe(recipe, stop_at)
+    check_balancing(recipe)
     rt = init_runtime()
     if recipe.batch_size % rt.world:
         raise ConfigError(f"batch_size={recipe.batch_size}: expected a multiple of the {rt.world} ranks")
@@ -222,7 +260,13 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
     if resume:
         read_checkpoint(out, model, opt, rt)
     hf_moe = not blocks and hasattr(model.config, "num_experts_per_tok")
-    k = getattr(model.config, "num_experts_per_tok", 0)
+    recorder = LoadRecorder(model, keep_routing=recipe.seq_balance_coef > 0) if hf_moe else None
+    biases = correction_biases(model) if hf_moe and recipe.bias_update_rate else []
+    sigmoid = hf_moe and recorder.blocks[0].family.routing.startswith("sigmoid")
+    bf16 = recipe.dtype == "bf16"
+    if bf16 and not bf16_native():
+        warnings.warn("dtype=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); training runs emulated bf16",
+                      stacklevel=2)
     metrics_path = out / "metrics.jsonl"
     if rt.main:
         atomic_write(metrics_path, "".join(line + "\n" for line in _metrics_before(metrics_path, start)
@@ -239,11 +283,14 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
         sums: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0, "balance": 0.0, "z": 0.0}
         step_counts: list[Tensor] = []
         extra: dict[str, list[float]] = {}
+        if recorder is not None:
+            recorder.reset()
         for micro in range(recipe.grad_accum):
             batch = batch_at(tokens, recipe, step, micro).chunk(rt.world)[rt.rank]
             for b in blocks:
                 b.token_ids = batch
-            out_ = model(input_ids=batch, labels=batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out_ = model(input_ids=batch, labels=batch)
             if blocks:
                 aux, losses, counts, entropies, per_token = _moekit_step_stats(blocks, rt)
                 loss, lm_loss = out_.loss + aux, out_.loss
@@ -253,10 +300,14 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
                 extra = {"experts_per_token": per_token,
                          **{f"aux_{n}": [float(v)] for n, v in losses.items() if n not in ("balance", "z")}}
             elif hf_moe:
-                z, cvs, entropies = router_stats(out_.router_logits, k)
-                balance = out_.aux_loss
+                z, entropies = router_stats(out_.router_logits)
+                balance = out_.aux_loss if out_.aux_loss is not None else torch.zeros(())
                 loss = out_.loss + recipe.z_coef * z  # out_.loss already holds balance_coef * aux_loss
                 lm_loss = out_.loss - recipe.balance_coef * balance
+                if recipe.seq_balance_coef:
+                    seq = sequence_balance_loss(recorder, batch.shape[1], sigmoid)
+                    loss = loss + recipe.seq_balance_coef * seq
+                    extra.setdefault("seq_balance", [0.0])[0] += float(seq.detach()) / recipe.grad_accum
             else:
                 z = balance = torch.zeros(())
                 cvs, entropies = [], []
@@ -272,7 +323,13 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
         grad_norm = clip_gradients(model, recipe.clip, rt)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if recipe.bias_update_rate:
+        if recorder is not None:
+            stats = load_stats(recorder.counts)
+            cvs = stats.pop("load_cv")
+            extra.update(stats)
+            if biases:
+                extra["bias_spread"] = update_biases(biases, recorder.counts, recipe.bias_update_rate)
+        elif recipe.bias_update_rate:
             spread = []
             for b, counts in zip(blocks, step_counts, strict=True):
                 bias = update_correction_bias(b.moe.router.e_score_correction_bias, counts, recipe.bias_update_rate)
