@@ -156,3 +156,11 @@ def test_fp8_deepseek_scales_are_not_params(tmp_path):
     assert info["quantization"] == "fp8" and info["moe_layers"] == [1, 2]
     assert info["total_params"] == 2 * 6 * 3 * h * i
     assert info["layers"][1]["bytes_per_expert"] == 3 * h * i + 3 * 4
+
+
+def test_cli_without_model_describes_the_default(capsys):
+    from moekit.default import default_model_path
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info == describe(default_model_path())
