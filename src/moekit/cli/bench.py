@@ -2,7 +2,8 @@
 `moekit bench hf-accelerate [--json] [--repeats N] [--quick]`, `moekit bench train [--json] [--repeats N] [--quick]`,
 `moekit bench routers [--json] [--router NAME ...] [--steps N] [--quick]`,
 `moekit bench compress [MODEL] [--data FILE] [--json] [--quick]`,
-`moekit bench drift [--json] [--quick] [--length N] [--stream NAME ...] [--model NAME ...] [--seed N]`."""
+`moekit bench drift [--json] [--quick] [--length N] [--stream NAME ...] [--model NAME ...] [--seed N]`,
+`moekit bench decode [MODEL] [--json] [--quick] [--large] [--repeats N] [--threads N ...] [--dtype D ...]`."""
 
 from __future__ import annotations
 
@@ -61,9 +62,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     dr.add_argument("--stream", action="append", help="run only this stream (repeatable; default: all)")
     dr.add_argument("--model", action="append", help="run only this contender (repeatable; default: all)")
     dr.add_argument("--seed", type=int, default=0, help="streams, ensembles and routers (default 0)")
+    add_decode_parser(sub)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "decode":
+        return run_decode(args)
     if args.what == "drift":
         from moekit.bench.drift import COLUMNS as DRIFT_COLUMNS
         from moekit.bench.drift import bench_drift
@@ -128,3 +132,29 @@ def format_table(records: list[dict], cols: list[str] | None = None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
+
+
+def add_decode_parser(sub) -> None:
+    de = sub.add_parser("decode", help="greedy decoding tokens/s: transformers' generate, moekit's decode path and "
+                        "llama.cpp (when importable), fp32/bf16/int8/int4, 1 and 2 threads")
+    de.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint directory (default: moekit-tiny)")
+    de.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    de.add_argument("--quick", action="store_true", help="8 new tokens, one round, the first thread count: a smoke run")
+    de.add_argument("--large", action="store_true",
+                    help="instead of MODEL: a random-weight ~440M-parameter Qwen3-MoE built on the fly")
+    de.add_argument("--repeats", type=int, default=5, help="timed rounds per contender (median; default 5)")
+    de.add_argument("--threads", type=int, action="append", help="thread count (repeatable; default 1 and 2)")
+    de.add_argument("--dtype", action="append", choices=["fp32", "bf16", "int8", "int4"],
+                    help="dtype (repeatable; default all four)")
+    de.add_argument("--no-peers", action="store_true", help="leave llama.cpp out even when it is importable")
+    de.add_argument("--compile", action="store_true", help="add moekit's decode path under torch.compile")
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from moekit.bench.decode import BENCH_DTYPES, COLUMNS, bench_decode
+
+    records = bench_decode(args.model, large=args.large, quick=args.quick, repeats=args.repeats,
+                           threads=tuple(args.threads or (1, 2)), dtypes=tuple(args.dtype or BENCH_DTYPES),
+                           peers=not args.no_peers, compiled=args.compile)
+    print(json.dumps(records, indent=1) if args.json else format_table(records, COLUMNS))
+    return 0

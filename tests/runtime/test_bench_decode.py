@@ -1,0 +1,33 @@
+"""`moekit bench decode --quick`: runs end to end, every record carries the machine and the contenders' rates, and
+moekit's decode path gives transformers' tokens in fp32."""
+
+from __future__ import annotations
+
+import json
+
+from moekit.bench.decode import bench_decode
+from moekit.cli.main import main
+
+
+def test_quick_records_carry_rates_ratios_and_the_machine():
+    records = bench_decode(quick=True, peers=False, dtypes=("fp32",), threads=(1, 2))
+    assert [(r["dtype"], r["threads"]) for r in records] == [("fp32", 1)]  # quick: the first thread count
+    for r in records:
+        for key in ("transformers_tokens_per_s", "moekit_tokens_per_s", "moekit_over_transformers", "cpu",
+                    "cpu_flags", "torch", "threads", "new_tokens", "prompt_tokens", "params"):
+            assert key in r, key
+        assert r["transformers_tokens_per_s"] > 0 and r["moekit_tokens_per_s"] > 0
+        assert r["llama_cpp"] == "not asked" and r["prompt_tokens"] == 16
+    assert records[0]["same_tokens"] is True  # fp32: token for token
+
+
+def test_cli_refuses_an_unknown_dtype_and_prints_json(capsys):
+    try:
+        code = main(["bench", "decode", "--quick", "--dtype", "fp8"])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    capsys.readouterr()
+    assert main(["bench", "decode", "--quick", "--no-peers", "--dtype", "int4", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert records[0]["dtype"] == "int4" and records[0]["moekit_tokens_per_s"] > 0
