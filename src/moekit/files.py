@@ -72,7 +72,7 @@ def _within(a: Path, b: Path) -> bool:
 
 
 def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *, flag: str = "--out",
-                 directory: bool = True) -> Path:
+                 directory: bool = True, error: type[MoekitError] = FileError) -> Path:
     """The resolved output path, checked before any work: not equal to, inside, or holding one of `inputs`;
     a directory (or absent) when `directory`, else not a directory; its parent a directory moekit may write in."""
     raw = out
@@ -82,21 +82,21 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
             continue
         src = Path(item).resolve()
         if _within(out, src) or _within(src, out):
-            where = "is" if out == src else "lies inside" if _within(out, src) else "holds"
-            raise FileError(f"{flag} {raw}: {where} the input {item}; expected an output outside every input")
+            where = "is" if out == src else "lies inside" if _within(out, src) else "contains"
+            raise error(f"{flag} {raw}: {where} the input {item}; expected an output outside every input")
     if out.exists():
         if directory and not out.is_dir():
-            raise FileError(f"{flag} {raw}: exists and is not a directory; expected a directory (or a new path)")
+            raise error(f"{flag} {raw}: exists and is not a directory; expected a directory (or a new path)")
         if not directory and out.is_dir():
-            raise FileError(f"{flag} {raw}: is a directory; expected a file path")
+            raise error(f"{flag} {raw}: is a directory; expected a file path")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise FileError(f"{flag} {raw}: {parent} is not a directory; expected a path under a directory")
+        raise error(f"{flag} {raw}: {parent} is not a directory; expected a path under a directory")
     for d in (parent, *([out] if out.is_dir() else [])):
         if not os.access(d, os.W_OK | os.X_OK):
-            raise FileError(f"{flag} {raw}: cannot write in {d} (permission denied); expected a writable location")
+            raise error(f"{flag} {raw}: cannot write in {d} (permission denied); expected a writable location")
     return out
 
 

@@ -8,8 +8,6 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -44,6 +42,12 @@ class _Tee(io.TextIOBase):
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from moekit.errors import ConfigError
+    from moekit.files import check_output
+
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: expected a positive number of timed rounds")
+    out = check_output(args.out)
     tee = _Tee(sys.stdout)
     with redirect_stdout(tee):
         images = _default_model_step()
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         _bridge_step()
         images.update(_inspect_step())
         _compress_step()
-    _write_report(Path(args.out), "".join(tee.parts), images)
+    _write_report(out, "".join(tee.parts), images)
     print(f"\nReport: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -203,6 +207,8 @@ def _compress_step() -> None:
 
 def _write_report(out: Path, text: str, images: dict[str, bytes]) -> None:
     """One self-contained HTML file (images inline), written atomically."""
+    from moekit.files import atomic_write
+
     out.mkdir(parents=True, exist_ok=True)
     figures = "".join(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,'
                       f'{base64.b64encode(png).decode()}"><figcaption>{html.escape(title)}</figcaption></figure>'
@@ -211,7 +217,4 @@ def _write_report(out: Path, text: str, images: dict[str, bytes]) -> None:
             "body{font-family:sans-serif;max-width:70rem;margin:2rem auto}pre{background:#f6f6f6;padding:1rem;"
             "overflow-x:auto}img{max-width:100%}</style></head><body><h1>moekit tour</h1>"
             f"{figures}<pre>{html.escape(text)}</pre></body></html>")
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(page)
-    os.replace(tmp, out / "report.html")
+    atomic_write(out / "report.html", page)

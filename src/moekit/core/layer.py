@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -14,7 +15,7 @@ from moekit.core.dispatch import DISPATCH_IMPLS, capacity_for
 from moekit.core.experts import Activation, SharedExperts
 from moekit.core.losses import seq_balance_loss, switch_balance_loss, update_correction_bias, z_loss
 from moekit.core.routers import Router, build_router
-from moekit.core.routing import Routing
+from moekit.core.routing import Routing, check_k
 from moekit.core.step import Dispatcher
 from moekit.errors import ConfigError, ShapeError
 
@@ -124,6 +125,7 @@ class MoE(nn.Module):
         _positive_int("hidden_size", hidden_size)
         _positive_int("intermediate_size", intermediate_size)
         _positive_int("num_experts", num_experts)
+        check_k(k, num_experts)
         _positive_int("granularity", granularity)
         if intermediate_size % granularity:
             raise ConfigError(f"granularity={granularity}: expected a divisor of intermediate_size={intermediate_size}")
@@ -131,6 +133,10 @@ class MoE(nn.Module):
             raise ConfigError(f"num_shared_experts={num_shared_experts!r}: expected a non-negative integer")
         if dispatch not in DISPATCH_IMPLS:
             raise ConfigError(f"dispatch={dispatch!r}: expected one of {', '.join(DISPATCH_IMPLS)}")
+        for name, value in (("alpha", alpha), ("limit", limit), *([("capacity_factor", capacity_factor)]
+                                                                  if capacity_factor is not None else [])):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r}: expected a finite number")
         if capacity_factor is not None:
             capacity_for(1, 1, 1, capacity_factor)  # validates the factor
         self.hidden_size = hidden_size
@@ -155,7 +161,9 @@ class MoE(nn.Module):
         """hidden [..., H] -> MoEOutput. `k` overrides the number of experts per token for this call (for
         "self-slimmable" inference, Sparse MoE as the New Dropout). `token_ids` [...] (the input ids, one per
         token of `hidden`) is read by routers that route by token id (`hash`)."""
-        if hidden.shape[-1] != self.hidden_size or hidden.dim() < 1:
+        if not isinstance(hidden, Tensor):
+            raise ShapeError(f"hidden: a {type(hidden).__name__}; expected a tensor [..., {self.hidden_size}]")
+        if hidden.dim() < 1 or hidden.shape[-1] != self.hidden_size:
             raise ShapeError(f"hidden: expected last dimension hidden_size={self.hidden_size}, "
                              f"got shape {list(hidden.shape)}")
         x = hidden.reshape(-1, self.hidden_size)

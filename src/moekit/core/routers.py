@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -162,15 +162,33 @@ class Router(nn.Module):
 
 
 def make_options(cls: type, given: dict[str, Any] | None, where: str) -> Any:
-    """Build an options dataclass, refusing unknown names with the list of known ones."""
+    """Build an options dataclass, refusing a non-dict, unknown names (with the list of known ones) and values of
+    the wrong type (a string for a flag, NaN or infinity for a number)."""
+    if given is not None and not isinstance(given, Mapping):
+        raise ConfigError(f"{where}: {given!r}; expected a dict of option names to values")
     given = dict(given or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
+            f"{where}: unknown option(s) {', '.join(map(str, unknown))}; expected some of {', '.join(sorted(fields))}"
         )
+    for name, value in given.items():
+        _check_option(str(fields[name].type), name, value, where)
     return cls(**given)
+
+
+def _check_option(kind: str, name: str, value: Any, where: str) -> None:
+    """Check `value` against an option's annotation (bool, int, float, str, optionally `| None`)."""
+    if value is None and kind.endswith("| None"):
+        return
+    kind = kind.removesuffix(" | None")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = {"bool": isinstance(value, bool), "int": number and isinstance(value, int),
+          "float": number and math.isfinite(value), "str": isinstance(value, str)}.get(kind, True)
+    if not ok:
+        expected = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string"}[kind]
+        raise ConfigError(f"{where}: {name}={value!r}; expected {expected}")
 
 
 @dataclass

@@ -7,14 +7,12 @@ import base64
 import html
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from moekit.errors import MoekitError
+from moekit.files import check_output, clean_stale, swap_in, temp_dir
 from moekit.inspect.plots import all_plots
-from moekit.inspect.store import current_umask
 from moekit.inspect.summary import compute_stats
 from moekit.inspect.trace import trace
 
@@ -116,12 +114,11 @@ def render_html(stats: dict, plots: dict[str, bytes]) -> str:
 
 
 def check_out_dir(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Path:
-    """The resolved output directory; refuses one that is, or holds, one of `inputs`."""
-    out = Path(out_dir).resolve()
-    for p in inputs:
-        src = Path(p).resolve()
-        if src == out or out in src.parents:
-            raise ReportError(f"--out {out_dir}: is or contains the input {p}; expected a separate output directory")
+    """The resolved output directory, checked before any work: not one of `inputs`, inside one or holding one; a
+    new directory, an empty one or an earlier report; somewhere moekit may write."""
+    out = check_output(out_dir, inputs, error=ReportError)
+    if out.exists() and any(out.iterdir()) and not (out / "report.html").exists():
+        raise ReportError(f"--out {out_dir}: exists and is not an inspect report; expected a new or empty directory")
     return out
 
 
@@ -129,26 +126,14 @@ def write_report(stats: dict, out_dir: str | os.PathLike, inputs: Sequence[str |
     """Write report.html, stats.json and the plots into `out_dir` (replacing an earlier report there, atomically).
     Refuses an `out_dir` that is, or holds, one of `inputs`, or a non-empty directory that is not a report."""
     out = check_out_dir(out_dir, inputs)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.html").exists())):
-        raise ReportError(f"--out {out_dir}: exists and is not an inspect report; expected a new or empty directory")
     plots = all_plots(stats)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is not
-    try:
+    clean_stale(out)
+    with temp_dir(out, "inspect") as tmp:
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1, allow_nan=False))
         for name, png in plots.items():
             (tmp / name).write_bytes(png)
         (tmp / "report.html").write_text(render_html(stats, plots))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        swap_in(tmp, out)
     return out / "report.html"
 
 
@@ -169,7 +154,9 @@ def inspect_model(model_path: str | os.PathLike | None = None, data: Sequence[st
         from transformers import AutoTokenizer
 
         from moekit.hf import load
+        from moekit.hf.validate import check_tokenizer_files
 
+        check_tokenizer_files(model_path)  # before any work: without them the texts would become no tokens
         model = load(model_path).float().eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)

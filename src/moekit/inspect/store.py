@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,15 +14,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from moekit.errors import MoekitError
+from moekit.files import clean_stale, new_temp_dir, swap_in
 
 META = "trace.json"
 
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class TraceStoreError(MoekitError, ValueError):
@@ -64,9 +58,8 @@ class DiskStore:
                                       (any(self.dir.iterdir()) and not (self.dir / META).exists())):
                 raise TraceStoreError(f"{self.dir}: exists and is not a trace directory; expected a new or empty "
                                       "directory (or an earlier trace to replace)")
-            self.dir.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(dir=self.dir.parent, prefix=f".{self.dir.name}.tmp"))
-            self.tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is not
+            clean_stale(self.dir)
+            self.tmp = new_temp_dir(self.dir, "trace")
 
     def add(self, chunk: dict[str, Tensor]) -> None:
         name = f"chunk-{len(self.chunks):05d}.safetensors"
@@ -86,13 +79,7 @@ class DiskStore:
 
     def finish(self, meta: dict) -> DiskStore:
         (self.tmp / META).write_text(json.dumps({**meta, "chunks": self.chunks, "keys": sorted(self._keys)}))
-        old = None
-        if self.dir.exists():
-            old = self.dir.with_name(f".{self.dir.name}.old{os.getpid()}")
-            os.replace(self.dir, old)
-        os.replace(self.tmp, self.dir)
-        if old is not None:
-            shutil.rmtree(old)
+        swap_in(self.tmp, self.dir)
         return self
 
     def abort(self) -> None:

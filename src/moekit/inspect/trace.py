@@ -163,6 +163,31 @@ def resolve_data(model: nn.Module, docs: Sequence[TextDoc] | None, tokenizer) ->
     return (list(default_documents()) if docs is None else list(docs)), tokenizer
 
 
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: expected a positive integer")
+
+
+def _check_args(model: nn.Module, docs: list, seq_len: int | None, max_tokens: int | None, batch_size: int) -> int:
+    """The window length to trace with, after checking the arguments of `trace` by name."""
+    if not docs:
+        raise ConfigError("docs: empty; expected at least one document (or None for moekit-tiny's held-out text)")
+    bad = next((d for d in docs if not isinstance(d, TextDoc)), None)
+    if bad is not None:
+        raise ConfigError(f"docs: holds a {type(bad).__name__}; expected moekit.data.TextDoc items (see "
+                          "moekit.data.read_documents)")
+    _positive("batch_size", batch_size)
+    if max_tokens is not None:
+        _positive("max_tokens", max_tokens)
+    context = context_length(model)
+    if seq_len is None:
+        return context
+    _positive("seq_len", seq_len)
+    if seq_len > context:
+        raise ConfigError(f"seq_len={seq_len}: expected at most the model's context of {context} tokens")
+    return seq_len
+
+
 def _check_vocab(model: nn.Module, wins: list[Window]) -> None:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     top = max(int(w.ids.max()) for w in wins)
@@ -184,7 +209,7 @@ def trace(model: nn.Module, docs: Sequence[TextDoc] | None = None, tokenizer=Non
     """
     layers = find_layers(model)
     docs, tokenizer = resolve_data(model, docs, tokenizer)
-    seq_len = seq_len or context_length(model)
+    seq_len = _check_args(model, docs, seq_len, max_tokens, batch_size)
     wins = select_windows(tokenizer, docs, seq_len, max_tokens)
     if not wins:
         raise InspectError("docs: no tokens to trace; expected at least one non-empty document")
