@@ -42,6 +42,25 @@ test-full: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/moekit bench layer --json
 
+# Peers for `moekit bench decode` (never part of `make test`): llama-cpp-python built from its PyPI source
+# distribution with the system compiler (about 10 minutes; CMAKE_BUILD_PARALLEL_LEVEL sets the jobs), unpacked under
+# build/peers/, where bench decode also finds llama.cpp's convert_hf_to_gguf.py. Ends with a one-token-per-dtype smoke
+# run of llama.cpp on moekit-tiny.
+LLAMA_CPP_PYTHON ?= 0.3.36
+PEERS := build/peers
+.PHONY: bench-peers
+bench-peers: $(VENV)/.installed
+	mkdir -p $(PEERS)
+	test -f $(PEERS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py || { \
+		$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(PEERS) && \
+		tar -xzf $(PEERS)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(PEERS); }
+	$(PY) -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMA_CPP_PYTHON)')" 2>/dev/null || \
+		CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} \
+		$(PY) -m pip install $(PEERS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+	$(VENV)/bin/moekit bench decode --quick --threads 1 --json > $(PEERS)/bench-decode-quick.json
+	$(PY) -c "import json; r = json.load(open('$(PEERS)/bench-decode-quick.json')); \
+		print('llama.cpp', [(x['dtype'], x['llama_cpp_tokens_per_s']) for x in r])"
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests
 
