@@ -1,5 +1,5 @@
 """`moekit eval [MODEL] [--data FILE ...] [--seq-len N] [--stride N] [--max-tokens N] [--no-skip]`: perplexity
-as JSON."""
+as JSON; `--adapt-routing [--adapt-interval N] [--adapt-steps N]`: with and without test-time rerouting."""
 
 from __future__ import annotations
 
@@ -18,11 +18,29 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
     p.add_argument("--no-skip", action="store_true",
                    help="ignore a skip.json beside the checkpoint (written by moekit compress --skip)")
+    p.add_argument("--adapt-routing", action="store_true",
+                   help="instead: perplexity with and without test-time rerouting (logit shifts fitted on each "
+                        "chunk's preceding context; moekit.adapt.reroute_online)")
+    p.add_argument("--adapt-interval", type=int, default=128, help="tokens per chunk between refits (default 128)")
+    p.add_argument("--adapt-steps", type=int, default=5, help="Adam steps per refit (default 5)")
 
 
 def run(args: argparse.Namespace) -> int:
     from moekit.eval import evaluate_checkpoint
 
+    if args.adapt_routing:
+        from moekit.adapt.reroute_eval import adapted_perplexity
+        from moekit.errors import ConfigError
+        from moekit.eval import model_and_documents
+
+        for name in ("adapt_interval", "adapt_steps"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+        path, model, tokenizer, docs = model_and_documents(args.model, args.data)
+        result = adapted_perplexity(model, tokenizer, docs, interval=args.adapt_interval, seq_len=args.seq_len,
+                                    max_tokens=args.max_tokens, steps=args.adapt_steps)
+        print(json.dumps({"model": str(path), "data": args.data or "moekit-tiny held-out split", **result}, indent=1))
+        return 0
     print(json.dumps(evaluate_checkpoint(args.model, args.data, args.seq_len, args.stride, args.max_tokens,
                                          skip=not args.no_skip), indent=1))
     return 0
