@@ -1,0 +1,118 @@
+"""Small offline tasks for the seed systems that need one, all built from scikit-learn's bundled digits
+(1797 8x8 images, 10 classes of about 180; features scaled to [0, 1]):
+
+- `digits_long_tailed(imbalance)`: a balanced test set (a third of each class, stratified, seeded), and a
+  long-tailed training set: class c (classes ordered 0..9) keeps round(n * imbalance^(c / 9)) of its n remaining
+  images (geometric subsampling, as CIFAR-10-LT is built), so class 0 is the head and class 9 the tail.
+- `digits_graph(k, corrupt)`: node classification with two modalities that help different nodes (Mowst's
+  setting). A `corrupt` fraction of the nodes have 80% of their pixels zeroed and aggregate their k nearest
+  neighbours (Euclidean, on the clean images): their own features are weak, their neighbourhood carries the label.
+  The other nodes keep clean features and aggregate k random nodes (a heterophilous neighbourhood that carries
+  nothing). Aggregation is the mean over the node and its k neighbours (A = D^-1 (A + I), directed).
+  Train / test masks: half the nodes each, seeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moekit.errors import ConfigError
+
+
+def _digits() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.tensor(data.data, dtype=torch.float32) / 16.0, torch.tensor(data.target, dtype=torch.long)
+
+
+@dataclass
+class Split:
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.y_train, minlength=10).tolist()
+
+
+def digits_long_tailed(imbalance: float = 0.05, seed: int = 0) -> Split:
+    """Long-tailed digits (module docstring); `imbalance` = tail size / head size, in (0, 1]."""
+    if not 0 < imbalance <= 1:
+        raise ConfigError(f"imbalance={imbalance!r}: expected a number in (0, 1]")
+    x, y = _digits()
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test = len(idx) // 3
+        test.append(idx[:n_test])
+        rest = idx[n_test:]
+        train.append(rest[: max(1, round(len(rest) * imbalance ** (c / 9)))])
+    tr, te = torch.cat(train), torch.cat(test)
+    return Split(x[tr], y[tr], x[te], y[te])
+
+
+@dataclass
+class Graph:
+    """x [N, 64] node features (some corrupted), adj [N, N] sparse mean aggregation D^-1 (A + I), y [N], masks."""
+
+    x: Tensor
+    adj: Tensor
+    y: Tensor
+    train: Tensor
+    test: Tensor
+    corrupted: Tensor
+
+
+def digits_graph(k: int = 8, corrupt: float = 0.5, seed: int = 0) -> Graph:
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k={k!r}: expected a positive integer")
+    if not 0 <= corrupt <= 1:
+        raise ConfigError(f"corrupt={corrupt!r}: expected a number in [0, 1]")
+    x, y = _digits()
+    n = len(y)
+    g = torch.Generator().manual_seed(seed)
+    dist = torch.cdist(x, x)
+    dist.fill_diagonal_(float("inf"))
+    corrupted = torch.rand(n, generator=g) < corrupt
+    near = dist.topk(k, largest=False).indices
+    far = torch.rand(n, n, generator=g).fill_diagonal_(-1.0).topk(k).indices  # k random other nodes
+    nbrs = torch.where(corrupted.unsqueeze(1), near, far)
+    rows = torch.arange(n).repeat_interleave(k + 1)
+    cols = torch.cat([torch.arange(n).unsqueeze(1), nbrs], 1).flatten()
+    adj = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.full((n * (k + 1),), 1.0 / (k + 1)), (n, n),
+                                  check_invariants=True)
+    adj = adj.coalesce()
+    keep = torch.rand(n, 64, generator=g) >= 0.8
+    feats = torch.where(corrupted.unsqueeze(1), x * keep, x)
+    order = torch.randperm(n, generator=g)
+    train = torch.zeros(n, dtype=torch.bool)
+    train[order[: n // 2]] = True
+    return Graph(feats, adj, y, train, ~train, corrupted)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim_in: int, hidden: int, classes: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class GCN(nn.Module):
+    """Two graph convolutions: logits = A relu(A X W1) W2 with the (sparse) aggregation matrix A."""
+
+    def __init__(self, adj: Tensor, dim_in: int, hidden: int, classes: int):
+        super().__init__()
+        self.adj = adj
+        self.w1, self.w2 = nn.Linear(dim_in, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sparse.mm(self.adj, self.w2(torch.relu(torch.sparse.mm(self.adj, self.w1(x)))))
