@@ -8,10 +8,15 @@ experts [r E/W, (r+1) E/W)). A forward pass on a rank's own tokens:
 Both exchanges go through torch's functional `all_to_all_single_autograd`, so autograd flows through them; the
 same code runs on gloo (CPU) and nccl (GPU). Router and shared-expert gradients are per rank: all-reduce them (or
 wrap the model in DistributedDataParallel) as for any data-parallel parameter.
+
+A placement (`moekit place`: device_of_expert [E], each rank holding E / W experts) replaces the contiguous blocks:
+rank r owns the experts placed on it, in increasing id; router outputs are renamed to slots (rank-major) before the
+dispatch, so the function computed is unchanged and only where each expert runs moves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -19,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moekit.core.dispatch import combine, plan_dispatch, run_experts, sorted_plan
+from moekit.core.dispatch import combine, plan_assignments, run_experts, sorted_plan
 from moekit.core.experts import Experts
 from moekit.core.layer import MoE, MoEOutput, aux_losses
 from moekit.core.routers import Router
@@ -29,9 +34,10 @@ _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_b
 
 
 class ExpertParallelMoE(nn.Module):
-    """An `MoE` whose routed experts are sharded over the ranks of `group` (default: the world)."""
+    """An `MoE` whose routed experts are sharded over the ranks of `group` (default: the world), contiguously or
+    as `placement` (device_of_expert [E]) says."""
 
-    def __init__(self, moe: MoE, group: dist.ProcessGroup | None = None):
+    def __init__(self, moe: MoE, group: dist.ProcessGroup | None = None, placement: Sequence[int] | None = None):
         super().__init__()
         if not dist.is_initialized():
             raise ConfigError("ExpertParallelMoE: torch.distributed is not initialised; expected init_process_group "
@@ -49,17 +55,23 @@ class ExpertParallelMoE(nn.Module):
         self.num_experts = moe.num_experts
         self.local_experts = moe.num_experts // self.world
         self.first_expert = self.rank * self.local_experts
+        # slot s (rank s // E_local) holds expert order[s]; slot_of[e] renames router outputs (None: identity)
+        order = _placement_order(placement, moe.num_experts, self.world)
+        self.slot_of = None if order is None else torch.argsort(order)
+        self.expert_ids = (order if order is not None else torch.arange(moe.num_experts))[
+            self.first_expert:self.first_expert + self.local_experts]
         self.hidden_size = moe.hidden_size
         self.dispatch_impl = moe.dispatch_impl
         self.router = moe.router
         self.shared_experts = moe.shared_experts
         self.loss_weights = moe.loss_weights
-        self.experts = _slice_experts(moe.experts, self.first_expert, self.local_experts)
+        self.experts = _slice_experts(moe.experts, self.expert_ids)
 
     def forward(self, hidden: Tensor, k: int | None = None, *, token_ids: Tensor | None = None) -> MoEOutput:
         x = hidden.reshape(-1, self.hidden_size)
         routing = self.router(x, k, None if token_ids is None else token_ids.reshape(-1))
-        plan = plan_dispatch(routing, self.num_experts)
+        slots = routing.indices if self.slot_of is None else self.slot_of.to(routing.indices.device)[routing.indices]
+        plan = plan_assignments(slots, routing.weights, self.num_experts, None, routing.mask)
         counts = torch.tensor(plan.counts, dtype=torch.int64)
         # recv_counts[s, j]: rows rank s sends for this rank's local expert j
         recv_counts = torch.empty(self.world, self.local_experts, dtype=torch.int64)
@@ -90,8 +102,11 @@ class ExpertParallelMoE(nn.Module):
     def full_experts_state(self) -> dict[str, Tensor]:
         """All ranks' experts gathered, by parameter name ([E, ...] each), on every rank: what a 1-rank `MoE`
         loads (`moe.experts.load_state_dict`), so N-rank checkpoints load on 1 rank."""
-        return {name: gather_shards(getattr(self.experts, name).detach(), self.world, self.group)
-                for name in _EXPERT_PARAMS if getattr(self.experts, name) is not None}
+        state = {name: gather_shards(getattr(self.experts, name).detach(), self.world, self.group)
+                 for name in _EXPERT_PARAMS if getattr(self.experts, name) is not None}
+        if self.slot_of is not None:  # slot order -> expert order
+            state = {name: t.index_select(0, self.slot_of) for name, t in state.items()}
+        return state
 
 
 def gather_shards(local: Tensor, world: int, group: dist.ProcessGroup | None = None) -> Tensor:
@@ -108,16 +123,29 @@ def _exchange(rows: Tensor, out_splits: list[int], in_splits: list[int], group: 
     return out.wait() if hasattr(out, "wait") else out
 
 
-def _slice_experts(experts: Experts, first: int, count: int) -> Experts:
-    """A new `Experts` holding copies of experts [first, first + count) (this rank's shard)."""
-    local = Experts(count, experts.hidden_size, experts.intermediate_size, experts.act,
+def _placement_order(placement: Sequence[int] | None, num_experts: int, world: int) -> Tensor | None:
+    """Expert ids in slot order (rank-major, increasing id within a rank) for device_of_expert `placement`."""
+    if placement is None:
+        return None
+    dev = torch.as_tensor(list(placement), dtype=torch.int64)
+    if dev.shape != (num_experts,) or (num_experts and (int(dev.min()) < 0 or int(dev.max()) >= world)):
+        raise ConfigError(f"placement: expected {num_experts} device ids in [0, {world}), got {list(placement)}")
+    per_rank = torch.bincount(dev, minlength=world)
+    if bool((per_rank != num_experts // world).any()):
+        raise ConfigError(f"placement: ranks hold {per_rank.tolist()} experts; expected {num_experts // world} each")
+    return torch.argsort(dev * num_experts + torch.arange(num_experts))
+
+
+def _slice_experts(experts: Experts, ids: Tensor) -> Experts:
+    """A new `Experts` holding copies of experts `ids` (this rank's shard)."""
+    local = Experts(len(ids), experts.hidden_size, experts.intermediate_size, experts.act,
                     bias=experts.gate_up_proj_bias is not None, transposed=experts.transposed,
                     dtype=experts.gate_up_proj.dtype, device=experts.gate_up_proj.device)
     with torch.no_grad():
         for name in _EXPERT_PARAMS:
             src = getattr(experts, name)
             if src is not None:
-                getattr(local, name).copy_(src[first:first + count])
+                getattr(local, name).copy_(src[ids])
     return local
 
 
