@@ -155,3 +155,34 @@ def test_bad_input_is_a_one_line_error(tiny_default):
         load_for_decode(None, dtype="fp8")
     with pytest.raises(ConfigError, match="temperature=0"):
         Sampling(temperature=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v2"])
+def test_continuous_batching_rows_equal_their_solo_decoding(family):
+    """Rows joining a running batch (shorter and longer than its cache) and leaving it decode as they do alone."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 13, 3)]
+    solo = [Decoder(model).generate(torch.tensor(p), 14, stop_at_eos=False).tokens[0] for p in prompts]
+    dec = Decoder(model, max_len=64)
+    got: list[list[int]] = [[], [], []]
+    live = [0]  # prompt index of each row
+    got[0].append(int(dec.add(prompts[0]).argmax()))
+    for step in range(13):
+        if step == 3:  # 13 tokens join a cache of 8 positions: the running row is shifted right
+            live.append(1)
+            got[1].append(int(dec.add(prompts[1]).argmax()))
+        if step == 6:  # 3 tokens join a longer cache: the new row is left-padded
+            live.append(2)
+            got[2].append(int(dec.add(prompts[2]).argmax()))
+        if step == 9:  # the longest row leaves; the left padding both others share (5 positions) goes with it
+            before = dec.length
+            dec.remove([1])
+            live.pop(1)
+            assert dec.length == before - 5 and dec.batch == 2
+        logits = dec.step([got[p][-1] for p in live])
+        for row, p in enumerate(live):
+            got[p].append(int(logits[row].argmax()))
+    assert got[0] == solo[0] and len(got[0]) == 14
+    assert got[1] == solo[1][:len(got[1])] and len(got[1]) == 7
+    assert got[2] == solo[2][:len(got[2])] and len(got[2]) == 8

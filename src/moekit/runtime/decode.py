@@ -227,6 +227,69 @@ class Decoder:
         self.length += 1
         return logits
 
+    def _static_layers(self) -> list:
+        layers = self.cache.layers
+        if not all(hasattr(layer, "append_rows") for layer in layers):
+            raise ConfigError("add/remove: a cache layer of this model is not one of moekit's static layers; "
+                              "expected full or sliding-window attention")
+        return layers
+
+    def _shift(self, n: int) -> None:
+        """Every row `n` positions right (padding on the left) or, n < 0, left (dropping shared left padding)."""
+        for layer in self._static_layers():
+            layer.shift(n)
+        if self.mask is None:
+            self.mask = torch.zeros((self.batch, self.max_len), dtype=torch.long, device=self.device)
+            self.mask[:, :self.length] = 1
+        new = torch.zeros_like(self.mask)
+        if n >= 0:
+            new[:, n:n + self.length] = self.mask[:, :self.length]
+        else:
+            new[:, :self.length + n] = self.mask[:, -n:self.length]
+        self.mask, self.length = new, self.length + n
+
+    def add(self, input_ids: Tensor | Sequence[int]) -> Tensor:
+        """Continuous batching: start one more sequence (`[T]`) beside the running ones; it becomes the last row.
+        Returns its next-token logits `[V]`. Its prompt is prefilled alone, then its cache is left-padded (or the
+        running rows are) so that all rows end at the same cache position."""
+        if self.positions is None:
+            return self.prefill(input_ids)[0]
+        other = Decoder(self.model, self.max_len)
+        logits = other.prefill(input_ids)
+        if other.batch != 1:
+            raise ConfigError(f"input_ids: expected one sequence [T], got {other.batch} rows")
+        end = max(self.length, other.length)
+        if end >= self.max_len:
+            raise ConfigError(f"add: the running rows and the new one need {end + 1} positions; the cache holds "
+                              f"{self.max_len}")
+        self._shift(end - self.length)
+        other._shift(end - other.length)
+        for mine, theirs in zip(self._static_layers(), other._static_layers(), strict=True):
+            mine.append_rows(theirs)
+        self.mask = torch.cat([self.mask, other.mask])
+        self.positions = torch.cat([self.positions, other.positions])
+        return logits[0]
+
+    def remove(self, rows: Sequence[int]) -> None:
+        """Drop these rows (finished sequences); the others keep their order. Left padding every remaining row
+        shares is dropped too, so the cache does not fill with it."""
+        drop = set(rows)
+        if not drop <= set(range(self.batch)):
+            raise ConfigError(f"rows={sorted(drop)}: expected row indices below {self.batch}")
+        keep = torch.tensor([r for r in range(self.batch) if r not in drop], dtype=torch.long)
+        if len(keep) == 0:
+            self.reset()
+            return
+        for layer in self._static_layers():
+            layer.batch_select_indices(keep)
+        if self.mask is None:
+            self.mask = torch.zeros((self.batch, self.max_len), dtype=torch.long, device=self.device)
+            self.mask[:, :self.length] = 1
+        self.mask, self.positions = self.mask[keep], self.positions[keep]
+        used = self.mask[:, :self.length].any(0).nonzero()
+        if len(used) and int(used[0]) > 0:
+            self._shift(-int(used[0]))
+
     def generate(self, prompt_ids: Tensor | Sequence[int], max_new_tokens: int, sampling: Sampling | None = None,
                  on_token: Callable[[list[int]], object] | None = None, attention_mask: Tensor | None = None,
                  stop_at_eos: bool = True) -> GenerationResult:

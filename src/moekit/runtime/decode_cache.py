@@ -67,6 +67,30 @@ class StaticLayer(DynamicLayer):
             self._k, self._v = self._k[indices].contiguous(), self._v[indices].contiguous()
             self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
+    def shift(self, n: int) -> None:
+        """Move every row's positions `n` places right (n > 0: padding enters on the left) or left (n < 0: the
+        first -n positions, padding in every row, leave)."""
+        if n == 0 or not self.is_initialized:
+            self.length = max(0, self.length + n)
+            return
+        if self.length + n > self.max_len:
+            raise ConfigError(f"the KV cache holds {self.max_len} positions; {self.length + n} were needed")
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = torch.zeros_like(old)
+            if n > 0:
+                new[:, :, n:n + self.length] = old[:, :, :self.length]
+            else:
+                new[:, :, :self.length + n] = old[:, :, -n:self.length]
+            setattr(self, name, new)
+        self.length += n
+
+    def append_rows(self, other: StaticLayer) -> None:
+        """Add `other`'s rows (the same length and max_len) after this layer's."""
+        if other.length != self.length or other.max_len != self.max_len:
+            raise ConfigError("append_rows: expected caches of the same length and size")
+        self._k, self._v = torch.cat([self._k, other._k]), torch.cat([self._v, other._v])
+
 
 class StaticSlidingLayer(DynamicSlidingWindowLayer):
     """Sliding-window attention over the same kind of buffer: returns the last `window - 1 + q` positions, as
@@ -101,6 +125,16 @@ class StaticSlidingLayer(DynamicSlidingWindowLayer):
         self.cumulative_length = 0
         self.keys = self.values = None
         self.is_initialized = False
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.full.batch_select_indices(indices)
+
+    def shift(self, n: int) -> None:
+        self.full.shift(n)
+        self.cumulative_length = self.full.length
+
+    def append_rows(self, other: StaticSlidingLayer) -> None:
+        self.full.append_rows(other.full)
 
 
 def static_cache(config, max_len: int) -> DynamicCache:
