@@ -89,12 +89,11 @@ def read_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, rt:
         name, _, field = key.rpartition(".")
         if name not in params:
             raise ConfigError(f"{path}: state for unknown parameter {name!r}")
-        want = () if field == "step" else tuple(params[name].shape)
-        size = 1 if field == "step" else params[name].numel()
-        if field not in ("step", "exp_avg", "exp_avg_sq") or value.numel() != size or not value.is_floating_point():
+        fits = value.numel() == 1 if field == "step" else value.shape == params[name].shape
+        if field not in ("step", "exp_avg", "exp_avg_sq") or not fits or not value.is_floating_point():
             raise ConfigError(f"{path}: {key} is {value.dtype} {list(value.shape)}; expected AdamW state "
                               f"(step, exp_avg, exp_avg_sq) shaped like the parameter {list(params[name].shape)}")
-        opt.state[params[name]][field] = value.reshape(()) if field == "step" else value.clone().reshape(want)
+        opt.state[params[name]][field] = value.reshape(()) if field == "step" else value.clone()
 
 
 def _read_state(state_file: Path, recipe: Any) -> int:
