@@ -322,6 +322,17 @@ class ExpertStore:
             self.policy.evict(key)
         return tensors
 
+    def warm(self, keys: list[Key]) -> None:
+        """Read the first `keys` that fit into the cache now, the best (first) last, so that recency-based policies
+        keep it longest (a warm start: TAER)."""
+        for key in reversed(keys[: self.policy.capacity]):
+            if key in self.cache or key not in self.experts:
+                continue
+            if not self._admit(key, set()):
+                break
+            self.cache[key] = self._read(key)
+        self._track_peak()
+
     def drain(self) -> None:
         """Wait for every prefetch in flight; raise the first error any of them met."""
         wait([f for f in self.cache.values() if isinstance(f, Future)])
