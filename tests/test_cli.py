@@ -21,8 +21,11 @@ def test_bench_layer_quick_json_records():
                    "--case", "decode-8x2")
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)
-    assert [(r["case"], r["tokens"]) for r in records] == [("prefill-8x2", 64), ("decode-8x2", 1), ("decode-8x2", 4)]
+    assert [(r["case"], r["tokens"], r["dtype"]) for r in records] == [
+        (case, tokens, dtype) for case, counts in (("prefill-8x2", (64,)), ("decode-8x2", (1, 4)))
+        for dtype in ("fp32", "bf16") for tokens in counts]
     for r in records:
+        assert r["cpu"] and isinstance(r["cpu_flags"], list) and r["torch"] == torch.__version__ and r["threads"] >= 1
         for field in ("moekit_ms", "transformers_eager_ms", "transformers_grouped_mm_ms", "dense_ms"):
             assert r[field] > 0
         assert abs(r["dense_over_moekit"] - r["dense_ms"] / r["moekit_ms"]) < 0.01 * r["dense_over_moekit"] + 1e-3

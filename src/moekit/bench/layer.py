@@ -1,5 +1,7 @@
 """`moekit bench layer`: moekit's MoE layer against transformers' own blocks (eager and grouped_mm) holding the
-same weights and against a dense SwiGLU FFN with the same active FLOPs, all timed interleaved in one process."""
+same weights and against a dense SwiGLU FFN with the same active FLOPs, all timed interleaved in one process, in
+float32 and in bfloat16 (every contender in the same dtype; bf16 GEMMs accumulate in float32 inside oneDNN, and
+moekit combines the expert outputs in float32). Every record carries the machine (`timing.environment`)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from moekit.bench.timing import interleaved
+from moekit.bench.timing import environment, interleaved
 from moekit.core.layer import MoE
-from moekit.errors import UnknownNameError
+from moekit.errors import ConfigError, UnknownNameError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,11 @@ class DenseSwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-def _moekit_layer(case: LayerCase) -> MoE:
+def _moekit_layer(case: LayerCase, dtype: torch.dtype = torch.float32) -> MoE:
     if case.shared:  # DeepSeek-V2 routing (softmax, greedy top-k, no renormalisation) with shared experts
         return MoE(case.hidden, case.intermediate, case.experts, case.k, router="deepseek_v2",
-                   num_shared_experts=case.shared)
-    return MoE(case.hidden, case.intermediate, case.experts, case.k, router="topk")
+                   num_shared_experts=case.shared, dtype=dtype)
+    return MoE(case.hidden, case.intermediate, case.experts, case.k, router="topk", dtype=dtype)
 
 
 def _transformers_block(case: LayerCase, moe: MoE, impl: str) -> nn.Module:
@@ -88,7 +92,7 @@ def _transformers_block(case: LayerCase, moe: MoE, impl: str) -> nn.Module:
     block.gate.weight = moe.router.weight
     block.experts.gate_up_proj = moe.experts.gate_up_proj
     block.experts.down_proj = moe.experts.down_proj
-    return block
+    return block.to(moe.experts.gate_up_proj.dtype)  # its remaining tensors; the shared ones already are
 
 
 def _runner(module: nn.Module, x: Tensor, grad: Tensor | None, moekit: bool) -> Callable[[], object]:
@@ -118,21 +122,22 @@ def _bytes_read(moe: MoE, x: Tensor) -> int:
     return active * moe.experts.bytes_per_expert() + moe.router.weight.numel() * moe.router.weight.element_size()
 
 
-def run_case(case: LayerCase, repeats: int, copy_bytes: int | None = None) -> list[dict]:
-    """Time every contender on `case`, interleaved. With `copy_bytes` (decode cases), a copy of that many bytes is
-    timed in the same rounds and gives the memory bandwidth for `floor_ms`."""
+def run_case(case: LayerCase, repeats: int, copy_bytes: int | None = None, dtype: str = "fp32") -> list[dict]:
+    """Time every contender on `case` in `dtype` (fp32 or bf16), interleaved. With `copy_bytes` (decode cases), a
+    copy of that many bytes is timed in the same rounds and gives the memory bandwidth for `floor_ms`."""
     torch.manual_seed(0)
-    moe = _moekit_layer(case)
+    torch_dtype = DTYPES[dtype]
+    moe = _moekit_layer(case, torch_dtype)
     contenders: dict[str, nn.Module] = {
         "moekit": moe,
         "transformers_eager": _transformers_block(case, moe, "eager"),
         "transformers_grouped_mm": _transformers_block(case, moe, "grouped_mm"),
-        "dense": DenseSwiGLU(case.hidden, (case.k + case.shared) * case.intermediate),
+        "dense": DenseSwiGLU(case.hidden, (case.k + case.shared) * case.intermediate).to(torch_dtype),
     }
     records = []
     for tokens in case.tokens:
-        x = torch.randn(1, tokens, case.hidden, requires_grad=case.train)
-        grad = torch.randn(1, tokens, case.hidden) if case.train else None
+        x = torch.randn(1, tokens, case.hidden, dtype=torch_dtype, requires_grad=case.train)
+        grad = torch.randn(1, tokens, case.hidden, dtype=torch_dtype) if case.train else None
         fns = {name: _runner(m, x, grad, name == "moekit") for name, m in contenders.items()}
         evict = None
         if copy_bytes:
@@ -144,7 +149,7 @@ def run_case(case: LayerCase, repeats: int, copy_bytes: int | None = None) -> li
         ms = interleaved(fns, repeats, before=evict)
         copy_ms = ms.pop("copy", None)
         rec = {"case": case.name, "tokens": tokens, "hidden": case.hidden, "intermediate": case.intermediate,
-               "experts": case.experts, "k": case.k, "shared": case.shared, "dtype": "float32",
+               "experts": case.experts, "k": case.k, "shared": case.shared, "dtype": dtype,
                "mode": "train" if case.train else "forward", "repeats": repeats,
                **{f"{name}_ms": round(v, 4) for name, v in ms.items()}, "floor_ms": None}
         if copy_ms:
@@ -156,19 +161,25 @@ def run_case(case: LayerCase, repeats: int, copy_bytes: int | None = None) -> li
         rec["transformers_eager_over_moekit"] = round(ms["transformers_eager"] / ms["moekit"], 3)
         rec["transformers_grouped_mm_over_moekit"] = round(ms["transformers_grouped_mm"] / ms["moekit"], 3)
         rec["moekit_over_floor"] = round(ms["moekit"] / rec["floor_ms"], 3) if rec["floor_ms"] else None
-        records.append(rec)
+        records.append(rec | environment())
     return records
 
 
-def bench_layer(cases: list[str] | None = None, repeats: int = 10, quick: bool = False) -> list[dict]:
-    """Run the layer benchmark; `quick` shrinks every case 16x (a smoke run, not a measurement)."""
+def bench_layer(cases: list[str] | None = None, repeats: int = 10, quick: bool = False,
+                dtypes: list[str] | None = None) -> list[dict]:
+    """Run the layer benchmark in each of `dtypes` (default: fp32 and bf16); `quick` shrinks every case 16x (a smoke
+    run, not a measurement)."""
     known = {c.name: c for c in CASES}
     names = cases or list(known)
     for n in names:
         if n not in known:
             raise UnknownNameError(f"case={n!r}: expected one of {', '.join(known)}")
-    selected = [known[n].scaled(16) if quick else known[n] for n in names]
+    dtypes = dtypes or list(DTYPES)
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ConfigError(f"--dtype={d!r}: expected one of {', '.join(DTYPES)}")
+    selected = [(known[n].scaled(16) if quick else known[n], d) for n in names for d in dtypes]
     records: list[dict] = []
-    for case in tqdm(selected, desc="bench layer", unit="case"):
-        records.extend(run_case(case, repeats, (16 if quick else 256) * 2**20 if case.decode else None))
+    for case, dtype in tqdm(selected, desc="bench layer", unit="case"):
+        records.extend(run_case(case, repeats, (16 if quick else 256) * 2**20 if case.decode else None, dtype))
     return records

@@ -1,6 +1,6 @@
 """Interleaved timing: every round runs each contender once, in a fresh random order (seeded), so drift in machine
 load hits all of them alike and no contender always follows the same one (which would hand it a warm cache); the
-result is the median per contender."""
+result is the median per contender. `environment()` is what every benchmark record carries about the machine."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
+
+from moekit.core.tune import cpu_info
+
+
+def environment() -> dict:
+    """CPU model name, the SIMD/matrix flags present (avx512, avx512_bf16, amx, ...), the ISA level torch runs,
+    torch version and the thread count in use."""
+    return {**cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,

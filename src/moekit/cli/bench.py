@@ -1,4 +1,5 @@
-"""`moekit bench layer [--json] [--case NAME ...] [--repeats N] [--quick]`,
+"""`moekit bench layer [--json] [--case NAME ...] [--dtype fp32|bf16 ...] [--repeats N] [--quick]`,
+`moekit bench tune [MODEL] [--json] [--dtype fp32|bf16 ...] [--quick]`,
 `moekit bench hf-accelerate [--json] [--repeats N] [--quick]`, `moekit bench train [--json] [--repeats N] [--quick]`,
 `moekit bench routers [--json] [--router NAME ...] [--steps N] [--quick]`,
 `moekit bench compress [MODEL] [--data FILE] [--json] [--quick]`,
@@ -26,6 +27,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     layer.add_argument("--case", action="append", choices=[c.name for c in CASES], help="run only this case")
     layer.add_argument("--repeats", type=int, default=10, help="timed rounds per contender (median; default 10)")
     layer.add_argument("--quick", action="store_true", help="shapes shrunk 16x: a smoke run, not a measurement")
+    layer.add_argument("--dtype", action="append", help="fp32 or bf16 (repeatable; default: both)")
+    tu = sub.add_parser("tune", help="fill the dispatch autotuner's cache for a model's expert shapes; print choices")
+    tu.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint directory (default: moekit-tiny)")
+    tu.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    tu.add_argument("--dtype", action="append", help="fp32 or bf16 (repeatable; default: both)")
+    tu.add_argument("--quick", action="store_true", help="token counts 1, 4 and 64 only")
     hf = sub.add_parser("hf-accelerate", help="a Qwen3-MoE-shaped model: transformers' default vs moekit.hf.accelerate")
     hf.add_argument("--json", action="store_true", help="print the records as a JSON list")
     hf.add_argument("--repeats", type=int, default=5, help="timed rounds per contender (median; default 5)")
@@ -68,6 +75,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.what == "decode":
         return run_decode(args)
+    if args.what == "tune":
+        from moekit.bench.tune import TOKENS, TUNE_COLUMNS, bench_tune
+
+        records = bench_tune(args.model, args.dtype, (1, 4, 64) if args.quick else TOKENS)
+        print(json.dumps(records, indent=1) if args.json else format_table(records, TUNE_COLUMNS))
+        return 0
     if args.what == "drift":
         from moekit.bench.drift import COLUMNS as DRIFT_COLUMNS
         from moekit.bench.drift import bench_drift
@@ -116,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         records = bench_train(args.repeats, args.quick, args.dtype)
         cols = sorted({k for r in records for k in r}, key=lambda k: (k != "case", k))
     else:
-        records, cols = bench_layer(args.case, args.repeats, args.quick), None
+        records, cols = bench_layer(args.case, args.repeats, args.quick, args.dtype), None
     if args.json:
         print(json.dumps(records, indent=1))
     else:
@@ -125,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(records: list[dict], cols: list[str] | None = None) -> str:
-    cols = cols or ["case", "tokens", "moekit_ms", "transformers_eager_ms", "transformers_grouped_mm_ms", "dense_ms",
-                    "floor_ms", "dense_over_moekit"]
+    cols = cols or ["case", "tokens", "dtype", "moekit_ms", "transformers_eager_ms", "transformers_grouped_mm_ms",
+                    "dense_ms", "floor_ms", "dense_over_moekit"]
     rows = [[("-" if r.get(c) is None else str(r[c])) for c in cols] for r in records]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

@@ -199,7 +199,7 @@ class Tuner:
 
     def cached(self, kind: str, shape: tuple) -> str | None:
         """The cached winner for this shape class, or None."""
-        record = self.table().get(_key(kind, shape))
+        record = self.table().get(shape_key(kind, shape))
         return None if record is None else record["impl"]
 
     def choose(self, kind: str, shape: tuple, candidates: dict[str, Callable[[], object]],
@@ -213,7 +213,7 @@ class Tuner:
         if not enabled():
             return fallback
         threads = torch.get_num_threads()
-        key = _key(kind, shape)
+        key = shape_key(kind, shape)
         record = self.table(threads).get(key)
         if record is not None and record["impl"] in candidates:
             return record["impl"]
@@ -227,7 +227,8 @@ class Tuner:
         return best
 
 
-def _key(kind: str, shape: tuple) -> str:
+def shape_key(kind: str, shape: tuple) -> str:
+    """The cache key of a shape class: kind and the shape values, joined by |."""
     return "|".join((kind, *(str(v).replace("torch.", "") for v in shape)))
 
 
