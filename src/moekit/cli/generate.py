@@ -1,5 +1,6 @@
 """`moekit generate [MODEL] --prompt TEXT [--max-new-tokens N] [--dtype fp32|bf16] [--json]`: streams the new text
-to stdout as it is produced, then prefill and decode tokens/s on stderr (or one JSON record with --json)."""
+to stdout as it is produced, then prefill and decode tokens/s on stderr (or one JSON record with --json).
+`--expert-memory SIZE [--policy P] [--prefetch MODE]` keeps the experts on disk (`moekit.runtime.offload`)."""
 
 from __future__ import annotations
 
@@ -27,13 +28,28 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="keep transformers' experts forward instead of moekit's dispatch")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; measure first)")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
+    p.add_argument("--expert-memory", metavar="SIZE", default=None,
+                   help="keep experts on disk, at most SIZE of them cached (bytes, 2GB, 512MiB, or 25%% of the "
+                        "experts); see docs/run.md")
+    p.add_argument("--policy", default="lru", help="expert cache policy with --expert-memory: lru, lfu, lfuda, "
+                   "moe-infinity, layer-lru, layer-lfu, layer-lfuda (default lru)")
+    p.add_argument("--prefetch", default="none", choices=["none", "next-layer", "predictor", "pregate"],
+                   help="read experts ahead with --expert-memory (default none)")
+    p.add_argument("--predictor", metavar="DIR", default=None,
+                   help="the path predictor for --prefetch predictor (default: beside the model)")
 
 
 def build_model(args: argparse.Namespace):
     """`(model, tokenizer)` as the options ask. Options that change how the model is built or placed (expert
     memory, offloading) belong here; the decode loop below stays the same."""
-    from moekit.runtime.decode import load_for_decode
+    from moekit.runtime.decode import DTYPES, load_for_decode
 
+    if getattr(args, "expert_memory", None) is not None:
+        from moekit.runtime.offload import open_for_generate
+
+        args.offloaded, _, tokenizer = open_for_generate(args.model, args.expert_memory, args.policy, args.prefetch,
+                                                         DTYPES[args.dtype], args.predictor)
+        return args.offloaded.model, tokenizer
     return load_for_decode(args.model, dtype=args.dtype, accelerate=not args.no_accelerate)
 
 
@@ -89,6 +105,11 @@ def decode(args: argparse.Namespace, model, tokenizer) -> dict:
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = build_model(args)
     record = decode(args, model, tokenizer)
+    if getattr(args, "offloaded", None) is not None:
+        from moekit.runtime.offload import offload_record
+
+        record.update(offload_record(args.offloaded, args.policy, args.prefetch))
+        args.offloaded.close()
     if args.json:
         print(json.dumps(record))
     else:

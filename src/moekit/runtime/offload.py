@@ -315,9 +315,10 @@ def load_offloaded(path: str | Path, expert_memory: str | int | float = "25%", p
         missing = [e for e in range(b.num_experts) if (index[b.layer], e) not in parts]
         if missing:
             raise StoreError(f"{directory}: layer {b.layer}: experts {missing} not found in the checkpoint")
-    expert_bytes = sum(p.nbytes for ps in parts.values() for p in ps.values())
+    sizer = ExpertStore({(0, 0): next(iter(parts.values()))}, 1, None, reader, 0, dtype)  # bytes in memory
+    expert_bytes = sum(sizer.expert_bytes(ps) for ps in parts.values())
     budget = parse_memory(expert_memory, expert_bytes)
-    slot = max(sum(p.nbytes for p in ps.values()) for ps in parts.values())
+    slot = max(sizer.expert_bytes(ps) for ps in parts.values())
     pol = make_policy(policy, ExpertStore.slots_for(budget, slot), len(blocks), max(b.num_experts for b in blocks))
     names = {m: n for n, m in model.named_modules()}
     expert_names = {f"{names[modules[layer]]}.{n}" for layer in modules
@@ -357,7 +358,7 @@ def load_offloaded(path: str | Path, expert_memory: str | int | float = "25%", p
     for name in expert_names:  # the store holds these: shapes kept, no memory
         old = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
         _set_tensor(model, name, torch.empty(old.shape, dtype=old.dtype, device="meta"))
-    store = ExpertStore(parts, budget, pol, reader, workers)
+    store = ExpertStore(parts, budget, pol, reader, workers, dtype)
     experts = {}
     for b in blocks:
         module, i = b.experts.module, index[b.layer]
@@ -369,3 +370,49 @@ def load_offloaded(path: str | Path, expert_memory: str | int | float = "25%", p
     return Offloaded(model, store, experts, expert_bytes, resident_bytes,
                      f"{store.policy.capacity} of {len(parts)} experts cached ({budget} bytes budget, "
                      f"{slot} bytes per expert slot)")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def open_for_generate(model_path: str | None, expert_memory: str, policy: str = "lru", prefetch: str = "none",
+                      dtype: torch.dtype = torch.float32, predictor: str | None = None):
+    """`(offloaded, prefetcher or None, tokenizer)` for `moekit generate --expert-memory`: the default model when
+    `model_path` is None; the path predictor from `predictor` (a directory), else from beside the model."""
+    from transformers import AutoTokenizer
+
+    from moekit.default import default_model_path
+    from moekit.runtime.prefetch import CONFIG, PathPredictor, Prefetcher
+
+    path = Path(default_model_path() if model_path is None else model_path)
+    off = load_offloaded(path, expert_memory, policy, dtype=dtype)
+    prefetcher = None
+    if prefetch != "none" and off.store is not None:
+        model = None
+        if prefetch == "predictor":
+            where = Path(predictor) if predictor else path
+            if not (where / CONFIG).is_file():
+                raise ConfigError(f"--prefetch predictor: no {CONFIG} in {where}; expected a path predictor trained "
+                                  "by `moekit bench offload` (or PathPredictor.save)")
+            model = PathPredictor.load(where)
+        prefetcher = Prefetcher(off, prefetch, predictor=model, width=max(1, _k(off.model.config)))
+    return off, prefetcher, AutoTokenizer.from_pretrained(path)
+
+
+def _k(config) -> int:
+    return int(family_of(config).k(config))
+
+
+def offload_record(off: Offloaded, policy: str, prefetch: str) -> dict:
+    """What `moekit generate --json` adds for an offloaded model."""
+    s = off.store.stats if off.store is not None else None
+    return {"expert_memory_bytes": off.store.budget_bytes if off.store else off.expert_bytes,
+            "expert_bytes": off.expert_bytes, "resident_bytes": off.resident_bytes,
+            "hit_rate": round(s.hit_rate, 4) if s else 1.0, "bytes_read": s.bytes_read if s else 0,
+            "prefetched": s.prefetched if s else 0, "prefetch_used": s.prefetch_used if s else 0,
+            "peak_cached_bytes": s.peak_cached_bytes if s else off.expert_bytes,
+            "peak_rss_bytes": peak_rss_bytes(), "policy": policy, "prefetch": prefetch, "offload_note": off.note}

@@ -191,10 +191,11 @@ class ExpertStore:
     next `get`, `prefetch` or `begin_layer`."""
 
     def __init__(self, experts: dict[Key, dict[str, Part]], budget_bytes: int, policy: Policy,
-                 reader: PreadReader | None = None, workers: int = 2):
+                 reader: PreadReader | None = None, workers: int = 2, dtype: torch.dtype | None = None):
         self.experts = experts
         self.reader = reader or PreadReader()
-        self.slot_bytes = max(sum(p.nbytes for p in parts.values()) for parts in experts.values())
+        self.dtype = dtype  # float matrices are cast to it as they are read (codes and scales keep theirs)
+        self.slot_bytes = max(self.expert_bytes(parts) for parts in experts.values())
         self.budget_bytes = budget_bytes
         self.policy = policy
         self.cache: dict[Key, dict[str, Tensor] | Future] = {}
@@ -204,6 +205,14 @@ class ExpertStore:
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._ahead: set[Key] = set()
+
+    def _cast(self, name: str, part: Part) -> bool:
+        return self.dtype is not None and name in ("gate_up", "down") and part.dtype.is_floating_point
+
+    def expert_bytes(self, parts: dict[str, Part]) -> int:
+        """An expert's bytes in memory (in the compute dtype where cast)."""
+        size = torch.empty(0, dtype=self.dtype).element_size() if self.dtype is not None else 0
+        return sum(math.prod(p.shape) * size if self._cast(n, p) else p.nbytes for n, p in parts.items())
 
     @staticmethod
     def slots_for(budget_bytes: int, slot_bytes: int) -> int:
@@ -225,7 +234,8 @@ class ExpertStore:
         parts = self.experts.get(key)
         if parts is None:
             raise StoreError(f"expert {key[1]} of layer {key[0]}: not in the checkpoint")
-        out = {name: part.read(self.reader) for name, part in parts.items()}
+        out = {name: part.read(self.reader).to(self.dtype) if self._cast(name, part) else part.read(self.reader)
+               for name, part in parts.items()}
         with self._lock:
             self.stats.bytes_read += sum(p.nbytes for p in parts.values())
         return out
