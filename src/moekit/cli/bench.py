@@ -69,6 +69,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     dr.add_argument("--stream", action="append", help="run only this stream (repeatable; default: all)")
     dr.add_argument("--model", action="append", help="run only this contender (repeatable; default: all)")
     dr.add_argument("--seed", type=int, default=0, help="streams, ensembles and routers (default 0)")
+    mt = sub.add_parser("multitask", help="shared bottom, MMoE, PLE, HoME, TaskExpert on synthetic tasks of set "
+                        "correlation and bundled tabular data")
+    mt.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    mt.add_argument("--quick", action="store_true", help="500 samples, 2 epochs, 1 seed: a smoke run")
+    mt.add_argument("--seeds", type=int, default=3, help="seeds per setting (medians; default 3)")
     add_decode_parser(sub)
 
 
@@ -90,6 +95,16 @@ def run(args: argparse.Namespace) -> int:
         records = bench_drift(args.length, args.length // 2, args.seed, args.quick, args.model, args.stream)
         rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
         print(json.dumps(records, indent=1) if args.json else format_table(rows, DRIFT_COLUMNS))
+        return 0
+    if args.what == "multitask":
+        from moekit.bench.multitask import COLUMNS as MT_COLUMNS
+        from moekit.bench.multitask import bench_multitask
+
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds={args.seeds}: expected a positive integer")
+        records = bench_multitask(args.seeds, args.quick)
+        rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
+        print(json.dumps(records, indent=1) if args.json else format_table(rows, MT_COLUMNS))
         return 0
     if args.what == "routers":
         from moekit.bench.routers import bench_reroute, bench_routers, table_rows
