@@ -32,7 +32,7 @@ _GEMV_ROWS = 8  # reading an expert's weights costs about as much as this many r
 _THREADS_MIN_BYTES = 64 * 2**20
 _THREADS_MIN_FLOPS = 4 * 10**9
 _THREADS_MIN_ROWS = 2  # decode (about one row per expert) is faster with one BLAS call per expert on all cores
-_GROUPED_DTYPES = (torch.float32, torch.bfloat16)
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
