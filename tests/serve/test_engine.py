@@ -1,0 +1,102 @@
+"""The serving engine without HTTP: continuous batching gives every request the text it gets alone (greedy, none
+mixed up), requests join and leave between steps, and expert-aware admission picks the ready request that shares
+the running rows' experts unless another waited too long."""
+
+import pytest
+
+from moekit.runtime.decode import Decoder
+from moekit.runtime.schedule import pick_first_come
+from moekit.serve.engine import Engine, QueueFull, Request, RequestError, choose_ready
+from moekit.serve.server import build_engine
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return build_engine(max_batch=3, max_queue=8)
+
+
+def test_continuous_batching_matches_each_request_alone(engine):
+    tok = engine.tokenizer
+    prompts = ["The cat", "def f(x):", "Once upon a time there", "import numpy", "Hello", "The river flows"]
+    lengths = [9, 4, 7, 12, 3, 6]  # different lengths: rows leave and others join mid-batch
+    events: dict[int, list[dict]] = {}
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        engine.submit(Request(tok(p).input_ids, n, lambda ev, i=i: events.setdefault(i, []).append(ev), id=str(i)))
+    before = dict(engine.stats)
+    engine.run_until_idle()
+    st = engine.stats
+    assert st["requests_finished"] - before["requests_finished"] == 6
+    rows = st["batch_rows"] - before["batch_rows"]
+    steps = st["steps"] - before["steps"]
+    assert rows / steps > 1.5  # several sequences per forward (one at a time would be 1)
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        done = events[i][-1]
+        assert done["type"] == "done" and done["usage"]["completion_tokens"] == n
+        assert "".join(e["text"] for e in events[i][:-1]) == done["text"]
+        ref = Decoder(engine.model).generate(tok(p, return_tensors="pt").input_ids, n)
+        assert done["text"] == tok.decode(ref.tokens[0], skip_special_tokens=True), i
+    assert not engine.busy
+
+
+def test_queue_limit_and_context(engine):
+    with pytest.raises(RequestError, match="max_tokens"):
+        engine.submit(Request([1, 2], engine.context, print))
+    with pytest.raises(RequestError, match="prompt has"):
+        engine.submit(Request(list(range(engine.context)), 1, print))
+    reqs = [Request([5, 6], 1, print) for _ in range(engine.max_queue)]
+    for r in reqs:
+        engine.submit(r)
+    with pytest.raises(QueueFull, match="queue holds 8"):
+        engine.submit(Request([5, 6], 1, print))
+    engine.run_until_idle()
+
+
+def test_choose_ready_is_expert_aware_with_bounded_wait():
+    running = [{1, 2}, {2, 3}]
+    ready = [{7, 8}, {1, 3}, {2, 9}]
+    assert choose_ready(running, ready, [0, 0, 0], 1, 4) == [1]  # adds no expert
+    assert choose_ready(running, ready, [0, 0, 0], 2, 4) == [1, 2]
+    assert choose_ready(running, ready, [4, 0, 0], 1, 4) == [0]  # waited max_wait: taken first
+    assert choose_ready(running, ready, [0, 1, 0], 1, 4, pick_first_come) == [1]  # longest wait
+    assert choose_ready(running, ready, [0, 0, 0], 3, 4) == [0, 1, 2]  # all fit
+
+
+@pytest.mark.parametrize(("args", "msg"), [(["--max-batch", "0"], "--max-batch 0"), (["--port", "0"], "--port 0"),
+                                           (["--max-queue", "0"], "--max-queue 0")])
+def test_serve_cli_bad_options(args, msg, capsys):
+    from moekit.cli.main import main
+
+    assert main(["serve", *args]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("moekit serve: error: ") and msg in last
+
+
+@pytest.mark.slow
+def test_serve_cli_answers_on_localhost():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from moekit.serve.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moekit.cli.main", "serve", "--port", str(port), "--max-batch", "2"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                               json={"model": "moekit-tiny", "prompt": "Hi", "max_tokens": 2, "temperature": 0})
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
