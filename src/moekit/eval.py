@@ -102,13 +102,14 @@ def load_model_and_tokenizer(model_path: str | os.PathLike | None) -> tuple[Path
 def model_and_documents(model_path: str | os.PathLike | None, data: list[str] | None
                         ) -> tuple[Path, nn.Module, object, list[TextDoc]]:
     """A checkpoint (None: moekit-tiny), its tokenizer and the documents of `data` (None: moekit-tiny's held-out
-    split, for moekit-tiny only)."""
+    split, for moekit-tiny only). The data files are read first: a bad one is refused before a model loads."""
+    docs = read_documents(data) if data else None
     path, model, tokenizer, is_default = load_model_and_tokenizer(model_path)
     if tokenizer is None:
         raise DataError(f"{path}: no tokenizer files; expected tokenizer.json next to the weights")
     if not data and not is_default:
         raise DataError("--data: expected a data file (only moekit-tiny has a default held-out split)")
-    return path, model, tokenizer, read_documents(data) if data else default_documents()
+    return path, model, tokenizer, docs if docs is not None else default_documents()
 
 
 def evaluate_checkpoint(model_path: str | None, data: list[str] | None, seq_len: int | None = None,
