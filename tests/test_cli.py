@@ -1,8 +1,11 @@
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from moekit.bench.layer import CASES, _moekit_layer, _transformers_block
@@ -62,3 +65,17 @@ def test_tour_runs_and_writes_report(tmp_path):
     assert "greedy tokens identical: True" in proc.stdout
     page = (tmp_path / "tour" / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "tokens per expert" in page
+    assert page.count("<h2>") == 7 and "At a glance" in page  # the summary, then one section per step
+    assert page.count("<table") == 6 and "<td>prefill-8x2</td>" in page  # tables are HTML tables
+    assert page.count("class='sample'") == 4 and "sampled (temperature 0.8" in page
+    assert "<script src" not in page and "http" not in page.split("<body")[1]  # self-contained
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (`make browser` installs it); cannot check the images load")
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                          "--dump-dom", (tmp_path / "tour" / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    loaded = int(re.search(r'data-images-loaded="(\d+)"', body).group(1))
+    total = int(re.search(r'data-images-total="(\d+)"', body).group(1))
+    assert total == 3 and loaded == total  # training curve, load heatmap, domain plot

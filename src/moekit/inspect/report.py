@@ -20,7 +20,7 @@ DEFAULT_OUT = "inspect-out"
 DEFAULT_MAX_TOKENS = 16384
 
 # Records how many <img> decoded (naturalWidth > 0) in <body data-images-loaded>, for a headless browser check.
-_IMAGE_CHECK = ("<script>window.addEventListener('load',function(){var im=document.images,n=0;"
+IMAGE_CHECK = ("<script>window.addEventListener('load',function(){var im=document.images,n=0;"
                 "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)n++;}"
                 "document.body.setAttribute('data-images-loaded',n);"
                 "document.body.setAttribute('data-images-total',im.length);});</script>")
@@ -110,7 +110,7 @@ def render_html(stats: dict, plots: dict[str, bytes]) -> str:
         f"<h2>Layers</h2>{_layer_table(stats)}<h2>Super experts</h2>{_super_table(stats)}"
         + (f"<h2>Shared-expert share of the output, per domain and layer</h2><ul>{shared}</ul>" if shared else "")
         + f"<h2>Plots</h2>{figures}<h2>Top tokens per expert</h2>{_tokens_table(stats)}"
-        f"{_IMAGE_CHECK}</body></html>")
+        f"{IMAGE_CHECK}</body></html>")
 
 
 def check_out_dir(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Path:
