@@ -106,6 +106,23 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class MoENet(nn.Module):
+    """A small MoE classifier for flat images: stem Linear + ReLU, one residual MoE layer, linear head."""
+
+    def __init__(self, dim_in: int = 64, hidden: int = 32, classes: int = 10, experts: int = 4, k: int = 1,
+                 router: str = "topk", router_options: dict | None = None):
+        super().__init__()
+        from moekit.core.layer import MoE
+
+        self.stem = nn.Linear(dim_in, hidden)
+        self.moe = MoE(hidden, hidden, experts, k, router=router, router_options=router_options)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.stem(x))
+        return self.head(h + self.moe(h).hidden)
+
+
 class GCN(nn.Module):
     """Two graph convolutions: logits = A relu(A X W1) W2 with the (sparse) aggregation matrix A."""
 
