@@ -46,7 +46,10 @@ def test_default_model_greedy_equals_transformers(tiny_default):
     model, _, ids = tiny_default
     ref = hf_greedy(model, ids, 40)
     assert len(ref[0]) == 40  # moekit-tiny has no end-of-sequence token: all 40 compared
-    assert Decoder(model).generate(ids, 40).tokens == ref
+    lean = Decoder(model)
+    assert lean.generate(ids, 40).tokens == ref
+    assert lean.lean  # Qwen3-MoE through SDPA: the lean step ran
+    assert Decoder(model, lean=False).generate(ids, 40).tokens == ref
     mh.accelerate(model)  # experts through moekit's dispatch: still transformers' tokens
     try:
         assert Decoder(model).generate(ids, 40).tokens == ref
@@ -65,6 +68,31 @@ def test_every_family_greedy_equals_transformers(family):
     assert result.decode_steps == len(ref[0]) - 1
     mh.accelerate(model)
     assert Decoder(model).generate(ids, 24).tokens == ref
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_lean_step_equals_transformers_under_sdpa(family):
+    model = tiny_model(family)
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    ref = hf_greedy(model, ids, 24)
+    dec = Decoder(model)
+    assert dec.generate(ids, 24).tokens == ref and dec.lean
+    dec.prefill(ids)
+    assert torch.equal(dec.step(ref[0][0]), _logits_after(model, ids, ref[0][0]))  # bit-equal logits
+    mh.accelerate(model)
+    assert Decoder(model).generate(ids, 24).tokens == ref
+    other = tiny_model("olmoe")  # q/k norms over all heads: not the lean shape, the model's forward
+    other.set_attn_implementation("sdpa")
+    dec = Decoder(other)
+    dec.prefill(ids)
+    assert not dec.lean
+
+
+def _logits_after(model, ids: torch.Tensor, token: int) -> torch.Tensor:
+    dec = Decoder(model, lean=False)
+    dec.prefill(ids)
+    return dec.step(token)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])

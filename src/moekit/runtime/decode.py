@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError
 from moekit.runtime.decode_cache import StaticLayer, static_cache
+from moekit.runtime.decode_lean import LeanStep
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -132,10 +133,12 @@ def sample(logits: Tensor, sampling: Sampling | None, generator: torch.Generator
 
 class Decoder:
     """Prefill and one-token steps of `model` over a KV cache of `max_len` positions (default: the model's
-    context). `compile=True` compiles the model's forward with `torch.compile(dynamic=True)` (first calls are
-    slow; measure before using it: `moekit bench decode` does)."""
+    context). `compile=True` compiles the model's forward for one-token steps with `torch.compile(dynamic=True)`
+    (the first steps take a minute or more; measure before using it: `moekit bench decode --compile` does).
+    `lean`: one-token steps of one unpadded row of a Llama-shaped family call the model's modules directly
+    (`moekit.runtime.decode_lean`; same tensors, same tokens); `self.lean` says whether the model qualified."""
 
-    def __init__(self, model: nn.Module, max_len: int | None = None, compile: bool = False):
+    def __init__(self, model: nn.Module, max_len: int | None = None, compile: bool = False, lean: bool = True):
         self.model = model
         self.context = context_length(model.config)
         self.max_len = max_len or self.context
@@ -149,7 +152,11 @@ class Decoder:
             self._kw["logits_to_keep"] = 1
         if "output_router_logits" in params:
             self._kw["output_router_logits"] = False
-        self._forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        # compiled: one-token steps only (their shapes vary in the cache length alone); prefill stays eager, as
+        # every new prompt length would otherwise recompile
+        self._step_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        self.lean = lean and not compile
+        self._lean: LeanStep | None = None
         self.eos = _eos_ids(model)
         self.pad_token_id = _pad_id(model, self.eos)
         self.cache = None
@@ -166,6 +173,9 @@ class Decoder:
         self.cache = static_cache(self.model.config, self.max_len)
         if self.cache.layer_class_to_replicate is not None:
             self.cache.layer_class_to_replicate = functools.partial(StaticLayer, self.max_len)
+        if self.lean and self._lean is None:
+            self.lean = LeanStep.supports(self.model, self.cache)
+            self._lean = LeanStep(self.model, self.max_len) if self.lean else None
         self.length, self.positions, self.mask = 0, None, None
 
     def _check_room(self, tokens: int) -> None:
@@ -177,8 +187,9 @@ class Decoder:
 
     @torch.inference_mode()
     def _run(self, ids: Tensor, position_ids: Tensor, mask: Tensor | None) -> Tensor:
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                            past_key_values=self.cache, **self._kw)
+        forward = self._step_forward if ids.shape[1] == 1 else self.model.forward
+        out = forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
+                      **self._kw)
         return out.logits[:, -1].float()
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -222,7 +233,10 @@ class Decoder:
         if self.mask is not None:
             self.mask[:, self.length] = 1
             mask = self.mask[:, :self.length + 1]
-        logits = self._run(ids, self.positions.unsqueeze(1), mask)
+        if self._lean is not None and mask is None and self.batch == 1:  # one unpadded row: position == length
+            logits = self._lean(ids.view(1, 1), self.length, self.cache).float()
+        else:
+            logits = self._run(ids, self.positions.unsqueeze(1), mask)
         self.positions += 1
         self.length += 1
         return logits
@@ -254,7 +268,7 @@ class Decoder:
         running rows are) so that all rows end at the same cache position."""
         if self.positions is None:
             return self.prefill(input_ids)[0]
-        other = Decoder(self.model, self.max_len)
+        other = Decoder(self.model, self.max_len, lean=False)
         logits = other.prefill(input_ids)
         if other.batch != 1:
             raise ConfigError(f"input_ids: expected one sequence [T], got {other.batch} rows")
