@@ -4,7 +4,8 @@
 `moekit bench routers [--json] [--router NAME ...] [--steps N] [--quick]`,
 `moekit bench compress [MODEL] [--data FILE] [--json] [--quick]`,
 `moekit bench drift [--json] [--quick] [--length N] [--stream NAME ...] [--model NAME ...] [--seed N]`,
-`moekit bench decode [MODEL] [--json] [--quick] [--large] [--repeats N] [--threads N ...] [--dtype D ...]`."""
+`moekit bench decode [MODEL] [--json] [--quick] [--large] [--repeats N] [--threads N ...] [--dtype D ...]`,
+`moekit bench serve [--json] [--clients N] [--seconds S] [--quick]`."""
 
 from __future__ import annotations
 
@@ -74,10 +75,45 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     mt.add_argument("--json", action="store_true", help="print the records as a JSON list")
     mt.add_argument("--quick", action="store_true", help="500 samples, 2 epochs, 1 seed: a smoke run")
     mt.add_argument("--seeds", type=int, default=3, help="seeds per setting (medians; default 3)")
+    cl = sub.add_parser("continual", help="TAME and SEMA against sequential fine-tuning on recurring permuted digits")
+    cl.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    cl.add_argument("--quick", action="store_true", help="3 segments of 2 epochs, 1 seed: a smoke run")
+    cl.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
     add_decode_parser(sub)
+    add_serve_parser(sub)
+    of = sub.add_parser("offload", help="experts on disk: budgets x cache policies x prefetch modes against the "
+                        "resident model and the physical bound; trace replay with Belady; --large-gb under a cgroup")
+    of.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint directory (default: moekit-tiny)")
+    of.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    of.add_argument("--quick", action="store_true", help="2 prompts, 4 tokens, 25%%/100%%, lru: a smoke run")
+    of.add_argument("--repeats", type=int, default=3, help="interleaved rounds per contender (median; default 3)")
+    of.add_argument("--tokens", type=int, default=32, help="new tokens per prompt (default 32)")
+    of.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
+    of.add_argument("--large-gb", type=float, default=None,
+                    help="also: a random-weight checkpoint with this many GB of experts, run under --cgroup-mb")
+    of.add_argument("--cgroup-mb", type=int, default=None, help="memory cap for the --large-gb children (cgroup v1)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "offload":
+        import torch
+
+        from moekit.bench.offload import COLUMNS as OFFLOAD_COLUMNS
+        from moekit.bench.offload import bench_offload
+
+        if args.repeats < 1 or args.tokens < 2:
+            raise ConfigError(f"--repeats={args.repeats} --tokens={args.tokens}: expected at least 1 and 2")
+        records = bench_offload(args.model, args.quick, args.repeats, args.tokens,
+                                torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+        if args.large_gb is not None:
+            from moekit.bench.offload_large import bench_large
+
+            if not args.large_gb > 0:
+                raise ConfigError(f"--large-gb={args.large_gb}: expected a positive size")
+            records += bench_large(args.large_gb, args.cgroup_mb, tokens=4 if args.quick else 16)
+        rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
+        print(json.dumps(records, indent=1) if args.json else format_table(rows, OFFLOAD_COLUMNS))
+        return 0
     if args.what == "decode":
         return run_decode(args)
     if args.what == "tune":
@@ -95,6 +131,16 @@ def run(args: argparse.Namespace) -> int:
         records = bench_drift(args.length, args.length // 2, args.seed, args.quick, args.model, args.stream)
         rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
         print(json.dumps(records, indent=1) if args.json else format_table(rows, DRIFT_COLUMNS))
+        return 0
+    if args.what == "continual":
+        from moekit.bench.continual import COLUMNS as CL_COLUMNS
+        from moekit.bench.continual import bench_continual
+
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds={args.seeds}: expected a positive integer")
+        records = bench_continual(args.seeds, args.quick)
+        rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
+        print(json.dumps(records, indent=1) if args.json else format_table(rows, CL_COLUMNS))
         return 0
     if args.what == "multitask":
         from moekit.bench.multitask import COLUMNS as MT_COLUMNS
@@ -185,4 +231,26 @@ def run_decode(args: argparse.Namespace) -> int:
                            threads=tuple(args.threads or (1, 2)), dtypes=tuple(args.dtype or BENCH_DTYPES),
                            peers=not args.no_peers, compiled=args.compile)
     print(json.dumps(records, indent=1) if args.json else format_table(records, COLUMNS))
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    se = sub.add_parser("serve", help="moekit serve under concurrent streaming clients on localhost: latency, "
+                        "tokens/s, 8 vs 1 clients, expert-aware vs first-come batching, completeness")
+    se.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    se.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
+    se.add_argument("--seconds", type=float, default=120.0, help="length of the load phase (default 120)")
+    se.add_argument("--max-batch", type=int, default=8, help="the server's rows per decode step (default 8)")
+    se.add_argument("--quick", action="store_true", help="at most 8 clients, 4 s, 8 tokens: a smoke run")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from moekit.bench.serve import COLUMNS, bench_serve
+
+    if args.clients < 1 or args.seconds <= 0 or args.max_batch < 1:
+        raise ConfigError(f"--clients {args.clients} / --seconds {args.seconds} / --max-batch {args.max_batch}: "
+                          "expected positive values")
+    records = bench_serve(args.clients, args.seconds, args.quick, args.max_batch)
+    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
+    print(json.dumps(records, indent=1) if args.json else format_table(rows, COLUMNS))
     return 0

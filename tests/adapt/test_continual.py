@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moekit.adapt.continual import SEMA, TAME, LossJumpDetector, permuted_digits
+from moekit.bench.continual import _pretrained_backbone, run
+from moekit.errors import ConfigError
+
+
+def fires(losses, detector=None) -> list[int]:
+    detector = detector or LossJumpDetector()
+    return [i for i, v in enumerate(losses) if detector.update(v)]
+
+
+def test_detector_fires_on_a_planted_jump_and_not_on_noise_of_the_same_variance():
+    rng = np.random.default_rng(0)
+    sigma = 0.1
+    jump = np.concatenate([rng.normal(1.0, sigma, 300), rng.normal(1.0 + 3 * sigma, sigma, 60)])
+    hits = fires(jump)
+    assert hits and 300 <= hits[0] < 315  # within the recent window of the jump, never before it
+    assert fires(rng.normal(1.0, sigma, 3000)) == []
+    assert fires(np.linspace(2.0, 0.1, 500) + rng.normal(0, sigma, 500)) == []  # a falling loss never fires
+
+
+def test_tame_spawns_for_a_new_task_and_switches_back_on_recurrence():
+    seq = permuted_digits(n_tasks=2, order=[0, 1, 0], seed=0)
+    tame = TAME(64, 10, seed=0)
+    r = run(tame, seq, epochs=2, batch_size=32, seed=0)
+    assert [kind for _, kind, _ in tame.events] == ["spawn", "switch"]
+    assert [e for _, _, e in tame.events] == [1, 0] and r["experts"] == 2
+    pruned = next(p for p in tame.experts[1].parameters() if p.dim() > 1)
+    assert (pruned == 0).float().mean() >= 0.5 and not pruned.requires_grad  # left behind: pruned and frozen
+
+
+def test_sema_expands_on_a_shift_and_reuses_on_recurrence():
+    seq = permuted_digits(n_tasks=2, order=[0, 1, 0], seed=0)
+    sema = SEMA(_pretrained_backbone(seq, 64, 0), 64, seed=0)
+    r = run(sema, seq, epochs=2, batch_size=32, seed=0)
+    assert r["experts"] == 2 and len(sema.expansions) == 2 and sema.router.out_features == 2
+    assert all(not p.requires_grad for p in sema.backbone.parameters())
+
+
+def test_bad_continual_arguments():
+    with pytest.raises(ConfigError, match="alpha"):
+        LossJumpDetector(alpha=0)
+    with pytest.raises(ConfigError, match="prune"):
+        TAME(4, 2, prune=1.0)
+    with pytest.raises(ConfigError, match="order"):
+        permuted_digits(n_tasks=2, order=[0, 2])
