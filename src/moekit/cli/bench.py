@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.what == "decode":
         return run_decode(args)
+    if args.what == "serve":
+        return run_serve(args)
     if args.what == "tune":
         from moekit.bench.tune import TOKENS, TUNE_COLUMNS, bench_tune
 
