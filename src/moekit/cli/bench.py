@@ -80,6 +80,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     cl.add_argument("--quick", action="store_true", help="3 segments of 2 epochs, 1 seed: a smoke run")
     cl.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
     add_decode_parser(sub)
+    from moekit.bench.seeds import add_arguments as add_seeds_arguments
+
+    add_seeds_arguments(sub.add_parser("seeds", help="issue 20's seed systems against their baselines on small "
+                                       "offline tasks, the paper's claim beside each"))
     add_serve_parser(sub)
     of = sub.add_parser("offload", help="experts on disk: budgets x cache policies x prefetch modes against the "
                         "resident model and the physical bound; trace replay with Belady; --large-gb under a cgroup")
@@ -92,9 +96,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     of.add_argument("--large-gb", type=float, default=None,
                     help="also: a random-weight checkpoint with this many GB of experts, run under --cgroup-mb")
     of.add_argument("--cgroup-mb", type=int, default=None, help="memory cap for the --large-gb children (cgroup v1)")
+    of.add_argument("--save-predictor", metavar="DIR", default=None,
+                    help="also save the trained path predictor there (for moekit generate --prefetch predictor)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "seeds":
+        from moekit.bench.seeds import run as run_seeds
+
+        return run_seeds(args)
     if args.what == "offload":
         import torch
 
@@ -104,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         if args.repeats < 1 or args.tokens < 2:
             raise ConfigError(f"--repeats={args.repeats} --tokens={args.tokens}: expected at least 1 and 2")
         records = bench_offload(args.model, args.quick, args.repeats, args.tokens,
-                                torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+                                torch.float32 if args.dtype == "fp32" else torch.bfloat16,
+                                save_predictor=args.save_predictor)
         if args.large_gb is not None:
             from moekit.bench.offload_large import bench_large
 
