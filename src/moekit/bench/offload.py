@@ -26,12 +26,14 @@ from moekit.core.tune import cpu_info
 from moekit.runtime.offload import load_offloaded, peak_rss_bytes
 from moekit.runtime.prefetch import Prefetcher, predicted_routes, train_predictor
 from moekit.runtime.replay import Routes, compare
+from moekit.runtime.schedule import simulate
 
 BUDGETS = (0.125, 0.25, 0.5, 1.0)
 POLICIES = ("lru", "lfu", "lfuda", "moe-infinity", "layer-lru")
 PREFETCH = ("none", "next-layer", "predictor")
 COLUMNS = ["kind", "budget", "policy", "prefetch", "decode_tokens_per_s", "vs_resident", "hit_rate",
-           "bytes_per_token", "bound_tokens_per_s", "of_bound", "peak_rss_mb", "lossless", "gap_closed"]
+           "bytes_per_token", "bound_tokens_per_s", "of_bound", "peak_rss_mb", "lossless", "gap_closed", "scheduler",
+           "experts_per_step"]
 
 
 class RssSampler:
@@ -185,8 +187,28 @@ def live_run(path, budget, policy, prefetch, prompts, new, predictor, dtype, ref
     return rec
 
 
+def schedule_records(routes: Routes, env: dict, sequences: int = 16, max_batch: int = 4, max_wait: int = 8
+                     ) -> list[dict]:
+    """ExpertFlow token scheduling on the held-out trace: its tokens cut into `sequences` concurrent sequences,
+    decoded `max_batch` at a time, expert-aware (`pick_batch`) against first-come; a token's experts are its
+    (layer, expert) pairs."""
+    n = routes.num_tokens // sequences
+    if n < 2:
+        return []
+    rows = [x.tolist() for x in routes.indices]
+    E = max(routes.num_experts)
+    per_token = [{i * E + e for i in range(routes.num_layers) for e in rows[i][t] if e >= 0}
+                 for t in range(n * sequences)]
+    seqs = [per_token[s * n:(s + 1) * n] for s in range(sequences)]
+    out = [{"kind": "schedule", "sequences": sequences, "max_batch": max_batch, "max_wait": max_wait,
+            **simulate(seqs, max_batch, max_wait, scheduler), **env} for scheduler in ("expert", "first-come")]
+    out[0]["experts_per_step_vs_first_come"] = out[0]["experts_per_step"] / out[1]["experts_per_step"]
+    return out
+
+
 def bench_offload(model_path: str | None = None, quick: bool = False, repeats: int = 3, new_tokens: int = 32,
-                  dtype: torch.dtype = torch.float32, progress: bool = True) -> list[dict]:
+                  dtype: torch.dtype = torch.float32, progress: bool = True, save_predictor: str | None = None
+                  ) -> list[dict]:
     import moekit.hf as mh
     from moekit.data import default_documents
     from moekit.default import default_model_path
@@ -194,6 +216,10 @@ def bench_offload(model_path: str | None = None, quick: bool = False, repeats: i
     from moekit.runtime.decode import load_for_decode
 
     path = Path(default_model_path() if model_path is None else model_path)
+    if save_predictor is not None:
+        from moekit.files import check_output
+
+        check_output(save_predictor, [path], flag="--save-predictor")
     resident, tok = load_for_decode(str(path), dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
     docs = list(default_documents())
     train_docs, held_docs = docs[0::2], docs[1::2]
@@ -206,6 +232,8 @@ def bench_offload(model_path: str | None = None, quick: bool = False, repeats: i
     cap = 512 if quick else 16384
     train_routes = Routes.from_trace(tr := trace(resident, train_docs, tok, max_tokens=cap, progress=progress))
     predictor = train_predictor(train_routes, tr.token_ids, resident.config.vocab_size, epochs=2 if quick else 20)
+    if save_predictor is not None:
+        predictor.save(save_predictor)
     held = trace(resident, held_docs, tok, max_tokens=cap, progress=progress)
     del resident
     probe = load_offloaded(path, "100%", dtype=dtype)
@@ -244,6 +272,7 @@ def bench_offload(model_path: str | None = None, quick: bool = False, repeats: i
                      expert_bytes=slot):
         records.append({"kind": "replay", **{k: v for k, v in r.items() if k != "hit_rate_per_layer"},
                         "hit_rate_per_layer": r["hit_rate_per_layer"], **env})
+    records += schedule_records(held_routes, env)
     for r in records:
         if "peak_rss_bytes" in r:
             r["peak_rss_mb"] = round(r["peak_rss_bytes"] / 2**20, 1)

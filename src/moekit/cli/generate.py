@@ -24,8 +24,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--no-accelerate", action="store_true",
-                   help="keep transformers' experts forward instead of moekit's dispatch")
+    p.add_argument("--experts", choices=["auto", "moekit", "transformers"], default="auto",
+                   help="experts through moekit's dispatch, transformers' own forward, or whichever a short "
+                        "measurement finds faster (default auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; measure first)")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
     p.add_argument("--expert-memory", metavar="SIZE", default=None,
@@ -36,7 +37,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", default="none", choices=["none", "next-layer", "predictor", "pregate"],
                    help="read experts ahead with --expert-memory (default none)")
     p.add_argument("--predictor", metavar="DIR", default=None,
-                   help="the path predictor for --prefetch predictor (default: beside the model)")
+                   help="the path predictor for --prefetch predictor (default: MODEL-predictor beside the model)")
 
 
 def build_model(args: argparse.Namespace):
@@ -50,7 +51,8 @@ def build_model(args: argparse.Namespace):
         args.offloaded, _, tokenizer = open_for_generate(args.model, args.expert_memory, args.policy, args.prefetch,
                                                          DTYPES[args.dtype], args.predictor)
         return args.offloaded.model, tokenizer
-    return load_for_decode(args.model, dtype=args.dtype, accelerate=not args.no_accelerate)
+    accelerate = {"auto": "auto", "moekit": True, "transformers": False}[args.experts]
+    return load_for_decode(args.model, dtype=args.dtype, accelerate=accelerate)
 
 
 def sampling_of(args: argparse.Namespace):
@@ -83,6 +85,7 @@ class TextStream:
 def decode(args: argparse.Namespace, model, tokenizer) -> dict:
     """Runs the prompt through `Decoder.generate` (streaming unless --json); returns the record."""
     from moekit.core.tune import cpu_info
+    from moekit.hf import is_accelerated
     from moekit.runtime.decode import Decoder
 
     if args.max_new_tokens < 1:
@@ -94,11 +97,14 @@ def decode(args: argparse.Namespace, model, tokenizer) -> dict:
     stream = None if args.json else TextStream(tokenizer)
     result = decoder.generate(ids, args.max_new_tokens, sampling=sampling_of(args), on_token=stream)
     info = cpu_info()
+    experts = ("offloaded" if getattr(args, "offloaded", None) is not None else
+               "moekit" if is_accelerated(model) else "transformers")
     return {"prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens,
             "prefill_tokens_per_s": round(result.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
             "text": tokenizer.decode(result.tokens[0], skip_special_tokens=True),
-            "stop_reason": result.stop_reason[0], "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "stop_reason": result.stop_reason[0], "experts": experts,
+            "lean_step": decoder.lean, "dtype": args.dtype, "threads": torch.get_num_threads(),
             "cpu": info["cpu"], "cpu_flags": info["cpu_flags"], "torch": torch.__version__}
 
 

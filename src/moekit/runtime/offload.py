@@ -382,7 +382,8 @@ def peak_rss_bytes() -> int:
 def open_for_generate(model_path: str | None, expert_memory: str, policy: str = "lru", prefetch: str = "none",
                       dtype: torch.dtype = torch.float32, predictor: str | None = None):
     """`(offloaded, prefetcher or None, tokenizer)` for `moekit generate --expert-memory`: the default model when
-    `model_path` is None; the path predictor from `predictor` (a directory), else from beside the model."""
+    `model_path` is None; the path predictor from `predictor` (a directory), else from `MODEL-predictor` beside
+    the model's directory."""
     from transformers import AutoTokenizer
 
     from moekit.default import default_model_path
@@ -394,10 +395,10 @@ def open_for_generate(model_path: str | None, expert_memory: str, policy: str = 
     if prefetch != "none" and off.store is not None:
         model = None
         if prefetch == "predictor":
-            where = Path(predictor) if predictor else path
+            where = Path(predictor) if predictor else Path(f"{path}-predictor")
             if not (where / CONFIG).is_file():
-                raise ConfigError(f"--prefetch predictor: no {CONFIG} in {where}; expected a path predictor trained "
-                                  "by `moekit bench offload` (or PathPredictor.save)")
+                raise ConfigError(f"--prefetch predictor: no {CONFIG} in {where}; expected a path predictor saved "
+                                  "by `moekit bench offload --save-predictor DIR` (default DIR: MODEL-predictor)")
             model = PathPredictor.load(where)
         prefetcher = Prefetcher(off, prefetch, predictor=model, width=max(1, _k(off.model.config)))
     return off, prefetcher, AutoTokenizer.from_pretrained(path)
