@@ -96,6 +96,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     of.add_argument("--large-gb", type=float, default=None,
                     help="also: a random-weight checkpoint with this many GB of experts, run under --cgroup-mb")
     of.add_argument("--cgroup-mb", type=int, default=None, help="memory cap for the --large-gb children (cgroup v1)")
+    of.add_argument("--save-predictor", metavar="DIR", default=None,
+                    help="also save the trained path predictor there (for moekit generate --prefetch predictor)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         if args.repeats < 1 or args.tokens < 2:
             raise ConfigError(f"--repeats={args.repeats} --tokens={args.tokens}: expected at least 1 and 2")
         records = bench_offload(args.model, args.quick, args.repeats, args.tokens,
-                                torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+                                torch.float32 if args.dtype == "fp32" else torch.bfloat16,
+                                save_predictor=args.save_predictor)
         if args.large_gb is not None:
             from moekit.bench.offload_large import bench_large
 
