@@ -214,3 +214,28 @@ def test_continuous_batching_rows_equal_their_solo_decoding(family):
     assert got[0] == solo[0] and len(got[0]) == 14
     assert got[1] == solo[1][:len(got[1])] and len(got[1]) == 7
     assert got[2] == solo[2][:len(got[2])] and len(got[2]) == 8
+
+
+def test_choose_accelerate_keeps_the_faster_experts_path(tiny_default, monkeypatch):
+    from moekit.core import tune
+    from moekit.runtime.decode import choose_accelerate
+
+    model, _, _ = tiny_default
+    try:
+        assert choose_accelerate(model) is True and mh.is_accelerated(model)  # MOEKIT_TUNE=0: the default
+        monkeypatch.setenv("MOEKIT_TUNE", "1")
+        calls = []
+
+        def fake(fns, budget_ms):  # noqa: ARG001 (the real one's signature)
+            calls.append(sorted(fns))
+            for fn in fns.values():
+                fn()  # both paths really run
+            return {"moekit": 2.0, "transformers": 1.0}
+
+        monkeypatch.setattr(tune, "measure_ms", fake)
+        assert choose_accelerate(model) is False and not mh.is_accelerated(model)
+        monkeypatch.setattr(tune, "measure_ms", lambda _fns, **_kw: {"moekit": 1.0, "transformers": 3.0})
+        assert choose_accelerate(model) is True and mh.is_accelerated(model)
+        assert calls == [["moekit", "transformers"]]
+    finally:
+        mh.restore(model)

@@ -27,11 +27,12 @@ def test_json_record_has_the_fields_and_transformers_text(capsys, reference_text
     assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "12", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     for key in ("prompt_tokens", "new_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "text", "dtype",
-                "threads", "cpu", "cpu_flags", "torch"):
+                "experts", "lean_step", "threads", "cpu", "cpu_flags", "torch"):
         assert key in record, key
     assert record["new_tokens"] == 12 and record["prompt_tokens"] > 0 and record["dtype"] == "fp32"
     assert record["prefill_tokens_per_s"] > 0 and record["decode_tokens_per_s"] > 0
     assert record["text"] == reference_text
+    assert record["experts"] == "moekit" and record["lean_step"] is True  # MOEKIT_TUNE=0: moekit's dispatch
 
 
 def test_streamed_text_is_the_generated_text_then_rates_on_stderr(capsys, reference_text):

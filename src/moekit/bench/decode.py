@@ -1,5 +1,6 @@
 """`moekit bench decode`: tokens/s of greedy decoding (a 16-token prompt, 128 new tokens) for transformers'
-`generate`, moekit's decode path (`moekit.runtime.decode`, experts through moekit's dispatch) and, when
+`generate`, moekit's decode path (`moekit.runtime.decode`; its experts through moekit's dispatch or transformers'
+forward, whichever `choose_accelerate` times faster for that group: `moekit_experts`) and, when
 `llama_cpp` is importable, llama.cpp on the same weights (GGUF, see `moekit.bench.decode_llama`), at each thread
 count and dtype: fp32, bf16, int8 and int4 (moekit's group-wise quantized experts from `moekit.compress`; llama.cpp's
 q8_0 and q4_0, which also quantize attention and the embeddings).
@@ -28,7 +29,7 @@ from moekit.bench import decode_llama
 from moekit.bench.timing import interleaved
 from moekit.errors import ConfigError
 from moekit.hf import accelerate, restore
-from moekit.runtime.decode import DTYPES, Decoder
+from moekit.runtime.decode import DTYPES, Decoder, choose_accelerate
 
 BENCH_DTYPES = ("fp32", "bf16", "int8", "int4")
 COLUMNS = ["model", "dtype", "threads", "transformers_tokens_per_s", "moekit_tokens_per_s", "llama_cpp_tokens_per_s",
@@ -98,8 +99,8 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
     return ids
 
 
-def _contenders(model: nn.Module, ids: list[int], n: int, llama: Callable | None, compiled: bool
-                ) -> dict[str, Callable[[], list[int]]]:
+def _contenders(model: nn.Module, ids: list[int], n: int, llama: Callable | None, compiled: bool,
+                accelerated: bool) -> dict[str, Callable[[], list[int]]]:
     prompt = torch.tensor([ids])
     plain, fast = Decoder(model), Decoder(model, compile=compiled) if compiled else None
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -110,7 +111,7 @@ def _contenders(model: nn.Module, ids: list[int], n: int, llama: Callable | None
             return model.generate(prompt, **kw)[0, len(ids):].tolist()
 
     def moekit(decoder: Decoder = plain) -> list[int]:
-        accelerate(model)
+        (accelerate if accelerated else restore)(model)
         return decoder.generate(prompt, n, stop_at_eos=False).tokens[0]
 
     fns: dict[str, Callable[[], list[int]]] = {"transformers": transformers, "moekit": moekit}
@@ -119,6 +120,12 @@ def _contenders(model: nn.Module, ids: list[int], n: int, llama: Callable | None
     if llama is not None:
         fns["llama_cpp"] = lambda: llama(ids, n)
     return fns
+
+
+def _lean(model: nn.Module) -> bool:
+    dec = Decoder(model, max_len=2)
+    dec.reset()
+    return dec.lean
 
 
 @torch.no_grad()
@@ -162,7 +169,8 @@ def bench_decode(model_path: str | None = None, large: bool = False, quick: bool
             for t in threads:
                 torch.set_num_threads(t)
                 llama = decode_llama.greedy_runner(gguf, t, n_ctx) if gguf is not None else None
-                fns = _contenders(model, ids, new_tokens, llama, compiled)
+                accelerated = choose_accelerate(model)  # the experts path moekit's decode would pick here
+                fns = _contenders(model, ids, new_tokens, llama, compiled, accelerated)
                 tokens = {c: f() for c, f in fns.items()}
                 ms = interleaved(fns, repeats)
                 rate = {c: round(new_tokens / (v / 1e3), 2) for c, v in ms.items()}
@@ -174,6 +182,8 @@ def bench_decode(model_path: str | None = None, large: bool = False, quick: bool
                           **{f"{c}_tokens_per_s": r for c, r in rate.items()},
                           "moekit_over_transformers": round(rate["moekit"] / rate["transformers"], 3),
                           "same_tokens": agree["moekit"] == len(ref),
+                          "moekit_experts": "moekit dispatch" if accelerated else "transformers",
+                          "moekit_lean_step": _lean(model),
                           **{f"{c}_tokens_equal_to_transformers": a for c, a in agree.items()}}
                 if llama is not None:
                     record |= {"llama_cpp_over_moekit": round(rate["llama_cpp"] / rate["moekit"], 3),

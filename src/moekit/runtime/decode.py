@@ -355,11 +355,36 @@ class Decoder:
                                 stop_reason=reasons)
 
 
-def load_for_decode(model_path: str | None = None, dtype: str = "fp32", accelerate: bool = True,
+def choose_accelerate(model: nn.Module, steps: int = 8) -> bool:
+    """Whether `model` decodes faster with its experts through moekit's dispatch than through transformers' own
+    forward: a `steps`-token greedy decode timed both ways (interleaved rounds, medians; `moekit.core.tune`). With
+    tuning off (`MOEKIT_TUNE=0`) the documented default: moekit's dispatch. Leaves `model` as chosen."""
+    import moekit.hf as mh
+    from moekit.core import tune
+
+    if not tune.enabled():
+        mh.accelerate(model)
+        return True
+    vocab = int(model.config.get_text_config(decoder=True).vocab_size)
+    ids = torch.arange(steps).remainder(vocab).unsqueeze(0)
+    dec = Decoder(model, max_len=min(2 * steps, context_length(model.config) or 2 * steps))
+
+    def run(accelerated: bool):
+        (mh.accelerate if accelerated else mh.restore)(model)
+        return dec.generate(ids, steps, stop_at_eos=False)
+
+    ms = tune.measure_ms({"moekit": lambda: run(True), "transformers": lambda: run(False)}, budget_ms=300.0)
+    chosen = ms["moekit"] <= ms["transformers"]
+    (mh.accelerate if chosen else mh.restore)(model)
+    return chosen
+
+
+def load_for_decode(model_path: str | None = None, dtype: str = "fp32", accelerate: bool | str = "auto",
                     attn_implementation: str | None = None) -> tuple[nn.Module, object]:
     """`(model, tokenizer)` ready for `Decoder`: moekit-tiny when `model_path` is None, else any bridged family
-    through `moekit.hf.load` (checked). `dtype`: fp32 or bf16. `accelerate`: experts through moekit's dispatch
-    (`moekit.hf.accelerate`, whose `auto` picks the implementation; compressed experts keep their own forward)."""
+    through `moekit.hf.load` (checked). `dtype`: fp32 or bf16. `accelerate`: True runs the experts through moekit's
+    dispatch (`moekit.hf.accelerate`, whose `auto` picks the implementation; compressed experts keep their own
+    forward), False keeps transformers' experts, "auto" times both (`choose_accelerate`)."""
     from transformers import AutoTokenizer
 
     import moekit.hf as mh
@@ -367,10 +392,14 @@ def load_for_decode(model_path: str | None = None, dtype: str = "fp32", accelera
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if accelerate not in (True, False, "auto"):
+        raise ConfigError(f"accelerate={accelerate!r}: expected True, False or 'auto'")
     path = default_model_path() if model_path is None else model_path
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = mh.load(path, dtype=DTYPES[dtype], **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if accelerate:
+    if accelerate == "auto":
+        choose_accelerate(model)
+    elif accelerate:
         mh.accelerate(model)
     return model, tokenizer
