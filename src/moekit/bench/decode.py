@@ -154,7 +154,7 @@ def bench_decode(model_path: str | None = None, large: bool = False, quick: bool
         if large:
             if model_path is not None:
                 raise ConfigError("--large builds its own model; expected no MODEL with it")
-            path = build_large(Path(tmp) / "large")
+            path = build_large(Path(tmp) / "large", LargeShape(layers=2) if quick else LargeShape())
         else:
             path = Path(model_path) if model_path is not None else default_model_path()
         name = "large-random" if large else ("moekit-tiny" if model_path is None else str(model_path))
@@ -182,7 +182,8 @@ def bench_decode(model_path: str | None = None, large: bool = False, quick: bool
                           **{f"{c}_tokens_per_s": r for c, r in rate.items()},
                           "moekit_over_transformers": round(rate["moekit"] / rate["transformers"], 3),
                           "same_tokens": agree["moekit"] == len(ref),
-                          "moekit_experts": "moekit dispatch" if accelerated else "transformers",
+                          "moekit_experts": ("moekit quantized" if dtype in ("int8", "int4") else
+                                             "moekit dispatch" if accelerated else "transformers"),
                           "moekit_lean_step": _lean(model),
                           **{f"{c}_tokens_equal_to_transformers": a for c, a in agree.items()}}
                 if llama is not None:

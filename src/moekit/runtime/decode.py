@@ -358,10 +358,13 @@ class Decoder:
 def choose_accelerate(model: nn.Module, steps: int = 8) -> bool:
     """Whether `model` decodes faster with its experts through moekit's dispatch than through transformers' own
     forward: a `steps`-token greedy decode timed both ways (interleaved rounds, medians; `moekit.core.tune`). With
-    tuning off (`MOEKIT_TUNE=0`) the documented default: moekit's dispatch. Leaves `model` as chosen."""
+    tuning off (`MOEKIT_TUNE=0`) the documented default: moekit's dispatch. False without measuring when no block
+    has transformers' experts (compressed experts run their own forward). Leaves `model` as chosen."""
     import moekit.hf as mh
     from moekit.core import tune
 
+    if not any(isinstance(getattr(b.experts.module, "down_proj", None), nn.Parameter) for b in mh.view(model)):
+        return False  # no transformers experts to swap (quantized or otherwise compressed: their own forward)
     if not tune.enabled():
         mh.accelerate(model)
         return True
