@@ -79,6 +79,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     cl.add_argument("--json", action="store_true", help="print the records as a JSON list")
     cl.add_argument("--quick", action="store_true", help="3 segments of 2 epochs, 1 seed: a smoke run")
     cl.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
+    do = sub.add_parser("domain", help="global/local expert with a gate; Meta-DMoE test-time distillation")
+    do.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    do.add_argument("--quick", action="store_true", help="3 epochs, 1 seed: a smoke run")
+    do.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
     add_decode_parser(sub)
     from moekit.bench.seeds import add_arguments as add_seeds_arguments
 
@@ -145,13 +149,16 @@ def run(args: argparse.Namespace) -> int:
         rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
         print(json.dumps(records, indent=1) if args.json else format_table(rows, DRIFT_COLUMNS))
         return 0
-    if args.what == "continual":
+    if args.what in ("continual", "domain"):
         from moekit.bench.continual import COLUMNS as CL_COLUMNS
         from moekit.bench.continual import bench_continual
+        from moekit.bench.domain import COLUMNS as DO_COLUMNS
+        from moekit.bench.domain import bench_domain
 
         if args.seeds < 1:
             raise ConfigError(f"--seeds={args.seeds}: expected a positive integer")
-        records = bench_continual(args.seeds, args.quick)
+        bench_fn, CL_COLUMNS = (bench_continual, CL_COLUMNS) if args.what == "continual" else (bench_domain, DO_COLUMNS)
+        records = bench_fn(args.seeds, args.quick)
         rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
         print(json.dumps(records, indent=1) if args.json else format_table(rows, CL_COLUMNS))
         return 0
