@@ -15,7 +15,13 @@ def engine() -> Engine:
     return build_engine(max_batch=3, max_queue=8)
 
 
-def test_continuous_batching_matches_each_request_alone(engine):
+@pytest.mark.parametrize(("max_running", "max_len"), [(None, None), (5, None), (5, 17)])
+def test_continuous_batching_matches_each_request_alone(engine, max_running, max_len):
+    """Rows join and leave mid-batch; with 5 resident rows and 3 per forward the scheduler picks each step's rows
+    (the others get holes in their cache); with a 17-position cache the holes must be compacted away."""
+    if max_running is not None:
+        engine = Engine(engine.model, engine.tokenizer, max_batch=3, max_running=max_running, max_len=max_len,
+                        max_wait=2)
     tok = engine.tokenizer
     prompts = ["The cat", "def f(x):", "Once upon a time there", "import numpy", "Hello", "The river flows"]
     lengths = [9, 4, 7, 12, 3, 6]  # different lengths: rows leave and others join mid-batch
@@ -36,6 +42,11 @@ def test_continuous_batching_matches_each_request_alone(engine):
         ref = Decoder(engine.model).generate(tok(p, return_tensors="pt").input_ids, n)
         assert done["text"] == tok.decode(ref.tokens[0], skip_special_tokens=True), i
     assert not engine.busy
+    if max_running is not None:
+        assert st["max_wait_seen"] <= 2 + 1  # passed over at most max_wait steps, then taken first
+        assert rows / steps <= 3
+    if max_len is not None:
+        assert st["compactions"] > 0
 
 
 def test_queue_limit_and_context(engine):

@@ -6,8 +6,11 @@ Three measurements, each against its baseline in the same run (rounds interleave
   tokens/s; every request checked: answered completely (a final chunk with a finish reason) and its text equal
   to the greedy text of its own prompt computed alone beforehand (a text equal to another prompt's counts as mixed
   up);
-- scheduler: expert-aware against first-come admission at the same offered load: distinct (layer, expert) pairs
-  activated per decode step (from /metrics), rows per step, tokens/s.
+- scheduler: with 2 x max_batch sequences resident and max_batch rows per forward, expert-aware row choice
+  (runtime.schedule.pick_batch on each row's last-step experts, bounded wait) against first-come (longest wait) at
+  the same offered load: distinct (layer, expert) pairs activated per decode step (from /metrics), rows per step,
+  tokens/s, p99 latency.
+The concurrency and load phases run plain continuous batching (max_running = max_batch).
 Prompts are 8 distinct openings of moekit-tiny's held-out documents; temperature 0; the servers bind 127.0.0.1 only.
 """
 
@@ -29,7 +32,7 @@ def _prompts(tokenizer, n: int = PROMPTS, tokens: int = 24) -> list[str]:
 
     docs = [d["text"] for d in default_test_split() if len(d["text"]) > 200]
     step = max(1, len(docs) // n)
-    return [tokenizer.decode(tokenizer(docs[i * step]).input_ids[:tokens]) for i in range(n)]
+    return [tokenizer.decode(tokenizer(docs[i * step][:400]).input_ids[:tokens]) for i in range(n)]
 
 
 def _references(engine, prompts: list[str], max_tokens: int) -> list[str]:
@@ -131,21 +134,22 @@ def bench_serve(clients: int = 32, seconds: float = 120.0, quick: bool = False, 
     from moekit.serve.server import ServerThread, build_engine
 
     if quick:
-        clients, seconds, max_tokens, rounds = min(clients, 8), min(seconds, 4.0), 8, 1
-    expert = build_engine(max_batch=max_batch, max_queue=4 * clients)
-    first = Engine(expert.model, expert.tokenizer, max_batch=max_batch, max_queue=4 * clients,
-                   scheduler="first-come")
-    prompts = _prompts(expert.tokenizer)
-    refs = _references(expert, prompts, max_tokens)
+        clients, seconds, max_tokens, rounds, max_batch = min(clients, 8), min(seconds, 4.0), 8, 1, min(max_batch, 4)
+    plain = build_engine(max_batch=max_batch, max_queue=4 * clients)
+    engines = {"plain": plain, **{name: Engine(plain.model, plain.tokenizer, max_batch=max_batch,
+                                               max_running=2 * max_batch, max_queue=4 * clients, scheduler=name)
+                                  for name in ("expert", "first-come")}}
+    prompts = _prompts(plain.tokenizer)
+    refs = _references(plain, prompts, max_tokens)
     servers = {}
-    for name, eng in (("expert", expert), ("first-come", first)):
+    for name, eng in engines.items():
         eng.start()
         servers[name] = ServerThread(create_app(eng, "moekit-tiny")).start()
     base = {"bench": "serve", **cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "max_batch": max_batch, "max_tokens": max_tokens, "quick": quick}
     records: list[dict] = []
     try:
-        url = servers["expert"].url
+        url = servers["plain"].url
         short = max(seconds / (4 * rounds), 2.0)
         conc = {1: [], 8: []}
         for _ in range(rounds):  # interleaved: 1 client, 8 clients, 1, 8, ...
@@ -159,7 +163,7 @@ def bench_serve(clients: int = 32, seconds: float = 120.0, quick: bool = False, 
         one, eight = records[-2]["tokens_per_s"], records[-1]["tokens_per_s"]
         records.append({**base, "phase": "concurrency_ratio", "eight_over_one": eight / one if one else None})
         load = _round(url, clients, seconds, prompts, refs, max_tokens)
-        records.append({**base, "phase": "load", "scheduler": "expert", **load})
+        records.append({**base, "phase": "load", "scheduler": "plain", **load})
         sched = {"expert": [], "first-come": []}
         for _ in range(rounds):  # interleaved at the same offered load
             for name in sched:
@@ -174,11 +178,12 @@ def bench_serve(clients: int = 32, seconds: float = 120.0, quick: bool = False, 
         e, f = records[-2]["experts_per_step"], records[-1]["experts_per_step"]
         records.append({**base, "phase": "scheduler_ratio",
                         "expert_aware_reduction": 1 - e / f if e is not None and f else None,
-                        "max_wait_admissions": expert.max_wait})
+                        "max_wait_steps": engines["expert"].max_wait,
+                        "max_wait_seen": engines["expert"].stats.get("max_wait_seen")})
     finally:
         for name, srv in servers.items():
             srv.stop()
-            (expert if name == "expert" else first).stop()
+            engines[name].stop()
     return records
 
 

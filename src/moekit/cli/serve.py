@@ -15,10 +15,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-memory", default=None, metavar="SIZE",
                    help="keep routed experts on disk, at most SIZE of them in memory ('2GB', '25%%', bytes)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences per decode step (default 8)")
+    p.add_argument("--max-running", type=int, default=None,
+                   help="sequences kept in the KV cache (default: --max-batch); above it, each step's rows are "
+                        "chosen among them by --scheduler")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond the running batch before 429 (default 64)")
     p.add_argument("--max-wait", type=int, default=8,
-                   help="admissions a ready request can be passed over by expert-aware batching (default 8)")
+                   help="steps (or admissions) a sequence can be passed over by the scheduler (default 8)")
     p.add_argument("--scheduler", choices=["expert", "first-come"], default="expert",
                    help="how waiting requests join the batch (default expert: fewest new experts)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' dtype (default fp32)")
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         raise RequestError(f"--port {args.port}: expected 1..65535")
     check_host(args.host)
     engine = build_engine(args.model, dtype=args.dtype, expert_memory=args.expert_memory, max_batch=args.max_batch,
-                          max_queue=args.max_queue, max_wait=args.max_wait, scheduler=args.scheduler)
+                          max_queue=args.max_queue, max_wait=args.max_wait, scheduler=args.scheduler,
+                          max_running=args.max_running)
     model_id = model_id_of(args.model)
     engine.start()
     print(f"moekit serve: {model_id} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "

@@ -32,6 +32,7 @@ from torch import nn
 from moekit.errors import MoekitError
 from moekit.inspect.layers import find_layers, routing_hooks
 from moekit.runtime.decode import Decoder, Sampling, sample
+from moekit.runtime.decode_cache import StaticLayer
 from moekit.runtime.schedule import pick_batch, pick_first_come
 
 
@@ -86,18 +87,24 @@ class _Seq:
 
 class Engine:
     """Continuous batching of `model` (a transformers causal LM of a bridged family, eval mode) with `tokenizer`.
-    `max_batch`: rows per forward; `max_queue`: requests waiting beyond the running ones; `max_wait`: steps a
-    ready request can be passed over; `scheduler`: "expert" or "first-come"; `store`: an offload ExpertStore whose
-    hit rate /metrics reports."""
+    `max_batch`: rows per forward; `max_running`: sequences resident in the KV cache (default max_batch; more
+    lets the scheduler choose each step's rows among them); `max_queue`: requests waiting beyond the running ones;
+    `max_wait`: steps a sequence can be passed over; `scheduler`: "expert" or "first-come"; `store`: an offload
+    ExpertStore whose hit rate /metrics reports."""
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_queue: int = 64, max_wait: int = 8,
-                 scheduler: str = "expert", max_len: int | None = None, store=None):
+                 scheduler: str = "expert", max_len: int | None = None, store=None, max_running: int | None = None):
         if max_batch < 1:
             raise RequestError(f"--max-batch {max_batch}: expected at least 1", "max_batch")
+        max_running = max_running or max_batch
+        if max_running < max_batch:
+            raise RequestError(f"--max-running {max_running}: expected at least --max-batch {max_batch}",
+                               "max_running")
         if scheduler not in ("expert", "first-come"):
             raise RequestError(f"scheduler={scheduler!r}: expected 'expert' or 'first-come'", "scheduler")
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch, self.max_queue, self.max_wait = max_batch, max_queue, max_wait
+        self.max_running = max_running
         self.pick = pick_batch if scheduler == "expert" else pick_first_come
         self.scheduler = scheduler
         self.decoder = Decoder(model, max_len)
@@ -165,7 +172,7 @@ class Engine:
         with self.lock:
             self._drop_cancelled()
             # fill the free rows at once; with none free, keep one more request prefilled (ready holds max_batch)
-            n = min(max(1, self.max_batch - len(self.running) - len(self.ready)), self.max_batch - len(self.ready))
+            n = min(max(1, self.max_running - len(self.running) - len(self.ready)), self.max_batch - len(self.ready))
             seqs = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
         for seq in seqs:
             self._prefill(seq)
@@ -204,7 +211,7 @@ class Engine:
 
     def _admit(self) -> None:
         with self.lock:
-            free = self.max_batch - len(self.running)
+            free = self.max_running - len(self.running)
             if not self.ready or free <= 0:
                 return
             chosen = choose_ready([s.experts for s in self.running], [s.experts for s in self.ready],
@@ -231,22 +238,91 @@ class Engine:
                 mine.append_rows(theirs)
             dec.mask = torch.cat([dec.mask, other.mask])
             dec.positions = torch.cat([dec.positions, other.positions])
+        seq.waited = 0
         self.running.append(seq)
 
     def _decode(self) -> None:
-        tokens = torch.tensor([s.tokens[-1] for s in self.running])
-        logits = self._forward(lambda: self.decoder.step(tokens))
+        """One forward: every running row, or, with more rows resident than `max_batch`, the rows `pick` chooses
+        from their last step's experts (bounded wait); the rows left out get a masked hole at this position."""
+        if self.decoder.length + 1 > self.decoder.max_len and self.decoder.mask is not None:
+            self._compact()  # holes left by rows that sat out steps
+        rows = list(range(len(self.running)))
+        if len(rows) > self.max_batch and self._subset_ok():
+            rows = sorted(self.pick([s.experts for s in self.running], self.max_batch,
+                                    [s.waited for s in self.running], self.max_wait))
+        tokens = torch.tensor([self.running[r].tokens[-1] for r in rows])
+        if len(rows) == len(self.running):
+            logits = self._forward(lambda: self.decoder.step(tokens))
+        else:
+            logits = self._forward(lambda: self._step_rows(rows, tokens))
         activated = set()
+        for i, r in enumerate(rows):
+            self.running[r].experts = self._row_experts(i)
+            activated |= self.running[r].experts
+        chosen = set(rows)
         for r, s in enumerate(self.running):
-            s.experts = self._row_experts(r)
-            activated |= s.experts
+            s.waited = 0 if r in chosen else s.waited + 1
         st = self.stats
         st["steps"] += 1
-        st["batch_rows"] += len(self.running)
+        st["batch_rows"] += len(rows)
         st["activated_experts"] += len(activated)
-        st["last_batch"], st["last_activated"] = len(self.running), len(activated)
-        for r, s in enumerate(self.running):
-            self._accept(s, sample(logits[r:r + 1], s.req.sampling, s.generator)[0].item())
+        st["last_batch"], st["last_activated"] = len(rows), len(activated)
+        st["max_wait_seen"] = max(st.get("max_wait_seen", 0), *(s.waited for s in self.running))
+        for i, r in enumerate(rows):
+            s = self.running[r]
+            self._accept(s, sample(logits[i:i + 1], s.req.sampling, s.generator)[0].item())
+
+    def _subset_ok(self) -> bool:
+        return all(type(layer) is StaticLayer for layer in self.decoder._static_layers())
+
+    def _step_rows(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Decoder.step for some rows only: their cache rows gathered, one forward, the new position written back;
+        every other row gets mask 0 there (a hole, like padding) and keeps its position."""
+        dec = self.decoder
+        idx = torch.tensor(rows)
+        layers = dec._static_layers()
+        full = [(layer._k, layer._v) for layer in layers]
+        if dec.mask is None:
+            dec.mask = torch.zeros((dec.batch, dec.max_len), dtype=torch.long, device=dec.device)
+            dec.mask[:, :dec.length] = 1
+        at = dec.length
+        dec.mask[:, at] = 0
+        dec.mask[idx, at] = 1
+        for layer in layers:
+            layer._k, layer._v = layer._k[idx], layer._v[idx]
+        try:
+            logits = dec._run(tokens.reshape(-1, 1).to(dec.device), dec.positions[idx].unsqueeze(1),
+                              dec.mask[idx, :at + 1])
+        finally:
+            for layer, (k, v) in zip(layers, full, strict=True):
+                if layer.length > at:
+                    k[idx, :, at] = layer._k[:, :, at]
+                    v[idx, :, at] = layer._v[:, :, at]
+                layer._k, layer._v = k, v
+                layer.keys, layer.values = k[:, :, :layer.length], v[:, :, :layer.length]
+        dec.positions[idx] += 1
+        dec.length += 1
+        return logits
+
+    def _compact(self) -> None:
+        """Close the holes: every row's filled positions moved, in order, to the end of the filled prefix."""
+        dec = self.decoder
+        mask = dec.mask[:, :dec.length]
+        n = mask.sum(1)
+        width = int(n.max())
+        new_mask = torch.zeros_like(dec.mask)
+        for layer in dec._static_layers():
+            k, v = torch.zeros_like(layer._k), torch.zeros_like(layer._v)
+            for r in range(dec.batch):
+                cols = mask[r].nonzero().squeeze(1)
+                k[r, :, width - len(cols):width] = layer._k[r, :, cols]
+                v[r, :, width - len(cols):width] = layer._v[r, :, cols]
+            layer._k, layer._v, layer.length = k, v, width
+            layer.keys, layer.values = k[:, :, :width], v[:, :, :width]
+        for r in range(dec.batch):
+            new_mask[r, width - int(n[r]):width] = 1
+        dec.mask, dec.length = new_mask, width
+        self.stats["compactions"] = self.stats.get("compactions", 0) + 1
 
     def _accept(self, seq: _Seq, token: int) -> None:
         """Append a sampled token: emit the text that became final, decide whether the request ended."""

@@ -19,7 +19,8 @@ def model_id_of(model_path: str | os.PathLike | None) -> str:
 
 
 def build_engine(model_path: str | os.PathLike | None = None, *, dtype: str = "fp32", expert_memory: str | None = None,
-                 max_batch: int = 8, max_queue: int = 64, max_wait: int = 8, scheduler: str = "expert") -> Engine:
+                 max_batch: int = 8, max_queue: int = 64, max_wait: int = 8, scheduler: str = "expert",
+                 max_running: int | None = None) -> Engine:
     """The engine for the model at `model_path` (None: moekit-tiny); with `expert_memory`, its routed experts are
     read on demand through moekit.runtime.offload under that budget ('2GB', '25%', bytes)."""
     from moekit.runtime.decode import DTYPES, load_for_decode
@@ -28,6 +29,8 @@ def build_engine(model_path: str | os.PathLike | None = None, *, dtype: str = "f
         raise RequestError(f"--max-batch {max_batch}: expected at least 1")
     if max_queue < 1:
         raise RequestError(f"--max-queue {max_queue}: expected at least 1")
+    if max_running is not None and max_running < max_batch:
+        raise RequestError(f"--max-running {max_running}: expected at least --max-batch {max_batch}")
     if max_wait < 0:
         raise RequestError(f"--max-wait {max_wait}: expected 0 or more")
     store = None
@@ -44,7 +47,7 @@ def build_engine(model_path: str | os.PathLike | None = None, *, dtype: str = "f
         model, store = off.model.eval(), off.store
         tokenizer = AutoTokenizer.from_pretrained(path)
     return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_wait=max_wait,
-                  scheduler=scheduler, store=store)
+                  scheduler=scheduler, store=store, max_running=max_running)
 
 
 def check_host(host: str) -> None:
