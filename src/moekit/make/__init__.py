@@ -1,0 +1,94 @@
+"""Dense -> MoE (`moekit make`): split each chosen FFN of a dense decoder into experts by a neuron partition, give
+the experts a router, and save the result as a native transformers MoE family.
+
+```python
+moe, plan = moekit.make.moefy(dense, experts=8, k=2, partition="kmeans", router="centroid")
+```
+`plan` (JSON-ready) records the partition of every layer and the settings; the model is a plain transformers model
+(Qwen3-MoE or Mixtral) that `moekit.hf.save` writes and transformers loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from moekit.errors import ConfigError
+from moekit.make.convert import TARGETS, convert, ffn, moe_config
+from moekit.make.partition import PARTITIONS, balanced_kmeans, coactivation_partition, random_partition
+from moekit.make.routers import ROUTERS, activations, centroid_router, emoe_router, input_rows, learned_router
+
+__all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "capture_inputs", "check", "convert", "moefy", "needs_data"]
+
+
+def check(config, experts: int, k: int, layers: Sequence[int] | None) -> None:
+    """Every size checked against a dense config before any weight is read or any work done."""
+    layers = list(range(config.num_hidden_layers)) if layers is None else sorted(set(layers))
+    moe_config(config, experts, k, layers)
+
+
+def needs_data(partition: str, router: str) -> bool:
+    return partition == "coactivation" or router == "learned"
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, windows: Sequence[Tensor], layers: Sequence[int],
+                   max_tokens: int = 4096) -> dict[int, Tensor]:
+    """Each layer's FFN inputs [N, H] (N <= max_tokens) over token windows (ids [L] each)."""
+    seen: dict[int, list[Tensor]] = {i: [] for i in layers}
+    handles = [ffn(model, i).register_forward_pre_hook(
+        lambda _m, args, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1]).float())) for i in layers]
+    try:
+        total = 0
+        for ids in windows:
+            model(input_ids=ids.view(1, -1))
+            total += ids.numel()
+            if total >= max_tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    if not total:
+        raise ConfigError("data: no token windows; expected calibration text of at least 2 tokens")
+    return {i: torch.cat(x)[:max_tokens] for i, x in seen.items()}
+
+
+def moefy(model: nn.Module, experts: int, k: int, partition: str = "kmeans", router: str = "centroid",
+          layers: Sequence[int] | None = None, inputs: dict[int, Tensor] | None = None, seed: int = 0,
+          max_logit: float = 1e-3) -> tuple[nn.Module, dict]:
+    """The MoE model and its plan. `inputs` (from `capture_inputs`) is needed by the coactivation partition and
+    the learned router."""
+    if partition not in PARTITIONS:
+        raise ConfigError(f"partition={partition!r}: expected one of {', '.join(PARTITIONS)}")
+    if router not in ROUTERS:
+        raise ConfigError(f"router={router!r}: expected one of {', '.join(ROUTERS)}")
+    check(model.config, experts, k, layers)
+    layers = list(range(model.config.num_hidden_layers)) if layers is None else sorted(set(layers))
+    if needs_data(partition, router) and inputs is None:
+        raise ConfigError(f"partition={partition}, router={router}: needs calibration text (--data); "
+                          "expected inputs from capture_inputs")
+    parts: dict[int, Tensor] = {}
+    routers: dict[int, Tensor] = {}
+    for i in layers:
+        mlp = ffn(model, i)
+        if partition == "random":
+            parts[i] = random_partition(mlp.gate_proj.out_features, experts, seed + i)
+        elif partition == "kmeans":
+            parts[i] = balanced_kmeans(input_rows(mlp), experts, seed)
+        else:
+            parts[i] = coactivation_partition(activations(mlp, inputs[i].to(mlp.gate_proj.weight.dtype)), experts,
+                                              seed)
+        if router == "centroid":
+            routers[i] = centroid_router(mlp, parts[i])
+        elif router == "emoe":
+            routers[i] = emoe_router(mlp, parts[i])
+        else:
+            routers[i] = learned_router(mlp, parts[i], inputs[i], seed=seed)
+    moe = convert(model, parts, routers, k, max_logit)
+    plan = {"format": "moekit-make-plan", "version": 1, "source_type": model.config.model_type,
+            "target_type": moe.config.model_type, "experts": experts, "k": k, "partition": partition,
+            "router": router, "seed": seed, "max_logit": max_logit,
+            "layers": {str(i): parts[i].tolist() for i in layers}}
+    return moe, plan
