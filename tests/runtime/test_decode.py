@@ -175,6 +175,10 @@ def test_bad_input_is_a_one_line_error(tiny_default):
         dec.generate(torch.zeros(600, dtype=torch.long), 4)
     with pytest.raises(ConfigError, match="need 520 positions; the model.s context is 512"):
         dec.generate(torch.zeros(500, dtype=torch.long), 21)
+    dec.generate(torch.zeros(4, dtype=torch.long), 3)
+    assert dec.capacity == 6 and dec.cache.layers[0]._k.shape[2] == 6  # the request's length, not the context
+    with pytest.raises(ConfigError, match="need 7 positions; the cache holds 6 positions"):
+        dec.step(0)
     with pytest.raises(ConfigError, match="max_new_tokens=0"):
         dec.generate(torch.zeros(4, dtype=torch.long), 0)
     with pytest.raises(ConfigError, match="no sequence started"):

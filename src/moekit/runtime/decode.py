@@ -162,26 +162,30 @@ class Decoder:
         self.cache = None
         self.length = 0  # positions filled in the cache (padding included)
         self.positions: Tensor | None = None  # [B]: the next position of each row
-        self.mask: Tensor | None = None  # [B, max_len] 1 where a real token sits; None: no padding
+        self.mask: Tensor | None = None  # [B, capacity] 1 where a real token sits; None: no padding
+        self.capacity = self.max_len  # positions the current cache holds
         self.device = next(model.parameters()).device
 
     @property
     def batch(self) -> int:
         return 0 if self.positions is None else int(self.positions.shape[0])
 
-    def reset(self) -> None:
-        self.cache = static_cache(self.model.config, self.max_len)
+    def reset(self, capacity: int | None = None) -> None:
+        """Drop the sequences; the next cache holds `capacity` positions (default `max_len`), allocated at the
+        first forward."""
+        self.capacity = min(capacity or self.max_len, self.max_len)
+        self.cache = static_cache(self.model.config, self.capacity)
         if self.cache.layer_class_to_replicate is not None:
-            self.cache.layer_class_to_replicate = functools.partial(StaticLayer, self.max_len)
+            self.cache.layer_class_to_replicate = functools.partial(StaticLayer, self.capacity)
         if self.lean and self._lean is None:
             self.lean = LeanStep.supports(self.model, self.cache)
             self._lean = LeanStep(self.model, self.max_len) if self.lean else None
         self.length, self.positions, self.mask = 0, None, None
 
     def _check_room(self, tokens: int) -> None:
-        if self.length + tokens > self.max_len:
-            where = f"the model's context is {self.context}" if self.max_len == self.context else \
-                f"the cache holds max_len={self.max_len}"
+        if self.length + tokens > self.capacity:
+            where = f"the model's context is {self.context}" if self.capacity == self.context else \
+                f"the cache holds {self.capacity} positions"
             raise ConfigError(f"prompt and generation need {self.length + tokens} positions; {where} (expected a "
                               f"shorter prompt or fewer new tokens)")
 
@@ -192,14 +196,16 @@ class Decoder:
                       **self._kw)
         return out.logits[:, -1].float()
 
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, capacity: int | None = None
+                ) -> Tensor:
         """Start new sequences: `input_ids [B, T]` (or `[T]`), left-padded where `attention_mask [B, T]` is 0.
-        Returns the logits of each row's last position, `[B, V]` float32."""
+        Returns the logits of each row's last position, `[B, V]` float32. The cache holds `capacity` positions
+        (default `max_len`: with a long-context model, pass what the sequences will need)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ConfigError(f"input_ids: expected [T] or [B, T] with T >= 1, got shape {list(ids.shape)}")
-        self.reset()
+        self.reset(capacity)
         self._check_room(ids.shape[1])
         ids = ids.to(self.device)
         if attention_mask is not None and bool((torch.as_tensor(attention_mask) == 1).all()):
@@ -215,7 +221,7 @@ class Decoder:
                                   f"{list(mask.shape)}")
             position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
             self.positions = mask.sum(-1)
-            self.mask = torch.zeros((ids.shape[0], self.max_len), dtype=torch.long, device=self.device)
+            self.mask = torch.zeros((ids.shape[0], self.capacity), dtype=torch.long, device=self.device)
             self.mask[:, :ids.shape[1]] = mask
         logits = self._run(ids, position_ids, mask)
         self.length = ids.shape[1]
@@ -253,7 +259,7 @@ class Decoder:
         for layer in self._static_layers():
             layer.shift(n)
         if self.mask is None:
-            self.mask = torch.zeros((self.batch, self.max_len), dtype=torch.long, device=self.device)
+            self.mask = torch.zeros((self.batch, self.capacity), dtype=torch.long, device=self.device)
             self.mask[:, :self.length] = 1
         new = torch.zeros_like(self.mask)
         if n >= 0:
@@ -269,13 +275,13 @@ class Decoder:
         if self.positions is None:
             return self.prefill(input_ids)[0]
         other = Decoder(self.model, self.max_len, lean=False)
-        logits = other.prefill(input_ids)
+        logits = other.prefill(input_ids, capacity=self.capacity)
         if other.batch != 1:
             raise ConfigError(f"input_ids: expected one sequence [T], got {other.batch} rows")
         end = max(self.length, other.length)
-        if end >= self.max_len:
+        if end >= self.capacity:
             raise ConfigError(f"add: the running rows and the new one need {end + 1} positions; the cache holds "
-                              f"{self.max_len}")
+                              f"{self.capacity}")
         self._shift(end - self.length)
         other._shift(end - other.length)
         for mine, theirs in zip(self._static_layers(), other._static_layers(), strict=True):
@@ -297,7 +303,7 @@ class Decoder:
         for layer in self._static_layers():
             layer.batch_select_indices(keep)
         if self.mask is None:
-            self.mask = torch.zeros((self.batch, self.max_len), dtype=torch.long, device=self.device)
+            self.mask = torch.zeros((self.batch, self.capacity), dtype=torch.long, device=self.device)
             self.mask[:, :self.length] = 1
         self.mask, self.positions = self.mask[keep], self.positions[keep]
         used = self.mask[:, :self.length].any(0).nonzero()
@@ -322,10 +328,11 @@ class Decoder:
                               f"(expected a shorter prompt)")
         self.reset()
         self._check_room(ids.shape[1] + max_new_tokens - 1)
+        capacity = ids.shape[1] + max_new_tokens - 1  # a cache as long as this request needs, not the context
         gen = torch.Generator().manual_seed(sampling.seed) if sampling and sampling.seed is not None else None
         eos = torch.tensor(sorted(self.eos), dtype=torch.long) if stop_at_eos and self.eos else None
         start = time.perf_counter()
-        logits = self.prefill(ids, attention_mask)
+        logits = self.prefill(ids, attention_mask, capacity)
         prefill_s = time.perf_counter() - start
         prompt_tokens = int(ids.numel() if attention_mask is None else torch.as_tensor(attention_mask).sum())
         batch = ids.shape[0]
