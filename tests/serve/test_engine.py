@@ -49,6 +49,20 @@ def test_continuous_batching_matches_each_request_alone(engine, max_running, max
         assert st["compactions"] > 0
 
 
+def test_expert_memory_serves_the_same_text(engine):
+    """--expert-memory: experts read on demand from the checkpoint (runtime.offload); same greedy text, hit rate
+    reported."""
+    off = build_engine(max_batch=2, expert_memory="40%")
+    tok = engine.tokenizer
+    texts = {}
+    for e in (engine, off):
+        for i, p in enumerate(["The cat", "def f(x):", "Hello"]):
+            e.submit(Request(tok(p).input_ids, 6, lambda ev, e=e, i=i: texts.__setitem__((id(e), i), ev), id=str(i)))
+        e.run_until_idle()
+    assert all(texts[(id(engine), i)]["text"] == texts[(id(off), i)]["text"] for i in range(3))
+    assert 0 <= off.metrics()["cache_hit_rate"] < 1 and engine.metrics()["cache_hit_rate"] is None
+
+
 def test_queue_limit_and_context(engine):
     with pytest.raises(RequestError, match="max_tokens"):
         engine.submit(Request([1, 2], engine.context, print))

@@ -57,6 +57,17 @@ def test_completion_greedy_equals_decoder_and_stream_assembles(server, client):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_greedy_text_equals_moekit_generate(client, capsys):
+    import json
+
+    from moekit.cli.main import main
+
+    assert main(["generate", "--prompt", "The history of", "--max-new-tokens", "12", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
+    r = client.completions.create(model=MODEL, prompt="The history of", max_tokens=12, temperature=0)
+    assert r.choices[0].text == want
+
+
 def test_chat_and_chat_stream(client):
     msgs = [{"role": "user", "content": "Write a loop in Python."}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0)
