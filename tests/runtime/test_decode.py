@@ -4,6 +4,8 @@ dynamic cache holds, bad input is a one-line error."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -243,3 +245,18 @@ def test_choose_accelerate_keeps_the_faster_experts_path(tiny_default, monkeypat
         assert calls == [["moekit", "transformers"]]
     finally:
         mh.restore(model)
+
+
+def test_any_family_checkpoint_loads_for_decode_and_a_missing_tokenizer_is_one_line(tmp_path):
+    from moekit.default import default_model_path
+
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ConfigError, match="no usable tokenizer"):
+        load_for_decode(str(tmp_path / "m"), accelerate=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # moekit-tiny's tokenizer: ids above 97 never decoded
+        shutil.copy(default_model_path() / name, tmp_path / "m" / name)
+    loaded, tok = load_for_decode(str(tmp_path / "m"), accelerate=True)
+    assert loaded.config.model_type == "mixtral" and mh.is_accelerated(loaded)
+    ids = torch.tensor([[5, 17, 42, 8]])
+    assert Decoder(loaded).generate(ids, 6).tokens == hf_greedy(model, ids, 6)

@@ -407,7 +407,12 @@ def load_for_decode(model_path: str | None = None, dtype: str = "fp32", accelera
     path = default_model_path() if model_path is None else model_path
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = mh.load(path, dtype=DTYPES[dtype], **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"{path}: no usable tokenizer ({reason}); expected tokenizer.json or the tokenizer files "
+                          f"transformers reads beside config.json") from None
     if accelerate == "auto":
         choose_accelerate(model)
     elif accelerate:
