@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import moekit.hf as mh
 import moekit.make as mk
 from moekit.cli.main import main
 from moekit.default import default_model_path
@@ -101,8 +102,6 @@ def test_converted_model_with_every_expert_equals_dense(model_type, family, tmp_
         assert torch.allclose(moe(ids).logits, ref, atol=1e-4)  # weights 1/k within exp(+-2e-3), times k
         fewer, _ = mk.moefy(model, experts=8, k=2, partition="kmeans", router="centroid")
         assert not torch.allclose(fewer(ids).logits, ref, atol=1e-4)  # 2 of 8 experts is an approximation
-    import moekit.hf as mh
-
     mh.save(moe, tmp_path / "moe")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")  # plain transformers, native family
     with torch.no_grad():
@@ -185,3 +184,33 @@ def test_cli_refuses_an_moe_and_an_unknown_architecture(tmp_path, capsys):
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert main(["make", str(gpt2), "--experts", "4", "--k", "2", "--out", str(tmp_path / "b")]) == 2
     assert "no known FFN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "llama"])
+def test_upcycled_model_equals_dense_at_step_zero(model_type):
+    model = dense(model_type)
+    ids = torch.randint(0, 100, (2, 11))
+    inputs = mk.capture_inputs(model, [torch.randint(0, 100, (40,))], range(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+        for router in ("random", "hidden"):
+            moe, plan = mk.upcycle(model, experts=4, k=2, router=router, inputs=inputs)
+            assert plan["partition"] == "upcycle"
+            assert torch.allclose(moe(ids).logits, ref, atol=1e-5)  # copies whose weights sum to 1
+            router_w = [b.router.weight for b in mh.view(moe)]
+            assert all(float(w.std()) == pytest.approx(0.02, rel=0.3) for w in router_w)
+    with pytest.raises(ConfigError, match="router=hidden: needs calibration"):
+        mk.upcycle(model, experts=4, k=2, router="hidden")
+    with pytest.raises(ConfigError, match="upcycling routers"):
+        mk.upcycle(model, experts=4, k=2, router="centroid")
+
+
+def test_cli_upcycle_with_hidden_router(dense_dir, tmp_path, capsys):
+    data = tmp_path / "cal.txt"
+    data.write_text("import os\nprint(os.getcwd())\n" * 40)
+    out = tmp_path / "up"
+    assert main(["make", str(dense_dir), "--method", "upcycle", "--router", "hidden", "--experts", "3", "--k", "2",
+                 "--data", str(data), "--max-tokens", "128", "--out", str(out)]) == 0
+    assert "upcycle" in capsys.readouterr().out
+    moe = AutoModelForCausalLM.from_pretrained(out)
+    assert moe.config.num_experts == 3 and moe.config.moe_intermediate_size == 64

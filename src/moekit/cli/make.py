@@ -9,11 +9,14 @@ HELP = "turn a dense decoder (Qwen3, Llama, Mistral) into a native MoE (Qwen3-Mo
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    from moekit.make import PARTITIONS, ROUTERS
+    from moekit.make import PARTITIONS, ROUTERS, UPCYCLE_ROUTERS
 
     p.add_argument("model", metavar="MODEL", help="a dense checkpoint directory (config.json + safetensors)")
-    p.add_argument("--method", choices=PARTITIONS, default="kmeans", help="how neurons are grouped (default kmeans)")
-    p.add_argument("--router", choices=ROUTERS, default="centroid", help="router of the split experts")
+    p.add_argument("--method", choices=(*PARTITIONS, "upcycle"), default="kmeans",
+                   help="how neurons are grouped into experts, or upcycle: every expert a copy (default kmeans)")
+    p.add_argument("--router", choices=tuple(dict.fromkeys((*ROUTERS, *UPCYCLE_ROUTERS))),
+                   help=f"split experts: {', '.join(ROUTERS)} (default centroid); upcycle: "
+                        f"{', '.join(UPCYCLE_ROUTERS)} (default random)")
     p.add_argument("--experts", type=int, required=True, help="experts per FFN (a divisor of its width)")
     p.add_argument("--k", type=int, required=True, help="experts per token")
     p.add_argument("--layers", help="comma-separated layer indices to convert (default: all)")
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
             layers = [int(x) for x in args.layers.split(",")]
         except ValueError:
             raise ConfigError(f"--layers {args.layers!r}: expected comma-separated integers") from None
-    summary = make_checkpoint(args.model, args.out, args.experts, args.k, args.method, args.router, layers,
+    router = args.router or ("random" if args.method == "upcycle" else "centroid")
+    summary = make_checkpoint(args.model, args.out, args.experts, args.k, args.method, router, layers,
                               args.data, args.max_tokens, args.seed, args.force)
     if args.json:
         print(json.dumps(summary, indent=1))

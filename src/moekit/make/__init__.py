@@ -16,21 +16,23 @@ import torch
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError
-from moekit.make.convert import TARGETS, convert, ffn, moe_config
+from moekit.make.convert import TARGETS, convert, expert_tensors, ffn, moe_config, upcycled_tensors
 from moekit.make.partition import PARTITIONS, balanced_kmeans, coactivation_partition, random_partition
 from moekit.make.routers import ROUTERS, activations, centroid_router, emoe_router, input_rows, learned_router
 
-__all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "capture_inputs", "check", "convert", "moefy", "needs_data"]
+__all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "UPCYCLE_ROUTERS", "capture_inputs", "check", "convert", "moefy",
+           "needs_data", "upcycle"]
 
 
-def check(config, experts: int, k: int, layers: Sequence[int] | None) -> None:
-    """Every size checked against a dense config before any weight is read or any work done."""
+def check(config, experts: int, k: int, layers: Sequence[int] | None, copies: bool = False) -> None:
+    """Every size checked against a dense config before any weight is read or any work done (`copies`: upcycled
+    experts of the full width)."""
     layers = list(range(config.num_hidden_layers)) if layers is None else sorted(set(layers))
-    moe_config(config, experts, k, layers)
+    moe_config(config, experts, k, layers, upcycle=copies)
 
 
 def needs_data(partition: str, router: str) -> bool:
-    return partition == "coactivation" or router == "learned"
+    return partition == "coactivation" or router in ("learned", "hidden")
 
 
 @torch.no_grad()
@@ -86,9 +88,44 @@ def moefy(model: nn.Module, experts: int, k: int, partition: str = "kmeans", rou
             routers[i] = emoe_router(mlp, parts[i])
         else:
             routers[i] = learned_router(mlp, parts[i], inputs[i], seed=seed)
-    moe = convert(model, parts, routers, k, max_logit)
+    moe = convert(model, {i: expert_tensors(ffn(model, i), parts[i], k) for i in layers}, routers, k, max_logit)
     plan = {"format": "moekit-make-plan", "version": 1, "source_type": model.config.model_type,
             "target_type": moe.config.model_type, "experts": experts, "k": k, "partition": partition,
             "router": router, "seed": seed, "max_logit": max_logit,
             "layers": {str(i): parts[i].tolist() for i in layers}}
+    return moe, plan
+
+
+UPCYCLE_ROUTERS = ("random", "hidden")
+
+
+def upcycle(model: nn.Module, experts: int, k: int, router: str = "random", layers: Sequence[int] | None = None,
+            inputs: dict[int, Tensor] | None = None, seed: int = 0, init_std: float = 0.02) -> tuple[nn.Module, dict]:
+    """Sparse upcycling: every expert a copy of the dense FFN, so the model equals the dense one at step 0 (the
+    chosen experts' weights are renormalised to sum 1) until training makes the copies differ. Router: `random`
+    (normal, std `init_std`) or `hidden` (mergekit's hidden-state gate: k-means centres of the layer's
+    calibration inputs, from `capture_inputs`, scaled to the same std)."""
+    from sklearn.cluster import KMeans
+
+    if router not in UPCYCLE_ROUTERS:
+        raise ConfigError(f"router={router!r}: upcycling routers are {', '.join(UPCYCLE_ROUTERS)}")
+    check(model.config, experts, k, layers, copies=True)
+    layers = list(range(model.config.num_hidden_layers)) if layers is None else sorted(set(layers))
+    if router == "hidden" and inputs is None:
+        raise ConfigError("router=hidden: needs calibration text (--data); expected inputs from capture_inputs")
+    g = torch.Generator().manual_seed(seed)
+    routers = {}
+    for i in layers:
+        if router == "random":
+            routers[i] = torch.randn(experts, model.config.hidden_size, generator=g) * init_std
+        else:
+            x = inputs[i].double().numpy()
+            if x.shape[0] < experts:
+                raise ConfigError(f"router=hidden: {x.shape[0]} calibration tokens; expected at least {experts}")
+            centres = torch.from_numpy(KMeans(experts, n_init=3, random_state=seed).fit(x).cluster_centers_).float()
+            routers[i] = centres / centres.std().clamp_min(1e-12) * init_std
+    moe = convert(model, {i: upcycled_tensors(ffn(model, i), experts) for i in layers}, routers, k, max_logit=None)
+    plan = {"format": "moekit-make-plan", "version": 1, "source_type": model.config.model_type,
+            "target_type": moe.config.model_type, "experts": experts, "k": k, "partition": "upcycle",
+            "router": router, "seed": seed, "layers": {str(i): "copies" for i in layers}}
     return moe, plan

@@ -59,13 +59,16 @@ def ffn(model: nn.Module, layer: int) -> nn.Module:
     return model.model.layers[layer].mlp
 
 
-def moe_config(config, experts: int, k: int, layers: list[int]):
-    """The MoE family's config: the dense `config` with E experts of width I/E, k per token, in `layers`."""
+def moe_config(config, experts: int, k: int, layers: list[int], upcycle: bool = False):
+    """The MoE family's config: the dense `config` with E experts of width I/E (or, upcycled, E copies of width I),
+    k per token, in `layers`."""
     from transformers import AutoConfig
 
     target = target_of(config)
     width = config.intermediate_size
-    expert_width = check_split(width, experts)
+    if upcycle and (isinstance(experts, bool) or not isinstance(experts, int) or experts < 1):
+        raise ConfigError(f"experts={experts!r}: expected a positive integer")
+    expert_width = width if upcycle else check_split(width, experts)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
         raise ConfigError(f"k={k!r}: expected an integer in 1..experts={experts}")
     n_layers = config.num_hidden_layers
@@ -98,20 +101,29 @@ def expert_tensors(mlp: nn.Module, partition: Tensor, k: int) -> tuple[Tensor, T
     return gate_up, down
 
 
+def upcycled_tensors(mlp: nn.Module, experts: int) -> tuple[Tensor, Tensor]:
+    """E copies of the dense FFN: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    return gate_up.expand(experts, -1, -1).clone(), mlp.down_proj.weight.expand(experts, -1, -1).clone()
+
+
 @torch.no_grad()
-def convert(model: nn.Module, partitions: dict[int, Tensor], routers: dict[int, Tensor], k: int,
-            max_logit: float = 1e-3) -> nn.Module:
-    """A new MoE model of the target family: `partitions[layer] [E, I/E]` neuron indices, `routers[layer] [E, H]`
-    router directions (scaled here). The dense model is left as it was."""
+def convert(model: nn.Module, experts: dict[int, tuple[Tensor, Tensor]], routers: dict[int, Tensor], k: int,
+            max_logit: float | None = 1e-3) -> nn.Module:
+    """A new MoE model of the target family with `experts[layer] = (gate_up_proj, down_proj)` and router weights
+    `routers[layer] [E, H]`, scaled so that |logit| <= max_logit (None: as given, for upcycled copies, whose
+    renormalised weights sum to 1 whatever the router says). Expert widths of I (copies) make it an upcycled
+    model. The dense model is left as it was."""
     from transformers import AutoModelForCausalLM
 
     import moekit.hf as mh
 
-    if not max_logit > 0:
+    if max_logit is not None and not max_logit > 0:
         raise ConfigError(f"max_logit={max_logit}: expected a positive number")
-    layers = sorted(partitions)
-    experts = next(iter(partitions.values())).shape[0]
-    config = moe_config(model.config, experts, k, layers)
+    layers = sorted(experts)
+    gate_up0 = experts[layers[0]][0]
+    upcycle = gate_up0.shape[1] == 2 * model.config.intermediate_size
+    config = moe_config(model.config, gate_up0.shape[0], k, layers, upcycle=upcycle)
     dtype = next(model.parameters()).dtype
     moe = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     state = model.state_dict()
@@ -124,12 +136,12 @@ def convert(model: nn.Module, partitions: dict[int, Tensor], routers: dict[int, 
         raise ConfigError(f"model: converting to {config.model_type} left {unfilled[:3]} unset; expected the dense "
                           "decoder's weights to cover everything but the FFNs")
     for i in layers:
-        gate_up, down = expert_tensors(ffn(model, i), partitions[i], k)
         block = blocks[i]
-        block.experts.gate_up_proj.copy_(gate_up)
-        block.experts.down_proj.copy_(down)
+        block.experts.gate_up_proj.copy_(experts[i][0])
+        block.experts.down_proj.copy_(experts[i][1])
         router = routers[i].to(block.router.weight)
-        block.router.weight.copy_(router * logit_scale(model, i, router, max_logit))
+        scale = 1.0 if max_logit is None else logit_scale(model, i, router, max_logit)
+        block.router.weight.copy_(router * scale)
     if getattr(model.config, "tie_word_embeddings", False):
         moe.tie_weights()
     return moe

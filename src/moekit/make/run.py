@@ -13,7 +13,7 @@ import torch
 from moekit.errors import ConfigError
 from moekit.files import read_bounded, swap_in, temp_dir
 from moekit.hf.checkpoint import CheckpointError
-from moekit.make import TARGETS, capture_inputs, check, moefy, needs_data
+from moekit.make import TARGETS, capture_inputs, check, moefy, needs_data, upcycle
 
 
 def dense_config(path: str | os.PathLike):
@@ -67,8 +67,9 @@ def make_checkpoint(model_path: str, out: str, experts: int, k: int, partition: 
         raise ConfigError(f"--max-tokens={max_tokens}: expected at least 2 calibration tokens")
     if needs_data(partition, router) and not data:
         raise ConfigError(f"--method {partition} / --router {router}: needs calibration text; expected --data FILE")
+    copies = partition == "upcycle"
     source = Path(model_path)
-    check(dense_config(source), experts, k, layers)
+    check(dense_config(source), experts, k, layers, copies=copies)
     out_dir = check_out(out, source, data or [], force)
     docs = read_documents(data) if data else []
     model = load_dense(source)
@@ -78,7 +79,10 @@ def make_checkpoint(model_path: str, out: str, experts: int, k: int, partition: 
         windows = [ids for ids, _ in token_windows(tokenizer, docs, model, max_tokens)]
         layer_ids = list(range(model.config.num_hidden_layers)) if layers is None else layers
         inputs = capture_inputs(model, windows, layer_ids, max_tokens)
-    moe, plan = moefy(model, experts, k, partition, router, layers, inputs, seed)
+    if copies:
+        moe, plan = upcycle(model, experts, k, router, layers, inputs, seed)
+    else:
+        moe, plan = moefy(model, experts, k, partition, router, layers, inputs, seed)
     with temp_dir(out_dir, "make") as tmp:
         save(moe, tmp, force=True)
         for name in TOKENIZER_FILES:
