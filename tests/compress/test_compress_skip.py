@@ -12,7 +12,7 @@ import moekit.hf as mh
 from hf.tiny import tiny_model
 from moekit.compress.quantize import apply_quant, plan_quant
 from moekit.compress.skip import apply_skip, calibrate_skip, experts_per_token, quantile_threshold, weight_ratios
-from moekit.core.experts.qformat import QuantizedMatrix
+from moekit.core.experts.quantized import DispatchedQuantizedExperts
 from moekit.data import TextDoc
 from moekit.errors import ConfigError
 from moekit.hf.reroute import unroute
@@ -67,11 +67,10 @@ def test_skipped_experts_of_a_quantized_model_are_not_run(monkeypatch):
         b.router.register_forward_hook(
             lambda _m, _i, out, layer=b.layer: top1.update((layer, int(e)) for e in out[2][:, 0]))
     runs: set[tuple[int, int]] = set()
-    owner = {id(m): (b.layer, e) for b in mh.view(model) for e in range(b.num_experts)
-             for m in (b.experts.module.gate_up_q[e], b.experts.module.down_q[e])}
-    original = QuantizedMatrix.dequantize
-    monkeypatch.setattr(QuantizedMatrix, "dequantize",
-                        lambda self, dtype: runs.add(owner[id(self)]) or original(self, dtype))
+    layer_of = {id(b.experts.module): b.layer for b in mh.view(model)}
+    original = DispatchedQuantizedExperts.expert
+    monkeypatch.setattr(DispatchedQuantizedExperts, "expert",
+                        lambda self, x, e: runs.add((layer_of[id(self)], e)) or original(self, x, e))
     ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(4))
     apply_skip(model, [1.0, 1.0])  # every token keeps only its top expert
     with torch.no_grad():

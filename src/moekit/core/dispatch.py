@@ -181,9 +181,11 @@ def _threaded_forward(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike, keep
     def work(group: list[tuple[int, int, int]]) -> None:
         with torch.no_grad():  # grad mode is thread-local
             for e, s, t in group:
-                up_w, up_b = experts.up_weight(e), _row(experts.gate_up_proj_bias, e)
                 x = xs[s:t]
-                h = _linear_into(hidden[s:t], x, up_w, up_b) if keep_hidden else linear(x, up_w, up_b)
+                if not keep_hidden:  # the format's own way (a quantized expert's packed kernels, ...)
+                    ys[s:t] = experts.expert(x, e)
+                    continue
+                h = _linear_into(hidden[s:t], x, experts.up_weight(e), _row(experts.gate_up_proj_bias, e))
                 _linear_into(ys[s:t], experts.act(h), experts.down_weight(e), _row(experts.down_proj_bias, e))
 
     workers = torch.get_num_threads()

@@ -233,7 +233,7 @@ def shape_key(kind: str, shape: tuple) -> str:
 
 
 _tuner: Tuner | None = None
-_small_linear: dict[tuple, bool] = {}
+_memo: dict[tuple, str] = {}
 
 
 def tuner() -> Tuner:
@@ -249,31 +249,40 @@ def set_tuner(new: Tuner | None) -> Tuner | None:
     choices memoised from the old one."""
     global _tuner
     old, _tuner = _tuner, new
-    _small_linear.clear()
+    _memo.clear()
     return old
 
 
 SMALL_ROWS = range(2, 9)  # the row counts where x W^T and (W x^T)^T differ in speed enough to choose
 
 
+def choose(kind: str, shape: tuple, candidates: Callable[[], dict[str, Callable[[], object]]], default: str) -> str:
+    """`tuner().choose` for hot loops: `default` when tuning is off; else the choice, memoised per process once it is
+    in the cache (so a hit costs one dict lookup); `candidates()` is built only when something must be measured."""
+    if not enabled():
+        return default
+    key = (kind, shape, torch.get_num_threads())
+    hit = _memo.get(key)
+    if hit is not None:
+        return hit
+    t = tuner()
+    name = t.cached(kind, shape)
+    if name is None:
+        name = t.choose(kind, shape, candidates(), default)
+        if t.cached(kind, shape) is None:  # not measured (suspended thread): don't fix the default
+            return name
+    _memo[key] = name
+    return name
+
+
 def small_linear_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """For x [n, in] with n in SMALL_ROWS: whether (W x^T)^T beats x W^T here. CPU BLAS may run x W^T with so few
     rows as one matrix-vector product per row, reading W once per row, while W x^T reads it once. Default without
     measurement: n <= 3 (measured on an AMD EPYC Zen 4: 2-2.5x faster there; other CPUs differ)."""
-    if not enabled():
-        return x.shape[0] <= 3
-    threads = torch.get_num_threads()
-    key = (x.shape[0], weight.shape[0], weight.shape[1], x.dtype, weight.stride(), threads)
-    choice = _small_linear.get(key)
-    if choice is not None:
-        return choice
     shape = (x.shape[0], weight.shape[0], weight.shape[1], x.dtype, "contiguous" if weight.is_contiguous() else "t")
-    w = weight.detach()
-    xd = x.detach()
-    t = tuner()
-    default = "w_xt" if x.shape[0] <= 3 else "x_wt"
-    winner = t.choose("linear", shape, {"x_wt": lambda: torch.mm(xd, w.t()), "w_xt": lambda: torch.mm(w, xd.t())},
-                      default)
-    if t.cached("linear", shape) is not None:  # measured or read: fixed from now on
-        _small_linear[key] = winner == "w_xt"
-    return winner == "w_xt"
+
+    def candidates() -> dict[str, Callable[[], object]]:
+        w, xd = weight.detach(), x.detach()
+        return {"x_wt": lambda: torch.mm(xd, w.t()), "w_xt": lambda: torch.mm(w, xd.t())}
+
+    return choose("linear", shape, candidates, "w_xt" if x.shape[0] <= 3 else "x_wt") == "w_xt"
