@@ -9,9 +9,9 @@ from moekit import MoE
 from reference import ref_moe
 
 NAMES = ["topk", "top_p", "null_experts", "expert_choice", "hash", "random", "smoe_dropout", "sinkhorn", "recurrent",
-         "chain", "weak_strong", "small_big_skip", "film"]
+         "chain", "weak_strong", "small_big_skip", "film", "thor", "sparse_ot", "moe_x"]
 # router parameters that must get no gradient (fixed or absent routers), by name
-NO_ROUTER_GRAD = {"hash", "random", "smoe_dropout"}
+NO_ROUTER_GRAD = {"hash", "random", "smoe_dropout", "thor", "moe_x"}  # moe_x routes through its experts' encoders
 PAPER_LOSSES = {"top_p": {"entropy", "balance"}, "null_experts": {"balance"}, "random": {"consistency"},
                 "weak_strong": {"strong_use", "balance"}, "small_big_skip": {"compute", "balance"}}
 VARIABLE_K = {"top_p": {}, "null_experts": {}, "expert_choice": {}, "sinkhorn": {"capacity_factor": 0.8}}
@@ -30,7 +30,8 @@ def test_trains_forward_and_backward_with_defaults(name):
     out = moe(x, token_ids=ids)
     assert out.hidden.shape == x.shape and torch.isfinite(out.hidden).all()
     assert PAPER_LOSSES.get(name, set()) <= set(out.losses)
-    assert ("balance" in out.losses) == (name not in {"expert_choice", "hash", "random", "smoe_dropout", "sinkhorn"})
+    assert ("balance" in out.losses) == (name not in {"expert_choice", "hash", "random", "smoe_dropout", "sinkhorn",
+                                                      "thor", "sparse_ot"})
     (out.hidden.square().mean() + out.aux_loss).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     router_grads = [p.grad for n, p in moe.router.named_parameters() if n in ("weight", "bias")]
