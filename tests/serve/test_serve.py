@@ -124,6 +124,7 @@ def test_client_leaving_mid_stream_frees_its_row(server):
     (b'{"model": "moekit-tiny", "prompt": "' + b"word " * 600 + b'"}', 400, "prompt", "context_length_exceeded"),
     (b'{"model": "moekit-tiny", "prompt": "hi", "temperature": "hot"}', 400, "temperature", None),
     (b'[1, 2]', 400, None, "invalid_json"),
+    (b'{"model": "moekit-tiny", "prompt": [1, 99999]}', 400, "prompt", None),
 ])
 def test_bad_input_gets_openai_errors(server, body, status, param, code):
     url = server[0].url
@@ -134,6 +135,13 @@ def test_bad_input_gets_openai_errors(server, body, status, param, code):
     assert (err["param"], err["code"]) == (param, code)
     ok = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2  # still serving
+
+
+def test_bad_chat_messages(server):
+    url = server[0].url + "/v1/chat/completions"
+    for messages, param in (([{"role": "user"}], "messages[0]"), ([], "messages"), (None, "messages")):
+        r = httpx.post(url, json={"model": MODEL, "messages": messages})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_requests_beyond_the_queue_get_429_and_the_rest_complete(server, client):

@@ -109,6 +109,8 @@ class Engine:
         self.scheduler = scheduler
         self.decoder = Decoder(model, max_len)
         self.context = self.decoder.max_len
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        self.vocab_size = int(getattr(cfg, "vocab_size", 0) or 0) or None
         self.layers = find_layers(model)
         self.num_experts = max(ly.num_experts for ly in self.layers)
         self.pending: deque[_Seq] = deque()
@@ -127,6 +129,8 @@ class Engine:
         """Raises RequestError when the request cannot fit the model's context."""
         if not prompt_ids:
             raise RequestError("prompt: encodes to no tokens; expected some text", "prompt")
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt_ids):
+            raise RequestError(f"prompt: token ids must lie in [0, {self.vocab_size})", "prompt")
         if len(prompt_ids) >= self.context:
             raise RequestError(f"This model's maximum context length is {self.context} tokens; the prompt has "
                                f"{len(prompt_ids)} tokens", "prompt", "context_length_exceeded")
