@@ -105,11 +105,21 @@ class RaggedExperts(nn.Module):
         return out if self.gpt_oss is None else out.transpose(1, 2)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        """Each expert runs once on its tokens at its own width (views of the packed tensors: no padding, no copy
+        of weights); one stable sort groups the assignments by expert (an index outside [0, E) means none)."""
         out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():
-            if e < 0 or e >= self.num_experts:
+        k = top_k_index.shape[1]
+        flat = top_k_index.reshape(-1)
+        flat = torch.where((flat >= 0) & (flat < self.num_experts), flat, self.num_experts)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1).tolist()
+        start = 0
+        for e, n in enumerate(counts[: self.num_experts]):
+            if not n:
                 continue
-            token, slot = torch.where(top_k_index == e)
+            chosen = order[start: start + n]
+            start += n
+            token, slot = chosen // k, chosen % k
             gate_up, down, bias = self.parts(e)
             h = nn.functional.linear(hidden_states[token], gate_up, bias)
             gate, up = h[:, : self.widths[e]], h[:, self.widths[e]:]  # an expert of width 0 adds its bias only
