@@ -189,6 +189,12 @@ def test_bad_input_is_a_one_line_error(tiny_default):
         load_for_decode(None, dtype="fp8")
     with pytest.raises(ConfigError, match="temperature=0"):
         Sampling(temperature=0)
+    mh.accelerate(model)
+    try:  # refused before anything compiles
+        with pytest.raises(ConfigError, match="compile=True: torch.compile cannot trace moekit's dispatch"):
+            Decoder(model, compile=True)
+    finally:
+        mh.restore(model)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v2"])

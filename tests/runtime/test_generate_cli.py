@@ -51,7 +51,8 @@ def test_prompt_longer_than_the_context_is_one_line_exit_2(capsys):
     assert err[-1].startswith("moekit generate: error: the prompt has") and "context is 512" in err[-1]
 
 
-@pytest.mark.parametrize("argv", [["--dtype", "fp8"], ["--max-new-tokens", "0"], ["--temperature", "-1"]])
+@pytest.mark.parametrize("argv", [["--dtype", "fp8"], ["--max-new-tokens", "0"], ["--temperature", "-1"],
+                                  ["--compile", "--experts", "moekit"]])
 def test_bad_options_exit_2(argv, capsys):
     try:
         code = main(["generate", "--prompt", "x", *argv])

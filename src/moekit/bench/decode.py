@@ -102,7 +102,8 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
 def _contenders(model: nn.Module, ids: list[int], n: int, llama: Callable | None, compiled: bool,
                 accelerated: bool) -> dict[str, Callable[[], list[int]]]:
     prompt = torch.tensor([ids])
-    plain, fast = Decoder(model), Decoder(model, compile=compiled) if compiled else None
+    plain = Decoder(model)
+    fast = Decoder(restore(model), compile=True) if compiled else None
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     def transformers() -> list[int]:
@@ -115,8 +116,13 @@ def _contenders(model: nn.Module, ids: list[int], n: int, llama: Callable | None
         return decoder.generate(prompt, n, stop_at_eos=False).tokens[0]
 
     fns: dict[str, Callable[[], list[int]]] = {"transformers": transformers, "moekit": moekit}
-    if fast is not None:
-        fns["moekit_compiled"] = lambda: moekit(fast)
+    if fast is not None:  # torch.compile cannot trace moekit's dispatch: transformers' experts here
+
+        def compiled_run() -> list[int]:
+            restore(model)
+            return fast.generate(prompt, n, stop_at_eos=False).tokens[0]
+
+        fns["moekit_compiled"] = compiled_run
     if llama is not None:
         fns["llama_cpp"] = lambda: llama(ids, n)
     return fns

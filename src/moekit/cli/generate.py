@@ -27,7 +27,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", choices=["auto", "moekit", "transformers"], default="auto",
                    help="experts through moekit's dispatch, transformers' own forward, or whichever a short "
                         "measurement finds faster (default auto)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start; measure first)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token steps, with transformers' experts (slow start; measure first)")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of streaming")
     p.add_argument("--expert-memory", metavar="SIZE", default=None,
                    help="keep experts on disk, at most SIZE of them cached (bytes, 2GB, 512MiB, or 25%% of the "
@@ -51,7 +52,10 @@ def build_model(args: argparse.Namespace):
         args.offloaded, _, tokenizer = open_for_generate(args.model, args.expert_memory, args.policy, args.prefetch,
                                                          DTYPES[args.dtype], args.predictor)
         return args.offloaded.model, tokenizer
-    accelerate = {"auto": "auto", "moekit": True, "transformers": False}[args.experts]
+    if args.compile and args.experts == "moekit":
+        raise ConfigError("--compile with --experts moekit: torch.compile cannot trace moekit's dispatch; expected "
+                          "--experts transformers (or auto, which --compile turns into transformers)")
+    accelerate = False if args.compile else {"auto": "auto", "moekit": True, "transformers": False}[args.experts]
     return load_for_decode(args.model, dtype=args.dtype, accelerate=accelerate)
 
 

@@ -152,6 +152,13 @@ class Decoder:
             self._kw["logits_to_keep"] = 1
         if "output_router_logits" in params:
             self._kw["output_router_logits"] = False
+        if compile:
+            from moekit.hf import is_accelerated, view
+
+            if view(model) and is_accelerated(model):
+                raise ConfigError("compile=True: torch.compile cannot trace moekit's dispatch in this torch "
+                                  "(data-dependent expert slices); expected the model with transformers' experts "
+                                  "(moekit.hf.restore(model), or --experts transformers)")
         # compiled: one-token steps only (their shapes vary in the cache length alone); prefill stays eager, as
         # every new prompt length would otherwise recompile
         self._step_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
