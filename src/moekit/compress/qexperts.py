@@ -38,7 +38,7 @@ def expert_parts(block: BlockView, e: int) -> tuple[Tensor, Tensor, Tensor | Non
     return up, down, up_b, down_b
 
 
-def quantize_experts(block: BlockView, formats: list[str], group_size: int, impl: str = "loop"
+def quantize_experts(block: BlockView, formats: list[str], group_size: int, impl: str = "auto"
                      ) -> DispatchedQuantizedExperts:
     """A quantized copy of `block`'s experts: expert e in formats[e] (see `qformat`), at its own width."""
     src = block.experts

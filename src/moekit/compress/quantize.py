@@ -113,9 +113,9 @@ def plan_quant(model: nn.Module, stats: dict | Stats | None, spec: str, group_si
     return QuantPlan(spec, group_size, layers, budget, expert_bytes, weights)
 
 
-def apply_quant(model: nn.Module, plan: QuantPlan, impl: str = "loop") -> nn.Module:
+def apply_quant(model: nn.Module, plan: QuantPlan, impl: str = "auto") -> nn.Module:
     """Quantize `model`'s routed experts as `plan` says, in place; returns `model`. `impl`: how the quantized experts
-    run in moekit's dispatch (`loop` or `threads`)."""
+    run in moekit's dispatch (`auto`: the tuner's choice, `loop` or `threads`)."""
     blocks = _quantizable(model)
     layers = {b.layer for b in blocks}
     if set(plan.layers) != layers:

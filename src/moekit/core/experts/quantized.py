@@ -25,14 +25,15 @@ from moekit.core.experts.qformat import QuantizedExperts, QuantizedMatrix
 from moekit.core.experts.qkernels import Kernel, pack
 from moekit.errors import ConfigError
 
-QUANT_IMPLS = ("loop", "threads")
+QUANT_IMPLS = ("auto", "loop", "threads")
 
 
 class DispatchedQuantizedExperts(QuantizedExperts):
-    """`QuantizedExperts` run by moekit's dispatch. `impl`: `loop` (one expert after another, each GEMM on all
-    cores) or `threads` (experts side by side on the thread pool, one core each)."""
+    """`QuantizedExperts` run by moekit's dispatch. `impl`: `auto` (the tuner's measured choice of the two below,
+    `moekit.core.tune`), `loop` (one expert after another, each GEMM on all cores) or `threads` (experts side by
+    side on the thread pool, one core each)."""
 
-    def __init__(self, *args, impl: str = "loop", **kwargs):
+    def __init__(self, *args, impl: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if impl not in QUANT_IMPLS:
             raise ConfigError(f"impl={impl!r}: expected one of {', '.join(QUANT_IMPLS)}")
