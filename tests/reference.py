@@ -219,9 +219,9 @@ def ref_expert_choice(logits: Tensor, capacity: int) -> list[dict[int, float]]:
 
 
 def ref_attention_experts(x: Tensor, indices: Tensor, weights: Tensor, mask: Tensor | None, moa) -> Tensor:
-    """Per token, per chosen head, in float64 loops: q = W_q[e] x_t, scores over the allowed keys, softmax or
-    stick-breaking weights walked from the nearest key back, y_t += w W_o[e] sum_s a_s v_s. `moa` is a
-    `MixtureOfAttention` (its raw weights and config are read)."""
+    """Per token, per chosen expert, per head h of it, in float64 loops: q = W_q[e][h] x_t, scores over the allowed
+    keys, softmax or stick-breaking weights walked from the nearest key back; y_t += w W_o[e] concat_h(sum_s a_s
+    v_s). `moa` is a `MixtureOfAttention` (its raw weights and config are read)."""
     cfg = moa.config
     batch, seq, _ = x.shape
     xd = x.detach().double()
@@ -235,18 +235,22 @@ def ref_attention_experts(x: Tensor, indices: Tensor, weights: Tensor, mask: Ten
                     continue
                 e = int(indices[n, j])
                 kv = 0 if cfg.shared_kv else e
-                q = q_w[e] @ xd[b, t]
-                keys = list(range(t + 1)) if cfg.causal else list(range(seq))
-                scores = [float(q @ (k_w[kv] @ xd[b, s])) / math.sqrt(q.shape[0]) for s in keys]
-                if cfg.kind == "softmax":
-                    a = _softmax(scores)
-                else:
-                    a = [0.0] * len(keys)
-                    remaining = 1.0
-                    for i in reversed(range(len(keys))):  # nearest key first
-                        beta = 1 / (1 + math.exp(-scores[i]))
-                        a[i] = remaining * beta
-                        remaining *= 1 - beta
-                head = sum(a[i] * (v_w[kv] @ xd[b, s]) for i, s in enumerate(keys))
-                out[b, t] += float(weights[n, j].detach()) * (o_w[e] @ head)
+                d = moa.head_dim
+                heads = []
+                for h in range(cfg.heads_per_expert):
+                    rows = slice(h * d, (h + 1) * d)
+                    q = q_w[e][rows] @ xd[b, t]
+                    keys = list(range(t + 1)) if cfg.causal else list(range(seq))
+                    scores = [float(q @ (k_w[kv][rows] @ xd[b, s])) / math.sqrt(d) for s in keys]
+                    if cfg.kind == "softmax":
+                        a = _softmax(scores)
+                    else:
+                        a = [0.0] * len(keys)
+                        remaining = 1.0
+                        for i in reversed(range(len(keys))):  # nearest key first
+                            beta = 1 / (1 + math.exp(-scores[i]))
+                            a[i] = remaining * beta
+                            remaining *= 1 - beta
+                    heads.append(sum(a[i] * (v_w[kv][rows] @ xd[b, s]) for i, s in enumerate(keys)))
+                out[b, t] += float(weights[n, j].detach()) * (o_w[e] @ torch.cat(heads))
     return out

@@ -26,6 +26,7 @@ def setups(draw):
         heads=heads, k=draw(st.integers(1, heads)), shared_kv=draw(st.booleans()), kind=kind,
         causal=True if kind == "stickbreaking" else draw(st.booleans()),
         dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64])), seed=draw(st.integers(0, 99)),
+        per_expert=draw(st.integers(1, 3)),
     )
 
 
@@ -33,7 +34,7 @@ def setups(draw):
 def test_matches_the_per_token_reference(s):
     torch.manual_seed(s["seed"])
     cfg = AttentionExpertsConfig(s["hidden"], s["heads"], s["k"], shared_kv=s["shared_kv"], kind=s["kind"],
-                                 causal=s["causal"])
+                                 causal=s["causal"], heads_per_expert=s["per_expert"])
     moa = MixtureOfAttention(cfg, dtype=s["dtype"])
     x = torch.randn(s["batch"], s["seq"], s["hidden"]).to(s["dtype"])
     with torch.no_grad():
@@ -78,9 +79,11 @@ def test_stickbreaking_on_a_hand_computed_case():
 
 @pytest.mark.parametrize("kind", ["softmax", "stickbreaking"])
 @pytest.mark.parametrize("shared_kv", [True, False])
-def test_gradcheck_float64(kind, shared_kv):
+@pytest.mark.parametrize("per_expert", [1, 2])
+def test_gradcheck_float64(kind, shared_kv, per_expert):
     torch.manual_seed(0)
-    moa = MixtureOfAttention(AttentionExpertsConfig(6, 4, 2, shared_kv=shared_kv, kind=kind), dtype=torch.float64)
+    moa = MixtureOfAttention(AttentionExpertsConfig(6, 4, 2, shared_kv=shared_kv, kind=kind,
+                                                    heads_per_expert=per_expert), dtype=torch.float64)
     x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
 
     params = [p.detach().clone().requires_grad_(True) for p in (moa.q_proj, moa.k_proj, moa.v_proj, moa.o_proj)]
@@ -153,7 +156,8 @@ def test_added_heads_leave_old_routings_alone_and_pruned_heads_keep_the_rest(sha
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    ({"num_heads": 0}, "num_heads"), ({"num_heads": 2, "k": 3}, "k="), ({"kind": "linear"}, "kind"),
+    ({"num_heads": 0}, "num_heads"), ({"heads_per_expert": 0}, "heads_per_expert"), ({"num_heads": 2, "k": 3}, "k="),
+    ({"kind": "linear"}, "kind"),
     ({"kind": "stickbreaking", "causal": False}, "causal"), ({"head_dim": 0}, "head_dim"),
     ({"loss_weights": LossWeights(balance=-0.1)}, "loss_weights.balance"),
     ({"loss_weights": LossWeights(z=float("nan"))}, "loss_weights.z"),
@@ -174,3 +178,25 @@ def test_bad_input_and_bad_prune():
         moa.prune_heads([1])
     with pytest.raises(ConfigError, match="n="):
         moa.add_heads(0)
+
+
+def test_experts_of_several_heads_upcycled_from_a_dense_attention_reproduce_it():
+    """BAM's start: every expert a copy of a dense 4-head attention (per-expert K/V), soft routing over all of
+    them (k = E, weights summing to 1): the layer is the dense attention."""
+    torch.manual_seed(5)
+    b, t, h, heads = 2, 5, 8, 4
+    d = h // heads
+    q, k, v = (torch.randn(heads * d, h) for _ in range(3))
+    o = torch.randn(h, heads * d)
+    x = torch.randn(b, t, h)
+
+    def split(m):
+        return (x @ m.T).view(b, t, heads, d).transpose(1, 2)
+
+    att = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+    dense = att.transpose(1, 2).reshape(b, t, heads * d) @ o.T
+    moa = MixtureOfAttention(AttentionExpertsConfig(h, 3, 3, head_dim=d, heads_per_expert=heads, shared_kv=False))
+    with torch.no_grad():
+        for p, w in ((moa.q_proj, q), (moa.k_proj, k), (moa.v_proj, v), (moa.o_proj, o)):
+            p.copy_(w.expand_as(p))
+        torch.testing.assert_close(moa(x).hidden, dense, atol=1e-5, rtol=1e-5)

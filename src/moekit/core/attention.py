@@ -1,10 +1,13 @@
 """Attention experts: a mixture-of-attention layer whose experts are attention heads.
 
-E heads, each with its own query and output projections (q_proj[e]: [d, H], o_proj[e]: [H, d]); keys and values
-come from one projection shared by every head (`shared_kv=True`, as in Mixture of Attention Heads and ModuleFormer)
-or from one per head. Any registered router (`moekit.core.routers`) picks k heads per token with weights w:
+E experts, each a group of n heads (`heads_per_expert`, 1 by default: an expert is one head) with its own query and
+output projections (q_proj[e]: [n d, H], o_proj[e]: [H, n d]); keys and values come from one projection shared by
+every expert (`shared_kv=True`, as in Mixture of Attention Heads and ModuleFormer, and BAM's KV sharing) or from one
+per expert. With n > 1 an expert is a whole multi-head attention (BAM's attention experts, upcycled from a dense
+model's attention). Head h of expert e uses rows h d .. (h + 1) d of its projections. Any registered router
+(`moekit.core.routers`) picks k experts per token with weights w:
 
-    y_t = sum_{j<k} w_tj o_proj[e_tj] sum_{s} a^{e_tj}_{ts} v^{e_tj}_s
+    y_t = sum_{j<k} w_tj o_proj[e_tj] concat_h( sum_{s} a^{e_tj,h}_{ts} v^{e_tj,h}_s )
 
 with, over the keys s allowed to token t (s <= t when causal),
     softmax:        a_ts = softmax_s(q_t . k_s / sqrt d)
@@ -35,8 +38,9 @@ KINDS = ("softmax", "stickbreaking")
 
 @dataclass
 class AttentionExpertsConfig:
-    """hidden_size H; num_heads E (the experts); k heads per token; head_dim d (default H // k, so k heads of
-    width d cost about one dense attention's projections); shared_kv: one K/V projection for every head;
+    """hidden_size H; num_heads E (the experts); k experts per token; head_dim d (default H // (k n), so k experts
+    of n heads of width d cost about one dense attention's projections); heads_per_expert n; shared_kv: one K/V
+    projection for every expert;
     kind: softmax | stickbreaking; causal: token t attends to s <= t; router / router_options: any registered
     router over the heads; loss_weights: the layer's balance / z / seq weights (non-negative)."""
 
@@ -50,9 +54,10 @@ class AttentionExpertsConfig:
     router: str = "topk"
     router_options: dict[str, Any] | None = None
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    heads_per_expert: int = 1
 
     def check(self) -> None:
-        for name in ("hidden_size", "num_heads", "k"):
+        for name in ("hidden_size", "num_heads", "k", "heads_per_expert"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r}: expected a positive integer")
@@ -107,15 +112,16 @@ class MixtureOfAttention(nn.Module):
         super().__init__()
         config.check()
         self.config = config
-        h, e = config.hidden_size, config.num_heads
-        self.head_dim = config.head_dim or max(1, h // config.k)
+        h, e, n = config.hidden_size, config.num_heads, config.heads_per_expert
+        self.head_dim = config.head_dim or max(1, h // (config.k * n))
+        width = n * self.head_dim
         kv_heads = 1 if config.shared_kv else e
         kw = {"dtype": dtype, "device": device}
-        self.q_proj = nn.Parameter(torch.empty(e, self.head_dim, h, **kw))
-        self.k_proj = nn.Parameter(torch.empty(kv_heads, self.head_dim, h, **kw))
-        self.v_proj = nn.Parameter(torch.empty(kv_heads, self.head_dim, h, **kw))
-        self.o_proj = nn.Parameter(torch.empty(e, h, self.head_dim, **kw))
-        for p, fan_in in ((self.q_proj, h), (self.k_proj, h), (self.v_proj, h), (self.o_proj, self.head_dim)):
+        self.q_proj = nn.Parameter(torch.empty(e, width, h, **kw))
+        self.k_proj = nn.Parameter(torch.empty(kv_heads, width, h, **kw))
+        self.v_proj = nn.Parameter(torch.empty(kv_heads, width, h, **kw))
+        self.o_proj = nn.Parameter(torch.empty(e, h, width, **kw))
+        for p, fan_in in ((self.q_proj, h), (self.k_proj, h), (self.v_proj, h), (self.o_proj, width)):
             nn.init.uniform_(p, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
         self.router = build_router(config.router, h, e, config.k, config.router_options).to(**kw)
 
@@ -144,9 +150,10 @@ class MixtureOfAttention(nn.Module):
     def heads(self, x: Tensor, routing: Routing) -> Tensor:
         """The routed sum of the chosen heads' outputs, [B, T, H]."""
         batch, seq, hidden = x.shape
+        n, d = self.config.heads_per_expert, self.head_dim
         flat = x.reshape(-1, hidden)
-        keys = torch.einsum("nh,edh->ned", flat, self.k_proj).view(batch, seq, -1, self.head_dim)
-        values = torch.einsum("nh,edh->ned", flat, self.v_proj).view(batch, seq, -1, self.head_dim)
+        keys = torch.einsum("th,ewh->tew", flat, self.k_proj).view(batch, seq, -1, n, d)
+        values = torch.einsum("th,ewh->tew", flat, self.v_proj).view(batch, seq, -1, n, d)
         positions = torch.arange(seq, device=x.device)
         token_b = torch.arange(batch * seq, device=x.device) // seq
         token_t = torch.arange(batch * seq, device=x.device) % seq
@@ -157,15 +164,15 @@ class MixtureOfAttention(nn.Module):
         for e in torch.unique(routing.indices[live]).tolist():
             tok, slot = torch.nonzero((routing.indices == e) & live, as_tuple=True)
             kv = 0 if self.config.shared_kv else e
-            q = flat[tok] @ self.q_proj[e].T  # [m, d]
-            k_rows, v_rows = keys[token_b[tok], :, kv], values[token_b[tok], :, kv]  # [m, S, d]
-            scores = torch.einsum("md,msd->ms", q, k_rows) * scale
+            q = (flat[tok] @ self.q_proj[e].T).view(-1, n, d)  # [m, n, d]
+            k_rows, v_rows = keys[token_b[tok], :, kv], values[token_b[tok], :, kv]  # [m, S, n, d]
+            scores = torch.einsum("mnd,msnd->mns", q, k_rows) * scale
             if self.config.causal:
-                allowed = positions.unsqueeze(0) <= token_t[tok].unsqueeze(1)
+                allowed = (positions.unsqueeze(0) <= token_t[tok].unsqueeze(1)).unsqueeze(1)  # [m, 1, S]
             else:
-                allowed = torch.ones_like(scores, dtype=torch.bool)
-            a = attention_weights(scores, allowed, self.config.kind)
-            head_out = torch.einsum("ms,msd->md", a, v_rows) @ self.o_proj[e].T  # [m, H]
+                allowed = torch.ones(len(tok), 1, seq, dtype=torch.bool, device=x.device)
+            a = attention_weights(scores, allowed.expand_as(scores), self.config.kind)
+            head_out = torch.einsum("mns,msnd->mnd", a, v_rows).reshape(len(tok), n * d) @ self.o_proj[e].T
             w = routing.weights[tok, slot].unsqueeze(-1)
             out.index_add_(0, tok, (w * head_out).to(out.dtype))
         return out.to(x.dtype).view(batch, seq, hidden)
