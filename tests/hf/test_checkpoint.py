@@ -111,7 +111,9 @@ def test_config_disagreeing_with_weights(saved, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     config["moe_intermediate_size"] = 24
     (copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="config.json: shapes disagree with the weights: .*experts"):
+    with pytest.raises(CheckpointError, match=r"model-.*safetensors: model.layers.0.mlp.experts.0.down_proj.weight is "
+                                              r"F32\[40, 20\]; config.json \(.*moe_intermediate_size=24.*\) expects "
+                                              r"\[40, 24\]"):
         mh.load(copy)
 
 
@@ -121,14 +123,15 @@ def test_config_with_more_layers_than_weights(saved, tmp_path):
     config["num_hidden_layers"] = 3
     config.pop("layer_types", None)
     (copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="config.json: disagrees with the weights.*layers.2.* missing"):
+    with pytest.raises(CheckpointError, match=r"config.json: num_hidden_layers=3; expected at most 2 \(the weights "
+                                              r"hold 2 decoder layers\)"):
         mh.load(copy)
 
 
 def test_bad_config_files(saved, tmp_path):
     copy = _copy(saved, tmp_path)
     config = json.loads((copy / "config.json").read_text())
-    config["num_hidden_layers"] = 3  # layer_types still lists 2: transformers' validator refuses it
+    config["layer_types"] = ["full_attention"] * 3  # 2 layers: transformers' validator refuses it
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json: cannot be read as a transformers config: .*layer_types"):
         mh.load(copy)

@@ -96,5 +96,6 @@ def test_manifest_errors(tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["layers"]["1"]["num_experts"] = 4
     (bad / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"moekit.json with config.json: expects .*layers.1.* \[4, "):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: model.layers.1.*is F32\[3, .*moekit.json with "
+                                              r"config.json \(.*\) expects \[4, "):
         mh.load(bad)

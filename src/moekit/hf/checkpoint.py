@@ -25,6 +25,7 @@ from moekit.hf.manifest import (
     check_float_experts,
     layer_shapes,
     load_manifest,
+    prune_auto_map,
     quantized_layers,
     save_manifest,
 )
@@ -102,6 +103,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, force: bool = False, max_
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
         else:
             save_manifest(model, tmp, str(max_shard_size))
+        prune_auto_map(tmp, out)  # a source's auto_map names modules the output does not hold
         read_checkpoint(tmp)  # what was written has whole headers and all its shards
         swap_in(tmp, out)
     return out

@@ -206,6 +206,40 @@ def save_manifest(model: nn.Module, directory: Path, max_shard_size: str = "2GB"
         model.generation_config.save_pretrained(directory)
 
 
+def prune_auto_map(directory: Path, shown: str | Path | None = None) -> list[str]:
+    """Drop from `directory`/config.json every `auto_map` entry whose module file `directory` does not hold (a config
+    copied from a checkpoint with its own modeling code: moekit saves the family's own classes and never copies a
+    checkpoint's code, and transformers cannot load, with `trust_remote_code`, a module that is not there). Says so
+    on stderr, naming the checkpoint `shown` (default `directory`); returns the entries dropped."""
+    import sys
+
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict) or not auto_map:
+        return []
+
+    def present(ref: object) -> bool:  # "module.Class", or [slow, fast] for tokenizers; "repo--module.Class" is remote
+        refs = ref if isinstance(ref, list) else [ref]
+        return all(r is None or (isinstance(r, str) and "--" not in r and "/" not in r
+                                 and (directory / (r.rsplit(".", 1)[0].replace(".", "/") + ".py")).is_file())
+                   for r in refs)
+
+    dropped = sorted(key for key, ref in auto_map.items() if not present(ref))
+    if not dropped:
+        return []
+    kept = {key: ref for key, ref in auto_map.items() if key not in dropped}
+    if kept:
+        config["auto_map"] = kept
+    else:
+        del config["auto_map"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    print(f"moekit: note: {Path(shown or directory) / path.name}: auto_map entries {', '.join(dropped)} dropped: "
+          f"their modules are not in the checkpoint (moekit saves the family's own transformers classes, never a "
+          f"checkpoint's code)", file=sys.stderr)
+    return dropped
+
+
 def _modeling_source(family: Family, quant: bool = False) -> str:
     names = {"block": family.block, "experts": family.experts, "transposed": family.transposed, "bias": family.bias}
     return _MODELING.format(name=family.name, model_type=family.model_type, router=family.router, **names,

@@ -254,3 +254,16 @@ def _check_expert_dtypes(directory: Path, family: Family, tensors: dict[str, Ten
         odd = next(t for t in experts if t.dtype != common)
         raise CheckpointError(f"{directory / odd.file}: {odd.name} is {odd.dtype} but the other routed-expert "
                               f"tensors are {common}; expected one dtype for every expert tensor")
+
+
+# files any one of which holds a tokenizer's vocabulary (tokenizer_config.json alone does not: transformers then
+# builds an empty tokenizer for some families and every text becomes no tokens)
+TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_files(directory: str | Path) -> None:
+    """Refuse a checkpoint directory without tokenizer files, naming the files expected."""
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_VOCAB):
+        raise CheckpointError(f"{directory}: no tokenizer files; expected tokenizer.json (or tokenizer.model, or "
+                              f"vocab.json + merges.txt) next to the weights, to turn the text into tokens")
