@@ -16,10 +16,10 @@ sum_i w[l,i,j,d] = cap_d x[l+1,j,d] (each device holds cap_d experts of every la
 bound the cross-term bound below). Layer 0's expert e may only use devices 0..e (devices are interchangeable; this
 removes relabelled copies of every solution).
 
-When the program has more than `max_vars` variables, or the solver finds no solution within `time_limit`, a greedy
-placement (balanced by load, then each next-layer expert beside the experts that feed it, then pairwise swaps) is
-used, and its gap to a lower bound is reported: per layer max(total / N, largest expert) for the load term, and for
-the cross term, since the device of expert i holds at most c experts of layer l+1, at least
+When the program has more than `max_vars` variables, or the solver's best solution within `time_limit` is worse
+than it, a greedy placement (balanced by load, then each next-layer expert beside the experts that feed it, then
+pairwise swaps) is used, and its gap to a lower bound is reported: per layer max(total / N, largest expert) for the
+load term, and for the cross term, since the device of expert i holds at most c experts of layer l+1, at least
 sum(deps) - sum_i (its c largest deps[i, :]) tokens must cross.
 
 EPLB-style replicas (`replicas` R > 0): each layer gets R extra copies, given one at a time to the expert with the
@@ -260,7 +260,6 @@ def greedy(counts: RoutingCounts, devices: int, alpha: float = 1.0, beta: float 
             score[used >= cap] = -np.inf
             d = int(np.argmax(score))
             device[li, e], used[d], dload[d] = d, used[d] + 1, dload[d] + counts.load[li, e]
-    best = objective(counts, device, N, alpha, beta)[0]
     for _ in range(passes):
         improved = False
         for li in range(L):
@@ -268,15 +267,27 @@ def greedy(counts: RoutingCounts, devices: int, alpha: float = 1.0, beta: float 
                 for b in range(a + 1, E):
                     if device[li, a] == device[li, b]:
                         continue
+                    before = _layer_cost(counts, device, li, N, alpha, beta)
                     device[li, [a, b]] = device[li, [b, a]]
-                    val = objective(counts, device, N, alpha, beta)[0]
-                    if val < best - 1e-9:
-                        best, improved = val, True
+                    if _layer_cost(counts, device, li, N, alpha, beta) < before - 1e-9:
+                        improved = True
                     else:
                         device[li, [a, b]] = device[li, [b, a]]
         if not improved:
             break
     return device
+
+
+def _layer_cost(counts: RoutingCounts, device: np.ndarray, li: int, devices: int, alpha: float, beta: float
+                ) -> float:
+    """The objective's terms that layer li's placement changes: its max device load and the crossings into and
+    out of it."""
+    cost = alpha * np.bincount(device[li], counts.load[li], devices).max()
+    if li > 0:
+        cost += beta * counts.deps[li - 1][device[li - 1][:, None] != device[li][None, :]].sum()
+    if li + 1 < counts.num_layers:
+        cost += beta * counts.deps[li][device[li][:, None] != device[li + 1][None, :]].sum()
+    return float(cost)
 
 
 def add_replicas(load: np.ndarray, primary: np.ndarray, devices: int, replicas: int) -> tuple[list[list[int]], int]:
@@ -322,8 +333,10 @@ def place(counts: RoutingCounts, devices: int, *, replicas: int = 0, alpha: floa
     if nvar <= max_vars and devices > 1:
         device, bound, status = _milp(counts, devices, alpha, beta, time_limit)
         method = "milp"
-    if device is None:
-        device, method = greedy(counts, devices, alpha, beta), "greedy"
+    fallback = greedy(counts, devices, alpha, beta)
+    if device is None or objective(counts, fallback, devices, alpha, beta)[0] < \
+            objective(counts, device, devices, alpha, beta)[0]:
+        device, method = fallback, "greedy"  # no solution in time, or the solver's best is worse than greedy's
     value = objective(counts, device, devices, alpha, beta)[0]
     bound = max(bound, lower_bound(counts, devices, alpha, beta))
     if devices == 1:
