@@ -32,10 +32,14 @@ def test_bench_offload_quick_end_to_end(capsys):
 def test_bench_large_under_a_cgroup_cap():
     from moekit.bench.offload_large import bench_large
 
-    records = bench_large(0.05, 1200, tokens=3, timeout=300)
+    records = bench_large(0.2, 1500, tokens=3, timeout=300)
     offload = next(r for r in records if r["contender"] == "offload")
     assert offload["exit_code"] == 0 and offload["decode_tokens_per_s"] > 0
     assert offload["bytes_read"] > 0 and offload["hit_rate"] < 1
+    # the budget is honoured: peak RSS over a one-expert cache's stays within the budget + 2 experts + 32 MiB
+    assert offload["budget_honoured"], offload
+    resident = next(r for r in records if r["contender"] == "resident")
+    assert resident["exit_code"] != 0 or resident["peak_rss_bytes"] > offload["peak_rss_bytes"]
     if cgroup_available() is None:
         assert offload["capped"] and not offload["oom_killed"]
         assert offload["peak_cgroup_bytes"] <= 1200 * 2**20

@@ -173,15 +173,21 @@ def bench_large(gb: float, cap_mb: int | None, tokens: int = 16, timeout: float 
         experts = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * \
             config.moe_intermediate_size * 2
         budget = experts // 4 if not cap_mb else min(experts // 4, cap_mb * 2**20 // 4)
+        slot = 3 * config.hidden_size * config.moe_intermediate_size * 2
         records = []
-        for contender in ("offload", "resident"):
+        for contender, b in (("offload", budget), ("offload-1-slot", slot), ("resident", budget)):
             drop_page_cache(directory)
             cmd = [sys.executable, "-m", "moekit.bench.offload_large", "--child", str(directory), "--contender",
-                   contender, "--budget", str(budget), "--tokens", str(tokens),
+                   contender.split("-")[0], "--budget", str(b), "--tokens", str(tokens),
                    "--threads", str(torch.get_num_threads())]
             rec = run_capped(cmd, cap_mb, timeout)
             records.append({"kind": "large", "contender": contender, "checkpoint_bytes": total,
-                            "expert_bytes": experts, "layers": config.num_hidden_layers, **rec})
+                            "expert_bytes": experts, "slot_bytes": slot, "layers": config.num_hidden_layers, **rec})
+        full, least = records[0], records[1]
+        if full.get("peak_rss_bytes") and least.get("peak_rss_bytes"):
+            # what the cache added over a one-expert cache (same process otherwise): the budget, honoured?
+            full["rss_over_one_slot_bytes"] = full["peak_rss_bytes"] - least["peak_rss_bytes"]
+            full["budget_honoured"] = full["rss_over_one_slot_bytes"] <= budget + 2 * slot + 32 * 2**20
         try:
             import llama_cpp  # noqa: F401
 
