@@ -181,8 +181,8 @@ def bench_large(gb: float, cap_mb: int | None, tokens: int = 16, timeout: float 
                    contender.split("-")[0], "--budget", str(b), "--tokens", str(tokens),
                    "--threads", str(torch.get_num_threads())]
             rec = run_capped(cmd, cap_mb, timeout)
-            records.append({"kind": "large", "contender": contender, "checkpoint_bytes": total,
-                            "expert_bytes": experts, "slot_bytes": slot, "layers": config.num_hidden_layers, **rec})
+            records.append({"kind": "large", "checkpoint_bytes": total, "expert_bytes": experts, "slot_bytes": slot,
+                            "layers": config.num_hidden_layers, **rec, "contender": contender})
         full, least = records[0], records[1]
         if full.get("peak_rss_bytes") and least.get("peak_rss_bytes"):
             # what the cache added over a one-expert cache (same process otherwise): the budget, honoured?
