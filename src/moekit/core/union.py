@@ -56,15 +56,19 @@ def decompose_mlp(up: Tensor, down: Tensor, num_experts: int, activation: str = 
 
 
 def decompose_attention(moa: MixtureOfAttention, q: Tensor, k: Tensor, v: Tensor, o: Tensor) -> None:
-    """Load a dense multi-head attention's q / k / v [E d, H] and o [H, E d] into `moa` (per-head K/V)."""
-    e, d = moa.num_heads, moa.head_dim
+    """Load a dense multi-head attention's q / k / v [E w, H] and o [H, E w] into `moa` (per-expert K/V; w = an
+    expert's heads times head_dim, so expert e gets heads e n .. (e + 1) n - 1 of the dense attention)."""
+    e, w = moa.num_heads, moa.q_proj.shape[1]
     if moa.config.shared_kv:
         raise ConfigError("decompose_attention: expected shared_kv=False (every head keeps its own K / V)")
+    for name, t in (("q", q), ("k", k), ("v", v), ("o", o.t())):
+        if t.shape != (e * w, moa.config.hidden_size):
+            raise ShapeError(f"{name}: expected {[e * w, moa.config.hidden_size]} (o transposed), got {list(t.shape)}")
     with torch.no_grad():
-        moa.q_proj.copy_(q.view(e, d, -1))
-        moa.k_proj.copy_(k.view(e, d, -1))
-        moa.v_proj.copy_(v.view(e, d, -1))
-        moa.o_proj.copy_(o.view(o.shape[0], e, d).permute(1, 0, 2))
+        moa.q_proj.copy_(q.view(e, w, -1))
+        moa.k_proj.copy_(k.view(e, w, -1))
+        moa.v_proj.copy_(v.view(e, w, -1))
+        moa.o_proj.copy_(o.view(o.shape[0], e, w).permute(1, 0, 2))
 
 
 @dataclass
