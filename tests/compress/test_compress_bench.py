@@ -47,11 +47,16 @@ def test_bench_rows_and_ratios(checkpoint):
 def test_speed_bench_times_every_variant_against_the_original(checkpoint):
     from moekit.bench.compress_speed import bench_compress_speed
 
+    # fp32 only: this tiny checkpoint's widths are no multiple of 16 bytes in bf16, which transformers' own grouped_mm
+    # experts path refuses (moekit-tiny is run in both dtypes by the bench's smoke run)
     rows = bench_compress_speed(str(checkpoint / "model"), [str(checkpoint / "data.jsonl")], prefill=16,
-                                repeats=1, cal_tokens=128)
-    by = {r["variant"]: r for r in rows}
-    assert set(by) == {"original", "original, accelerated", "heapr 50%", "int8", "int4", "heapr 50% + int4"}
-    assert by["original"]["prefill_ratio"] == by["original"]["token_ratio"] == 1.0
-    for r in rows:
-        assert r["prefill_ms"] > 0 and r["token_ms"] > 0
-        assert r["prefill_ratio"] == pytest.approx(r["prefill_ms"] / by["original"]["prefill_ms"], rel=1e-2)
+                                repeats=1, cal_tokens=128, dtypes=("fp32",))
+    variants = {"original", "original, accelerated", "heapr 50%", "int8", "int4", "heapr 50% + int4"}
+    assert {(r["dtype"], r["variant"]) for r in rows} == {("fp32", v) for v in variants}
+    for dtype in ("fp32",):
+        by = {r["variant"]: r for r in rows if r["dtype"] == dtype}
+        assert by["original"]["prefill_ratio"] == by["original"]["token_ratio"] == 1.0
+        assert by["int8"]["packed_matrices"] > 0 and by["original"]["packed_matrices"] == 0  # the kernels ran
+        for r in by.values():
+            assert r["prefill_ms"] > 0 and r["token_ms"] > 0 and r["cpu"] and r["threads"] >= 1
+            assert r["prefill_ratio"] == pytest.approx(r["prefill_ms"] / by["original"]["prefill_ms"], rel=1e-2)

@@ -4,11 +4,12 @@ For one `QuantizedMatrix` (format in `qformat`: int8 / int4 codes, float16 scale
   int8, one group per row  `torch._weight_int8pack_mm(x, codes, scale)` on the codes as stored (no copy).
   int8, G groups per row   one `_weight_int8pack_mm` per group (the kernel takes one scale per row), summed; the
                            codes are copied once into G contiguous [out, g] blocks (the kernel needs contiguous ones).
-  int4                     `torch._convert_weight_to_int4pack_for_cpu` packs the nibbles once (out a multiple of 16,
-                           g in 32/64/128/256), then `torch._weight_int4pack_mm_for_cpu(x, packed, g, scale_and_zero)`
-                           with zero 0: the kernel computes (nibble - 8) * scale + zero, and our nibbles are code + 8.
+  int4                     `torch._convert_weight_to_int4pack_for_cpu` packs the nibbles once (g in 32/64/128/256;
+                           outputs padded to a multiple of 16 with zero rows), then
+                           `torch._weight_int4pack_mm_for_cpu(x, packed, g, scale_and_zero)` with zero 0: the kernel
+                           computes (nibble - 8) * scale + zero, and our nibbles are code + 8.
 The kernels take float32, bfloat16 and float16 activations and accumulate in float32. A matrix the kernels cannot
-run (ternary, bf16, int4 with an unsupported group or width) gets no kernel: `pack` returns None and says why once
+run (ternary, bf16, int4 with an unsupported group) gets no kernel: `pack` returns None and says why once
 per reason (`QuantKernelWarning`). `torch._dyn_quant_matmul_4bit` is not used: it quantizes the activations to int8
 too, so its results differ from the weight-only format by more than the format's own error.
 """
@@ -88,15 +89,19 @@ def _pack_int4(m: QuantizedMatrix, dtype: torch.dtype) -> Kernel | None:
     out_features, groups = scale.shape
     columns = 2 * codes.shape[1]
     g = columns // groups
-    if g not in INT4_GROUPS or out_features % 16:
-        _fallback("int4-shape", f"int4 with group {g} and {out_features} outputs (first seen): the packed kernel "
-                  f"needs a group of {'/'.join(map(str, INT4_GROUPS))} and outputs a multiple of 16")
+    if g not in INT4_GROUPS:
+        _fallback("int4-group", f"int4 with group {g} (first seen): the packed kernel needs a group of "
+                  f"{'/'.join(map(str, INT4_GROUPS))}")
         return None
+    rows = -(-out_features // 16) * 16  # the kernel packs outputs by 16: padded with zero weights (nibble 8)
     nibbles = torch.stack((codes & 15, codes >> 4), -1).view(out_features, columns).to(torch.int32)
+    nibbles = F.pad(nibbles, (0, 0, 0, rows - out_features), value=8)
     packed = torch._convert_weight_to_int4pack_for_cpu(nibbles, 2)
-    scale_zero = torch.stack((scale.t().to(dtype), torch.zeros(groups, out_features, dtype=dtype)), -1).contiguous()
+    scales = F.pad(scale.t().to(dtype), (0, rows - out_features), value=1.0)
+    scale_zero = torch.stack((scales, torch.zeros_like(scales)), -1).contiguous()  # [G, rows, 2]
 
     def int4(x: Tensor, bias: Tensor | None) -> Tensor:
         y = torch._weight_int4pack_mm_for_cpu(_padded(x, columns).contiguous(), packed, g, scale_zero)
+        y = y if rows == out_features else y[:, :out_features]
         return y if bias is None else y + bias
     return int4
