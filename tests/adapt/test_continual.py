@@ -48,3 +48,14 @@ def test_bad_continual_arguments():
         TAME(4, 2, prune=1.0)
     with pytest.raises(ConfigError, match="order"):
         permuted_digits(n_tasks=2, order=[0, 2])
+
+
+def test_corpus_domains_are_next_byte_tasks():
+    from moekit.adapt.continual import byte_features, corpus_domains
+
+    x, y = byte_features(b"abcd", context=2, buckets=4)
+    assert y.tolist() == [ord("c"), ord("d")]
+    assert x[0].nonzero().flatten().tolist() == [ord("a") % 4, 4 + ord("b") % 4]
+    seq = corpus_domains(samples=100)
+    assert seq.names == ["prose", "code"] and seq.order == [0, 1, 0, 1] and seq.n_classes == 256
+    assert [len(t[0]) for t in seq.train] == [100, 100] and seq.train[0][0].shape[1] == 192

@@ -256,15 +256,17 @@ class SEMA:
 
 @dataclass
 class TaskSequence:
-    """Permuted digits: scikit-learn's bundled 8x8 digits (no download), task k = a fixed pixel permutation
-    (task 0 the identity). `order` lists the task of each segment (tasks may recur)."""
+    """Tasks' (x, y) train and test splits; `order` lists the task of each segment (tasks may recur)."""
 
     train: list[tuple[Tensor, Tensor]]
     test: list[tuple[Tensor, Tensor]]
     order: list[int]
+    n_classes: int = 10
+    names: list[str] | None = None
 
 
 def permuted_digits(n_tasks: int = 3, order: list[int] | None = None, seed: int = 0) -> TaskSequence:
+    """scikit-learn's bundled 8x8 digits (no download); task k = a fixed pixel permutation (task 0 the identity)."""
     from sklearn.datasets import load_digits
 
     order = order if order is not None else list(range(n_tasks))
@@ -279,3 +281,38 @@ def permuted_digits(n_tasks: int = 3, order: list[int] | None = None, seed: int 
     train = [(x[idx[:cut]][:, p], y[idx[:cut]]) for p in perms]
     test = [(x[idx[cut:]][:, p], y[idx[cut:]]) for p in perms]
     return TaskSequence(train, test, order)
+
+
+def byte_features(data: bytes, context: int = 3, buckets: int = 64) -> tuple[Tensor, Tensor]:
+    """Next-byte prediction: x = one-hot of each of the `context` previous bytes modulo `buckets` (concatenated,
+    [N, context * buckets]), y = the next byte [N] (256 classes)."""
+    arr = torch.tensor(list(data), dtype=torch.long)
+    n = len(arr) - context
+    if n < 1:
+        raise ConfigError(f"data: expected more than {context} bytes, got {len(arr)}")
+    x = torch.zeros(n, context * buckets)
+    rows = torch.arange(n)
+    for j in range(context):
+        x[rows, j * buckets + arr[j:j + n] % buckets] = 1.0
+    return x, arr[context:]
+
+
+def corpus_domains(order: list[int] | None = None, samples: int = 20_000, seed: int = 0) -> TaskSequence:
+    """moekit-tiny's held-out corpus as a domain sequence of next-byte tasks: task 0 prose, task 1 code (default
+    order prose, code, prose, code). Each domain's documents are joined and split 80/20 by position; `samples`
+    training positions per domain are drawn (seeded), and a quarter as many test positions."""
+    from moekit.data import default_documents
+
+    order = order if order is not None else [0, 1, 0, 1]
+    if not order or min(order) < 0 or max(order) > 1:
+        raise ConfigError(f"order={order}: expected task indices in [0, 2) (0 prose, 1 code)")
+    gen = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for domain in ("prose", "code"):
+        text = "\n".join(d.text for d in default_documents() if d.domain == domain).encode()
+        cut = int(0.8 * len(text))
+        for part, n, out in ((text[:cut], samples, train), (text[cut:], max(1, samples // 4), test)):
+            x, y = byte_features(part)
+            idx = torch.randperm(len(x), generator=gen)[:n]
+            out.append((x[idx], y[idx]))
+    return TaskSequence(train, test, order, n_classes=256, names=["prose", "code"])

@@ -3,6 +3,8 @@ tasks (A B C A B C by default: growth should stay at 3 experts / adapters for 6 
 given to any method. Per method: accuracy on every task after each segment, the first task's forgetting (its
 accuracy right after its first segment minus at the end), final mean accuracy, experts or adapters used, detected
 switches, seconds. SEMA's frozen backbone is pre-trained on task 0's training half first (its "pre-trained model").
+Second setting: moekit-tiny's held-out corpus as next-byte tasks, prose, code, prose, code (2 epochs of 20,000
+positions per segment).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from moekit.adapt.continual import SEMA, TAME, TaskSequence, mlp, permuted_digits
+from moekit.adapt.continual import SEMA, TAME, TaskSequence, corpus_domains, mlp, permuted_digits
 from moekit.bench.drift import machine
 
-COLUMNS = ["method", "seed", "final_mean_acc", "first_task_after", "first_task_end", "forgetting", "experts",
+COLUMNS = ["data", "method", "seed", "final_mean_acc", "first_task_after", "first_task_end", "forgetting", "experts",
            "segments", "seconds"]
 
 
@@ -66,7 +68,7 @@ def run(method, seq: TaskSequence, epochs: int, batch_size: int, seed: int) -> d
 
 def _pretrained_backbone(seq: TaskSequence, hidden: int, seed: int) -> torch.nn.Sequential:
     torch.manual_seed(seed)
-    net = Sequential(seq.train[0][0].shape[1], 10, hidden)
+    net = Sequential(seq.train[0][0].shape[1], seq.n_classes, hidden)
     x, y = seq.train[0]
     for _ in range(30):
         for idx in torch.randperm(len(x)).split(64):
@@ -77,27 +79,31 @@ def _pretrained_backbone(seq: TaskSequence, hidden: int, seed: int) -> torch.nn.
 def _make(name: str, seq: TaskSequence, seed: int):
     d = seq.train[0][0].shape[1]
     if name == "tame":
-        return TAME(d, 10, seed=seed)
+        return TAME(d, seq.n_classes, seed=seed)
     if name == "sema":
         return SEMA(_pretrained_backbone(seq, 64, seed), d, seed=seed)
-    return Sequential(d, 10)
+    return Sequential(d, seq.n_classes)
 
 
 def bench_continual(seeds: int = 3, quick: bool = False, order: tuple[int, ...] = (0, 1, 2, 0, 1, 2),
-                    epochs: int = 5, batch_size: int = 32) -> list[dict]:
+                    epochs: int = 5, batch_size: int = 32, corpus_samples: int = 20_000,
+                    corpus_epochs: int = 2) -> list[dict]:
     if quick:
-        seeds, order, epochs = 1, (0, 1, 0), 2
+        seeds, order, epochs, corpus_samples, corpus_epochs = 1, (0, 1, 0), 2, 2_000, 1
     info = machine()
     records = []
     for seed in tqdm(range(seeds), desc="continual", leave=False):
-        seq = permuted_digits(n_tasks=max(order) + 1, order=list(order), seed=seed)
-        for name in ("sequential", "tame", "sema"):
-            torch.manual_seed(seed)
-            method = _make(name, seq, seed)
-            r = run(method, seq, epochs, batch_size, seed)
-            if isinstance(method, TAME):
-                r["events"] = method.events
-            if isinstance(method, SEMA):
-                r["expansions"] = method.expansions
-            records.append({"method": name, "seed": seed, "order": list(order), "epochs": epochs, **r, **info})
+        settings = [("digits", permuted_digits(n_tasks=max(order) + 1, order=list(order), seed=seed), epochs),
+                    ("corpus", corpus_domains(samples=corpus_samples, seed=seed), corpus_epochs)]
+        for data, seq, n_epochs in settings:
+            for name in ("sequential", "tame", "sema"):
+                torch.manual_seed(seed)
+                method = _make(name, seq, seed)
+                r = run(method, seq, n_epochs, batch_size, seed)
+                if isinstance(method, TAME):
+                    r["events"] = method.events
+                if isinstance(method, SEMA):
+                    r["expansions"] = method.expansions
+                records.append({"data": data, "method": name, "seed": seed, "order": seq.order,
+                                "epochs": n_epochs, **r, **info})
     return records
