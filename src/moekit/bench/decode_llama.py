@@ -10,6 +10,7 @@ The benchmark hands llama.cpp token ids, never text, so the mapping only has to 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -91,9 +92,9 @@ def _quantize(src: Path, out: Path, gtype: str) -> Path:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[gtype]
-    params.nthread = 1
+    params.nthread = os.cpu_count() or 1
     tmp = out.with_suffix(".partial")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.exists():
         raise ConfigError(f"{src}: llama.cpp's quantizer failed ({gtype}, code {rc})")
     tmp.rename(out)
