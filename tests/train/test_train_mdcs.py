@@ -24,29 +24,34 @@ def test_diversity_loss_is_each_experts_logit_adjusted_cross_entropy():
     z = [torch.randn(5, 3) for _ in range(3)]
     y = torch.tensor([0, 1, 2, 0, 0])
     prior = torch.tensor([0.6, 0.3, 0.1])
-    cfg = MDCSConfig(lambda_max=2.0, tau=0.5)
-    assert expert_lambdas(3, 2.0) == [0.0, 1.0, 2.0]
-    want = sum(F.cross_entropy((zi + lam * prior.log()) / 0.5, y) for zi, lam in zip(z, [0, 1, 2], strict=True)) / 3
+    cfg = MDCSConfig(tau=0.5)
+    assert expert_lambdas(3, -0.5, 2.5) == [-0.5, 1.0, 2.5]  # the authors' code's three experts
+    lams = [-0.5, 1.0, 2.5]
+    want = sum(F.cross_entropy((zi + lam * prior.log()) / 0.5, y) for zi, lam in zip(z, lams, strict=True)) / 3
     torch.testing.assert_close(diversity_loss(z, y, prior, cfg), want)
 
 
-def test_consistency_counts_only_confident_samples():
-    weak = [torch.tensor([[3.0, 0.0], [2.0, 0.0]])]  # sample 1 (label 1) is misclassified: left out
-    strong = [torch.tensor([[1.0, 1.0], [0.0, 5.0]])]
+def test_consistency_counts_each_experts_confident_samples_only():
+    # expert 0 gets sample 0 right only, expert 1 sample 1 only
+    weak = [torch.tensor([[3.0, 0.0], [2.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 2.0]])]
+    strong = [torch.tensor([[1.0, 1.0], [0.0, 5.0]]), torch.tensor([[2.0, 0.0], [1.0, 1.0]])]
     y = torch.tensor([0, 1])
     t = 2.0
-    p = torch.softmax(weak[0][0] / t, -1)
-    q = torch.softmax(strong[0][0] / t, -1)
-    want = t * t * (p * (p.log() - q.log())).sum()
+
+    def kl(w, s):
+        p, q = torch.softmax(w / t, -1), torch.softmax(s / t, -1)
+        return t * t * (p * (p.log() - q.log())).sum()
+
+    want = (kl(weak[0][0], strong[0][0]) + kl(weak[1][1], strong[1][1])) / 2
     torch.testing.assert_close(consistency_loss(weak, strong, y, t), want)
-    nobody = consistency_loss(weak, strong, torch.tensor([1, 1]), t)
+    nobody = consistency_loss(weak[:1], strong[:1], torch.tensor([1, 1]), t)
     assert float(nobody) == 0 and nobody.shape == ()
 
 
 @pytest.mark.slow
 def test_diversity_makes_the_experts_lean_to_head_and_tail():
-    """On long-tailed digits (tail / head = 0.05) the lambda = 0 expert recalls head classes better and the
-    lambda = 2 expert tail classes better."""
+    """On long-tailed digits (tail / head = 0.05) the lambda = -0.5 expert recalls head classes better and the
+    lambda = 2.5 expert tail classes better."""
     torch.manual_seed(0)
     data = digits_long_tailed(0.05)
     prior = class_prior(data.y_train, 10)
@@ -78,5 +83,7 @@ def test_bad_config_and_prior():
         MDCSConfig(cs_weight=-1.0).check()
     with pytest.raises(ConfigError, match="temperature"):
         MDCSConfig(temperature=0).check()
+    with pytest.raises(ConfigError, match="lambda_min"):
+        MDCSConfig(lambda_min=3.0).check()
     with pytest.raises(ConfigError, match="class 2"):
         class_prior(torch.tensor([0, 1, 3]), 4)

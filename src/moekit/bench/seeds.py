@@ -116,7 +116,8 @@ def run_mdcs(steps: int, seed: int) -> list[dict[str, Any]]:
     prior = class_prior(d.y_train, 10)
     groups = _lt_groups(d.y_test)
     out = []
-    for name, cfg in (("3 experts, plain CE (lambda 0, no CS)", MDCSConfig(lambda_max=0.0, cs_weight=0.0)),
+    for name, cfg in (("3 experts, plain CE (lambda 0, no CS)", MDCSConfig(lambda_min=0.0, lambda_max=0.0,
+                                                                           cs_weight=0.0)),
                       ("mdcs (DL + CS)", MDCSConfig())):
         torch.manual_seed(seed)
         experts = [MLP(64, 32, 10) for _ in range(3)]

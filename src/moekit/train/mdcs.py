@@ -1,20 +1,22 @@
 """MDCS: More Diverse experts with Consistency Self-distillation, for long-tailed recognition.
 
 E experts see the same input (a shared backbone or separate networks) and give logits z_i [N, K]; pi is the
-training set's class prior. Two losses:
+training set's class prior. Expert i's adjusted logits are z~_i = z_i + lambda_i log pi, with lambda_i evenly spaced
+from lambda_min to lambda_max (the authors' code, fistyee/MDCS `model/loss.py`, uses -0.5, 1 and 2.5 for three
+experts: the defaults here). Two losses:
 
-- Diversity loss (DL): expert i learns with a logit adjustment of its own strength lambda_i,
-      L_DL = 1/E sum_i CE(softmax((z_i + lambda_i log pi) / tau), y),   lambda_i = lambda_max * i / (E - 1),
-  so expert 0 (lambda 0) fits the long-tailed data as it is (head-leaning), lambda = 1 is the balanced-softmax
-  expert and larger lambdas lean to the tail: the experts focus on different parts of the label distribution.
-- Consistency self-distillation (CS): each sample comes as a weakly and a strongly augmented view; for every
-  expert, the weak view's prediction (detached, temperature T) teaches the strong view's,
-      L_CS = 1/E sum_i T^2 mean_{n in CIS} KL(softmax(z_i^weak / T) || softmax(z_i^strong / T)),
-  over Confident Instance Sampling: only the samples the experts' ensemble classifies correctly on the weak view.
+- Diversity loss (DL): L_DL = sum_i CE(softmax(z~_i / tau), y) on both views, so the lambda = -0.5 expert leans to
+  the head classes, lambda = 1 is the balanced-softmax expert and lambda = 2.5 leans to the tail: the experts focus
+  on different parts of the label distribution.
+- Consistency self-distillation (CS): each sample comes as a weakly and a strongly augmented view; for every expert,
+  its weak view's adjusted prediction (detached, temperature T) teaches its strong view's,
+      L_CS = sum_i T^2 mean_{n in CIS_i} KL(softmax(z~_i^weak / T) || softmax(z~_i^strong / T)),
+  over Confident Instance Sampling: only the samples expert i classifies correctly on the weak view.
 
-Total: L = L_DL(strong view) + cs_weight L_CS. Prediction: the mean of the experts' logits (the ensemble).
-The digits augmentations (`augment`): weak = Gaussian noise of std 0.05; strong = a random shift of the 8x8
-image by up to one pixel, 20% of the pixels zeroed, noise of std 0.15.
+Total: L = L_DL + cs_weight L_CS (the authors' code: weight 0.6, ramped up over the first epochs, T = 1; its loss
+sums over experts where moekit averages, which only rescales the learning rate). Prediction: the mean of the
+experts' raw logits z_i (the ensemble). The digits augmentations (`augment`): weak = Gaussian noise of std 0.05;
+strong = a random shift of the 8x8 image by up to one pixel, 20% of the pixels zeroed, noise of std 0.15.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from moekit.errors import ConfigError
 
 @dataclass
 class MDCSConfig:
-    """lambda_max: the last expert's logit-adjustment strength; tau: DL temperature; temperature: CS's T;
-    cs_weight: weight of L_CS (non-negative)."""
+    """lambda_min / lambda_max: the first and last experts' logit-adjustment strengths; tau: DL temperature;
+    temperature: CS's T; cs_weight: weight of L_CS (non-negative)."""
 
-    lambda_max: float = 2.0
+    lambda_min: float = -0.5
+    lambda_max: float = 2.5
     tau: float = 1.0
-    temperature: float = 2.0
-    cs_weight: float = 1.0
+    temperature: float = 1.0
+    cs_weight: float = 0.6
 
     def check(self) -> None:
         for name in ("tau", "temperature"):
@@ -44,16 +47,23 @@ class MDCSConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a positive number")
         if not self.cs_weight >= 0:
             raise ConfigError(f"cs_weight={self.cs_weight!r}: expected a non-negative number")
-        if not self.lambda_max >= 0:
-            raise ConfigError(f"lambda_max={self.lambda_max!r}: expected a non-negative number")
+        if not self.lambda_min <= self.lambda_max:
+            raise ConfigError(f"lambda_min={self.lambda_min!r}: expected at most lambda_max={self.lambda_max!r}")
 
 
-def expert_lambdas(num_experts: int, lambda_max: float) -> list[float]:
+def expert_lambdas(num_experts: int, lambda_min: float, lambda_max: float) -> list[float]:
     if num_experts < 1:
         raise ConfigError(f"num_experts={num_experts!r}: expected a positive integer")
     if num_experts == 1:
         return [1.0]
-    return [lambda_max * i / (num_experts - 1) for i in range(num_experts)]
+    return [lambda_min + (lambda_max - lambda_min) * i / (num_experts - 1) for i in range(num_experts)]
+
+
+def adjusted(logits: list[Tensor], prior: Tensor, config: MDCSConfig) -> list[Tensor]:
+    """z_i + lambda_i log pi for every expert."""
+    log_prior = prior.log().to(logits[0].dtype)
+    lambdas = expert_lambdas(len(logits), config.lambda_min, config.lambda_max)
+    return [z + lam * log_prior for z, lam in zip(logits, lambdas, strict=True)]
 
 
 def class_prior(labels: Tensor, num_classes: int) -> Tensor:
@@ -65,37 +75,32 @@ def class_prior(labels: Tensor, num_classes: int) -> Tensor:
 
 def diversity_loss(logits: list[Tensor], labels: Tensor, prior: Tensor, config: MDCSConfig) -> Tensor:
     """1/E sum_i CE((z_i + lambda_i log pi) / tau, y)."""
-    log_prior = prior.log().to(logits[0].dtype)
-    lambdas = expert_lambdas(len(logits), config.lambda_max)
-    return sum(F.cross_entropy((z + lam * log_prior) / config.tau, labels)
-               for z, lam in zip(logits, lambdas, strict=True)) / len(logits)
+    return sum(F.cross_entropy(z / config.tau, labels) for z in adjusted(logits, prior, config)) / len(logits)
 
 
-def confident(weak_logits: list[Tensor], labels: Tensor) -> Tensor:
-    """[N] bool: the ensemble (mean logits) of the weak view classifies the sample correctly."""
-    return torch.stack(weak_logits).mean(0).argmax(-1) == labels
-
-
-def consistency_loss(weak_logits: list[Tensor], strong_logits: list[Tensor], labels: Tensor,
+def consistency_loss(weak_adjusted: list[Tensor], strong_adjusted: list[Tensor], labels: Tensor,
                      temperature: float) -> Tensor:
-    """1/E sum_i T^2 mean over the confident samples of KL(p_weak || p_strong) (0 if none is confident)."""
-    keep = confident([w.detach() for w in weak_logits], labels)
-    if not keep.any():
-        return strong_logits[0].new_zeros(())
+    """1/E sum_i T^2 mean over expert i's confident samples (its weak view right) of KL(p_weak || p_strong), on
+    adjusted logits; an expert with no confident sample adds 0."""
     t = temperature
-    total = strong_logits[0].new_zeros(())
-    for w, s in zip(weak_logits, strong_logits, strict=True):
+    total = strong_adjusted[0].new_zeros(())
+    for w, s in zip(weak_adjusted, strong_adjusted, strict=True):
+        keep = w.detach().argmax(-1) == labels
+        if not keep.any():
+            continue
         teacher = F.log_softmax(w.detach()[keep] / t, -1)
         student = F.log_softmax(s[keep] / t, -1)
         total = total + t * t * (teacher.exp() * (teacher - student)).sum(-1).mean()
-    return total / len(weak_logits)
+    return total / len(weak_adjusted)
 
 
 def mdcs_loss(weak_logits: list[Tensor], strong_logits: list[Tensor], labels: Tensor, prior: Tensor,
               config: MDCSConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_DL on both views (their mean) + cs_weight L_CS."""
     config.check()
-    dl = diversity_loss(strong_logits, labels, prior, config)
-    cs = consistency_loss(weak_logits, strong_logits, labels, config.temperature)
+    dl = (diversity_loss(weak_logits, labels, prior, config) + diversity_loss(strong_logits, labels, prior, config)) / 2
+    cs = consistency_loss(adjusted(weak_logits, prior, config), adjusted(strong_logits, prior, config), labels,
+                          config.temperature)
     return dl + config.cs_weight * cs, {"diversity": dl, "consistency": cs}
 
 
