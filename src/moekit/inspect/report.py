@@ -154,9 +154,10 @@ def inspect_model(model_path: str | os.PathLike | None = None, data: Sequence[st
         from transformers import AutoTokenizer
 
         from moekit.hf import load
-        from moekit.hf.validate import check_tokenizer_files
+        from moekit.hf.validate import check_checkpoint, check_tokenizer_files
 
-        check_tokenizer_files(model_path)  # before any work: without them the texts would become no tokens
+        check_checkpoint(model_path)  # before any work: what load refuses, then the tokenizer files (without them
+        check_tokenizer_files(model_path)  # transformers may build an empty tokenizer: every text no tokens)
         model = load(model_path).float().eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
