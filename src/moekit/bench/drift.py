@@ -115,7 +115,7 @@ def run_stream(name: str, stream: Iterable, models: dict[str, object], limit: in
     return records
 
 
-def bench_drift(length: int = 10_000, real_limit: int = 5_000, seed: int = 0, quick: bool = False,
+def bench_drift(length: int = 6_000, real_limit: int = 3_000, seed: int = 0, quick: bool = False,
                 models: list[str] | None = None, streams: list[str] | None = None) -> list[dict]:
     if quick:
         length, real_limit = 200, 150

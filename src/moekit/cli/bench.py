@@ -65,8 +65,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     dr = sub.add_parser("drift", help="DriftMoE against river's HT, ARF, SRP, leveraging bagging on drifting streams")
     dr.add_argument("--json", action="store_true", help="print the records as a JSON list")
     dr.add_argument("--quick", action="store_true", help="200-instance streams: a smoke run")
-    dr.add_argument("--length", type=int, default=10_000,
-                    help="instances per synthetic stream; real data: at most half as many (default 10000)")
+    dr.add_argument("--length", type=int, default=6_000,
+                    help="instances per synthetic stream; real data: at most half as many (default 6000)")
     dr.add_argument("--stream", action="append", help="run only this stream (repeatable; default: all)")
     dr.add_argument("--model", action="append", help="run only this contender (repeatable; default: all)")
     dr.add_argument("--seed", type=int, default=0, help="streams, ensembles and routers (default 0)")
