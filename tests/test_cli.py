@@ -29,6 +29,8 @@ def test_bench_layer_quick_json_records():
         for dtype in ("fp32", "bf16") for tokens in counts]
     for r in records:
         assert r["cpu"] and isinstance(r["cpu_flags"], list) and r["torch"] == torch.__version__ and r["threads"] >= 1
+        for fmt in ("int8", "int4"):  # the same experts quantized, timed in the same rounds
+            assert r[f"moekit_{fmt}_ms"] > 0 and r[f"moekit_over_moekit_{fmt}"] > 0
         for field in ("moekit_ms", "transformers_eager_ms", "transformers_grouped_mm_ms", "dense_ms"):
             assert r[field] > 0
         assert abs(r["dense_over_moekit"] - r["dense_ms"] / r["moekit_ms"]) < 0.01 * r["dense_over_moekit"] + 1e-3

@@ -1,7 +1,9 @@
 """`moekit bench layer`: moekit's MoE layer against transformers' own blocks (eager and grouped_mm) holding the
 same weights and against a dense SwiGLU FFN with the same active FLOPs, all timed interleaved in one process, in
 float32 and in bfloat16 (every contender in the same dtype; bf16 GEMMs accumulate in float32 inside oneDNN, and
-moekit combines the expert outputs in float32). Every record carries the machine (`timing.environment`)."""
+moekit combines the expert outputs in float32). Forward cases add moekit's layer with the same experts quantized to
+int8 and to int4 (group 64, `moekit.core.experts.quantized`: packed CPU kernels where they run) and their speed-up
+over the unquantized layer of the same dtype. Every record carries the machine (`timing.environment`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from moekit.bench.timing import environment, interleaved
+from moekit.core.experts.qformat import QuantizedMatrix
+from moekit.core.experts.quantized import DispatchedQuantizedExperts
 from moekit.core.layer import MoE
 from moekit.errors import ConfigError, UnknownNameError
 
@@ -66,6 +70,25 @@ def _moekit_layer(case: LayerCase, dtype: torch.dtype = torch.float32) -> MoE:
         return MoE(case.hidden, case.intermediate, case.experts, case.k, router="deepseek_v2",
                    num_shared_experts=case.shared, dtype=dtype)
     return MoE(case.hidden, case.intermediate, case.experts, case.k, router="topk", dtype=dtype)
+
+
+QUANT_FORMATS = ("int8", "int4")
+QUANT_GROUP = 64
+
+
+def _quantized_layer(moe: MoE, fmt: str) -> MoE:
+    """`moe` with the same router and its routed experts quantized to `fmt` (a shallow copy: nothing else copied)."""
+    e = moe.experts
+    q = DispatchedQuantizedExperts([fmt] * e.num_experts, QUANT_GROUP, e.hidden_size, e.intermediate_size,
+                                   act_fn=nn.SiLU(), dtype=e.gate_up_proj.dtype, device="meta")
+    with torch.no_grad():
+        for i in range(e.num_experts):
+            q.gate_up_q[i] = QuantizedMatrix.from_float(e.up_weight(i), fmt, QUANT_GROUP)
+            q.down_q[i] = QuantizedMatrix.from_float(e.down_weight(i), fmt, QUANT_GROUP)
+    layer = copy.copy(moe)
+    layer._modules = dict(moe._modules)
+    layer._modules["experts"] = q
+    return layer
 
 
 def _transformers_block(case: LayerCase, moe: MoE, impl: str) -> nn.Module:
@@ -134,11 +157,14 @@ def run_case(case: LayerCase, repeats: int, copy_bytes: int | None = None, dtype
         "transformers_grouped_mm": _transformers_block(case, moe, "grouped_mm"),
         "dense": DenseSwiGLU(case.hidden, (case.k + case.shared) * case.intermediate).to(torch_dtype),
     }
+    quantized = [] if case.train else [f"moekit_{fmt}" for fmt in QUANT_FORMATS]
+    for name in quantized:
+        contenders[name] = _quantized_layer(moe, name.removeprefix("moekit_"))
     records = []
     for tokens in case.tokens:
         x = torch.randn(1, tokens, case.hidden, dtype=torch_dtype, requires_grad=case.train)
         grad = torch.randn(1, tokens, case.hidden, dtype=torch_dtype) if case.train else None
-        fns = {name: _runner(m, x, grad, name == "moekit") for name, m in contenders.items()}
+        fns = {name: _runner(m, x, grad, name.startswith("moekit")) for name, m in contenders.items()}
         evict = None
         if copy_bytes:
             src = torch.ones(copy_bytes // 4)
@@ -161,6 +187,8 @@ def run_case(case: LayerCase, repeats: int, copy_bytes: int | None = None, dtype
         rec["transformers_eager_over_moekit"] = round(ms["transformers_eager"] / ms["moekit"], 3)
         rec["transformers_grouped_mm_over_moekit"] = round(ms["transformers_grouped_mm"] / ms["moekit"], 3)
         rec["moekit_over_floor"] = round(ms["moekit"] / rec["floor_ms"], 3) if rec["floor_ms"] else None
+        for name in quantized:  # above 1: the quantized experts are faster than the same experts unquantized
+            rec[f"moekit_over_{name}"] = round(ms["moekit"] / ms[name], 3)
         records.append(rec | environment())
     return records
 

@@ -138,6 +138,13 @@ def measure_ms(fns: dict[str, Callable[[], object]], budget_ms: float = 60.0, se
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+@cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class Tuner:
     """Choices by shape class, measured with `measure` (injectable: tests pass fake timings) and kept under
     `directory` (None: `cache_dir()`; `persist=False`: in memory only)."""
@@ -189,6 +196,7 @@ class Tuner:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tune-", suffix=".json")
+            os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would have made it
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
