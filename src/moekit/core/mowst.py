@@ -4,17 +4,19 @@ A weak expert (an MLP on a sample's own features) predicts p = softmax(u); a str
 model) predicts p' = softmax(u'). The weak expert's confidence comes from the dispersion of its own prediction,
 
     C(p) = G(D(p)),  D_var(p) = sum_i (p_i - 1/K)^2 / (1 - 1/K)   or   D_ent(p) = 1 - H(p) / log K,
-    G(d) = sigmoid(softplus(a) d + b)       (learnable, monotonically non-decreasing, as the paper requires)
 
-and training minimises
+with a monotonically non-decreasing G. `confidence="power"` (the default) is the authors' code's
+(facebookresearch/mowst-gnn, `train_test_engine.py`): G(d) = d^alpha, computed without gradient, so C weighs the
+losses but is not itself trained; `confidence="learned"` is moekit's differentiable variant
+G(d) = sigmoid(softplus(a) d + b), whose gradient dL/dC = CE_weak - CE_strong makes the weak expert confident only
+where it beats the strong one. Training minimises
     L = mean_v [ C(p_v) CE(p_v, y_v) + (1 - C(p_v)) CE(p'_v, y_v) ],
 alternating between the experts (`MowstClassifier.loss(..., phase)`): in the "weak" phase the strong expert's
-prediction is fixed and the weak expert and G learn (dL/dC = CE_weak - CE_strong, so the weak expert grows
-confident only where it beats the strong one); in the "strong" phase the weak side is fixed and the strong expert
-learns on the samples the weak one leaves to it. Inference (`predict`): "sample" uses the weak prediction with
-probability C, else the strong one (Mowst); "mix" returns C p + (1 - C) p' (Mowst*); "threshold" the weak one
-where C >= 0.5. moekit's `weak_strong` router is a layer-level variant (confidence from the dispersion of the weak
-MLP's output vector inside an MoE layer, its own `strong_use` loss).
+prediction is fixed and the weak expert (and a learned G) learn; in the "strong" phase the weak side is fixed and
+the strong expert learns on the samples the weak one leaves to it. Inference (`predict`): "sample" uses the weak
+prediction with probability C, else the strong one (Mowst, as the authors' code evaluates it); "mix" returns
+C p + (1 - C) p'; "threshold" the weak one where C >= 0.5. moekit's `weak_strong` router is a layer-level variant
+(confidence from the dispersion of the weak MLP's output vector inside an MoE layer, its own `strong_use` loss).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from moekit.errors import ConfigError, ShapeError
 
 DISPERSIONS = ("variance", "entropy")
+CONFIDENCES = ("power", "learned")
 PHASES = ("weak", "strong", "joint")
 MODES = ("sample", "mix", "threshold")
 
@@ -47,16 +50,23 @@ def dispersion(probs: Tensor, kind: str = "variance") -> Tensor:
 
 @dataclass
 class MowstConfig:
-    """dispersion: variance | entropy. init_scale / init_shift: G's a (before softplus) and b; the default b < 0
-    starts every sample below C = 0.5 (the paper's bias towards the strong expert)."""
+    """dispersion: variance | entropy. confidence: power (G = d^alpha, not differentiated) | learned (G = sigmoid(
+    softplus(a) d + b)). alpha: the power. init_scale / init_shift: the learned G's a (before softplus) and b; the
+    default b < 0 starts every sample below C = 0.5 (a bias towards the strong expert)."""
 
     dispersion: str = "variance"
+    confidence: str = "power"
+    alpha: float = 1.0
     init_scale: float = 2.0
     init_shift: float = -1.0
 
     def check(self) -> None:
         if self.dispersion not in DISPERSIONS:
             raise ConfigError(f"dispersion={self.dispersion!r}: expected one of {', '.join(DISPERSIONS)}")
+        if self.confidence not in CONFIDENCES:
+            raise ConfigError(f"confidence={self.confidence!r}: expected one of {', '.join(CONFIDENCES)}")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha={self.alpha!r}: expected a positive number")
 
 
 @dataclass
@@ -81,6 +91,10 @@ class MowstClassifier(nn.Module):
 
     def confidence(self, weak_logits: Tensor) -> Tensor:
         """C = G(D(softmax(weak_logits))) [N]."""
+        if self.config.confidence == "power":
+            with torch.no_grad():
+                d = dispersion(torch.softmax(weak_logits.float(), -1), self.config.dispersion)
+                return d.clamp_min(0) ** self.config.alpha
         d = dispersion(torch.softmax(weak_logits.float(), -1), self.config.dispersion)
         return torch.sigmoid(F.softplus(self.scale) * d + self.shift)
 
