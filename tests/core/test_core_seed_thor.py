@@ -102,12 +102,23 @@ def test_inference_mean_averages_every_expert_and_bad_options():
             moe.router.pair = torch.tensor([e, e])
             each.append(moe(x).hidden)
     torch.testing.assert_close(got, torch.stack(each).mean(0), atol=1e-6, rtol=1e-5)
+    assert isinstance(moe.router, ThorRouter)
     with pytest.raises(ConfigError, match="num_experts"):
         MoE(8, 16, 1, k=1, router="thor")
     with pytest.raises(ConfigError, match="inference"):
         MoE(8, 16, 2, k=1, router="thor", router_options={"inference": "vote"})
+    with pytest.raises(ConfigError, match="pair"):
+        MoE(8, 16, 2, k=1, router="thor", router_options={"pair": "same"})
+
+
+def test_independent_pairs_can_coincide_distinct_ones_never_do():
+    g = torch.Generator().manual_seed(0)
+    independent = MoE(8, 16, 3, k=1, router="thor", router_options={"pair": "independent"}).router
+    distinct = MoE(8, 16, 3, k=1, router="thor").router
+    same = sum(int(p[0] == p[1]) for p in (independent.draw_pair(g).tolist() for _ in range(300)))
+    assert 60 < same < 140  # about 1 / 3 of 300
+    assert all(p[0] != p[1] for p in (distinct.draw_pair(g).tolist() for _ in range(300)))
     with pytest.raises(ConfigError, match="alpha"):
         thor_loss(nn.Linear(2, 2), lambda: torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), alpha=-1)
     with pytest.raises(ConfigError, match="router='thor'"):
         thor_loss(nn.Linear(2, 2), lambda: torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
-    assert isinstance(moe.router, ThorRouter)

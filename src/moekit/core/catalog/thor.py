@@ -1,13 +1,16 @@
 """THOR's stochastic experts as the paper trains them (Taming Sparsely Activated Transformer with Stochastic Experts).
 
-Each step, every THOR layer draws a pair of distinct experts (e_1, e_2) for the whole batch; the model runs twice,
-pass i sending every token of layer l to expert e_i of that layer (no router, weight 1). The loss is
+Each step, every THOR layer draws a pair of experts (e_1, e_2) for the whole batch (distinct by default, the
+paper's "pair"; `pair="independent"` draws each pass's expert on its own, as the authors' fairseq code does, so
+the two may coincide); the model runs twice, pass i sending every token of layer l to expert e_i of that layer (no
+router, weight 1). The loss is
 
     L = 1/2 (CE(p_1, y) + CE(p_2, y)) + alpha * 1/2 (KL(p_1 || p_2) + KL(p_2 || p_1))
 
 on the two passes' *output distributions* p_1, p_2 (`thor_loss`, `symmetric_kl`): every expert learns from the
-data and from the other expert as a teacher. At inference each token gets one expert drawn at random (`random`)
-or the average of all (`mean`, the expert ensemble). moekit's older `random` router is a one-pass, per-token
+data and from the other expert as a teacher (the authors' code sums the two CE terms where moekit averages them, a
+rescaling of alpha). At inference each token gets one expert drawn at random (`random`, the code's token level) or
+the average of all (`mean`, the expert ensemble). moekit's older `random` router is a one-pass, per-token
 variant that regularises the two expert outputs by their squared difference.
 """
 
@@ -28,9 +31,11 @@ from moekit.errors import ConfigError
 
 @dataclass
 class ThorOptions(RouterOptions):
-    """inference: 'random' (one expert drawn per token) or 'mean' (every expert averaged)."""
+    """inference: 'random' (one expert drawn per token) or 'mean' (every expert averaged). pair: 'distinct' or
+    'independent' draws of the two passes' experts."""
 
     inference: str = "random"
+    pair: str = "distinct"
 
 
 @register_router("thor")
@@ -45,14 +50,20 @@ class ThorRouter(Router):
             raise ConfigError(f"router 'thor': num_experts={num_experts}; expected at least 2 (a pair is drawn)")
         if self.options.inference not in ("random", "mean"):
             raise ConfigError(f"router_options.inference={self.options.inference!r}: expected 'random' or 'mean'")
+        if self.options.pair not in ("distinct", "independent"):
+            raise ConfigError(f"router_options.pair={self.options.pair!r}: expected 'distinct' or 'independent'")
         drop_weight(self)
         self.register_buffer("pair", torch.tensor([0, 1]), persistent=False)
         self.active = 0
 
     def draw_pair(self, generator: torch.Generator | None = None) -> Tensor:
-        """Draw two distinct experts, uniform over the E (E - 1) ordered pairs; pass 0 uses the first."""
+        """Draw the pair (distinct: uniform over the E (E - 1) ordered pairs; independent: over all E^2); pass 0
+        uses the first."""
         first = int(torch.randint(self.num_experts, (), generator=generator))
-        second = (first + int(torch.randint(1, self.num_experts, (), generator=generator))) % self.num_experts
+        if self.options.pair == "independent":
+            second = int(torch.randint(self.num_experts, (), generator=generator))
+        else:
+            second = (first + int(torch.randint(1, self.num_experts, (), generator=generator))) % self.num_experts
         self.pair = torch.tensor([first, second], device=self.pair.device)
         self.active = 0
         return self.pair
