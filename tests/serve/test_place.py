@@ -66,19 +66,20 @@ def test_program_finds_the_hand_made_optimum():
     assert objective(counts, contiguous(4, 2, 2), 2) == (80.0, 40.0, 40.0)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_program_matches_brute_force_and_greedy_is_bounded(seed):
-    counts, _ = random_counts(np.random.default_rng(seed))
-    best = brute_force(counts, 2)
-    p, info = place(counts, 2)
-    assert info.method == "milp"
-    assert objective(counts, p.device, 2)[0] == pytest.approx(best)
-    for row in p.device:  # equal counts
-        np.testing.assert_array_equal(np.bincount(row, minlength=2), [2, 2])
-    g, ginfo = place(counts, 2, max_vars=0)  # too large for the program: greedy, with its gap to a lower bound
+@pytest.mark.parametrize(("seed", "experts", "devices"), [(0, 4, 2), (1, 4, 2), (2, 4, 2), (3, 4, 2), (4, 5, 2),
+                                                          (5, 6, 3), (6, 4, 4)])
+def test_program_matches_brute_force_and_greedy_is_bounded(seed, experts, devices):
+    counts, _ = random_counts(np.random.default_rng(seed), layers=3 if experts < 6 else 2, experts=experts)
+    best = brute_force(counts, devices)
+    p, info = place(counts, devices)
+    assert objective(counts, p.device, devices)[0] == pytest.approx(best)
+    assert info.gap < 1e-6
+    for row in p.device:  # equal counts (5 experts on 2 devices: 3 and 2)
+        np.testing.assert_array_equal(np.bincount(row, minlength=devices), capacities(experts, devices))
+    g, ginfo = place(counts, devices, max_vars=0)  # too large for the program: greedy, gap to a lower bound
     assert ginfo.method == "greedy" and ginfo.status.startswith("skipped")
     assert ginfo.objective >= best - 1e-9 >= ginfo.bound - 1e-9
-    assert ginfo.bound >= lower_bound(counts, 2) - 1e-9
+    assert ginfo.bound >= lower_bound(counts, devices) - 1e-9
     assert ginfo.gap == pytest.approx((ginfo.objective - ginfo.bound) / ginfo.objective)
 
 

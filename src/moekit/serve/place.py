@@ -13,8 +13,9 @@ cross(l) counts the dependency mass deps[l][i, j] whose experts i and j sit on d
 move between devices from layer l to l+1). With x[l,e,d] binary and w[l,i,j,d] <= x[l,i,d], w <= x[l+1,j,d],
 cross(l) = sum(deps[l]) - sum_ijd deps[l][i,j] w[l,i,j,d], tightened by sum_j w[l,i,j,d] = cap_d x[l,i,d] and
 sum_i w[l,i,j,d] = cap_d x[l+1,j,d] (each device holds cap_d experts of every layer; this makes the relaxation's
-bound the cross-term bound below). Layer 0's expert e may only use devices 0..e (devices are interchangeable; this
-removes relabelled copies of every solution).
+bound the cross-term bound below). When N divides E the devices are interchangeable, and they are numbered by their
+smallest layer-0 expert id (device d holds a layer-0 expert only if device d-1 holds a smaller one), which removes
+the N! relabelled copies of every solution.
 
 When the program has more than `max_vars` variables, or the solver's best solution within `time_limit` is worse
 than it, a greedy placement (balanced by load, then each next-layer expert beside the experts that feed it, then
@@ -227,8 +228,12 @@ def _milp(counts: RoutingCounts, devices: int, alpha: float, beta: float, time_l
     upper = np.full(nvar, np.inf)
     upper[:nx] = 1
     upper[nx + L:] = 1
-    for e in range(min(E, N)):  # symmetry: layer 0's expert e uses devices 0..e
-        upper[x[0, e, e + 1:]] = 0
+    if E % N == 0:  # equal devices are interchangeable: number them by their smallest layer-0 expert id
+        for e in range(min(E, N)):  # expert e uses devices 0..e
+            upper[x[0, e, e + 1:]] = 0
+        for e in range(1, E):  # device d only when device d-1 holds a smaller expert id
+            for d in range(1, min(e, N - 1) + 1):
+                add([x[0, e, d], *x[0, :e, d - 1]], [1.0] + [-1.0] * e, -np.inf, 0)
     integrality = np.zeros(nvar)
     integrality[:nx] = 1
     A = sparse.csr_array((vals, (rows, cols)), shape=(r, nvar))
