@@ -10,7 +10,6 @@ import threading
 import pytest
 from reliability_util import assert_refused, run_cli
 
-import moekit.files
 from moekit.data import read_documents
 from moekit.errors import MoekitError
 
@@ -45,6 +44,8 @@ def test_fifo_is_refused_without_opening_it(fifo, capsys):
 
 
 def test_file_beyond_the_bound_is_refused(tmp_path, monkeypatch):
+    import moekit.files
+
     big = tmp_path / "big.txt"
     big.write_text("word " * 400)
     monkeypatch.setattr(moekit.files, "MAX_DATA_BYTES", 1024)

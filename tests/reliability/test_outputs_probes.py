@@ -16,7 +16,6 @@ from reliability_util import assert_refused, dead_pid, hidden_entries, run_cli, 
 import moekit.hf as mh
 from moekit.default import default_model_path
 from moekit.errors import MoekitError
-from moekit.files import atomic_write, check_output, clean_stale, new_temp_dir, swap_in
 
 TINY_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -34,6 +33,8 @@ def model_copy(tmp_path):
 # --- check_output: the one check every verb runs before its work --------------------------------------------------
 
 def test_check_output_refuses_inputs_files_and_unwritable_places(tmp_path, monkeypatch):
+    from moekit.files import check_output
+
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.txt").write_text("a")
@@ -123,6 +124,8 @@ def _version(directory, text):
 
 
 def test_swap_kill_points_recover(tmp_path):
+    from moekit.files import clean_stale
+
     final = tmp_path / "checkpoint"
     pid = dead_pid()
     # killed while writing the new version: the old is whole, the temporary goes
@@ -141,6 +144,8 @@ def test_swap_kill_points_recover(tmp_path):
 
 def test_stale_checkpoint_old_no_longer_blocks_saves(tmp_path, capsys):
     """The name the trainer used before (.checkpoint-old, no pid) left by a kill made every save fail (ENOTEMPTY)."""
+    from moekit.files import new_temp_dir, swap_in
+
     final = tmp_path / "checkpoint"
     _version(final, "1")
     _version(tmp_path / ".checkpoint-old", "0")
@@ -152,6 +157,8 @@ def test_stale_checkpoint_old_no_longer_blocks_saves(tmp_path, capsys):
 
 
 def test_a_live_process_temporaries_are_left_alone(tmp_path):
+    from moekit.files import clean_stale
+
     live = tmp_path / f".out.saving-{os.getpid()}-ee"
     live.mkdir()
     clean_stale(tmp_path / "out")
@@ -184,6 +191,7 @@ def _modes(root):
 
 def test_outputs_follow_the_umask(tmp_path):
     from hf.tiny import tiny_model
+    from moekit.files import atomic_write
 
     old = os.umask(0o022)
     try:
