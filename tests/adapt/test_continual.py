@@ -59,3 +59,19 @@ def test_corpus_domains_are_next_byte_tasks():
     seq = corpus_domains(samples=100)
     assert seq.names == ["prose", "code"] and seq.order == [0, 1, 0, 1] and seq.n_classes == 256
     assert [len(t[0]) for t in seq.train] == [100, 100] and seq.train[0][0].shape[1] == 192
+
+
+def test_pruned_weights_stay_zero_when_an_expert_is_trained_again():
+    import torch
+
+    from moekit.adapt.continual import apply_masks, mlp, prune_masks
+
+    torch.manual_seed(0)
+    net = mlp(8, 16, 3)
+    masks = prune_masks(net, 0.5)
+    assert all((~keep).float().mean() >= 0.5 for _, keep in masks)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    apply_masks(masks)
+    assert all((p[~keep] == 0).all() for p, keep in masks)

@@ -5,7 +5,8 @@ time. `LossJumpDetector` watches its mini-batch loss (measured before each updat
 the last `recent` losses against the `reference` losses before them fires when p < `alpha`. Then every expert is
 scored on the batch; the best is switched to if its loss is within its usual range (below the mean + `z` std of
 the losses it had when it was last left), else a new expert is spawned. The expert left behind is pruned online:
-its `prune` smallest-magnitude weights are zeroed and it is frozen. A selector network, trained on a small buffer
+its `prune` smallest-magnitude weights are zeroed (and stay zero if it is switched back to) and it is frozen. A
+selector network (pruned the same way halfway through its training), trained on a small buffer
 of (x, expert) pairs drawn uniformly from the stream (reservoir sampling), sends each test input to an expert.
 
 **SEMA** (Self-Expansion of pre-trained models with Mixture of Adapters): a frozen pre-trained backbone; adapters
@@ -66,6 +67,25 @@ class LossJumpDetector:
         return float(np.mean(ref)), float(np.std(ref))
 
 
+def prune_masks(module: nn.Module, fraction: float) -> list[tuple[Tensor, Tensor]]:
+    """Zero the `fraction` smallest-magnitude entries of each weight matrix; returns (weight, keep mask) pairs."""
+    masks = []
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1 and fraction > 0:
+                cut = p.abs().flatten().kthvalue(max(1, int(fraction * p.numel()))).values
+                keep = p.abs() > cut
+                p.mul_(keep)
+                masks.append((p, keep))
+    return masks
+
+
+def apply_masks(masks: list[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for p, keep in masks:
+            p.mul_(keep)
+
+
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, d_out))
@@ -88,6 +108,7 @@ class TAME:
         self.selector = mlp(d_in, hidden, 1)
         self.buffer_size, self.buffer, self.seen = buffer, [], 0
         self.events: list[tuple[int, str, int]] = []  # (batch, "spawn" | "switch", expert)
+        self.masks: dict[int, list[tuple[Tensor, Tensor]]] = {}  # expert -> (weight, keep mask) after pruning
         self.batches = 0
 
     def _spawn(self) -> int:
@@ -97,14 +118,11 @@ class TAME:
         return len(self.experts) - 1
 
     def _leave(self, e: int) -> None:
-        """Online pruning of the expert left behind: zero its smallest weights, freeze it."""
+        """Online pruning of the expert left behind: zero its smallest weights (kept at zero if it is switched back
+        to), freeze it."""
         self.typical[e] = self.detector.typical()
-        with torch.no_grad():
-            for p in self.experts[e].parameters():
-                if p.dim() > 1 and self.prune > 0:
-                    cut = p.abs().flatten().kthvalue(max(1, int(self.prune * p.numel()))).values
-                    p.mul_(p.abs() > cut)
-                p.requires_grad_(False)
+        self.masks[e] = prune_masks(self.experts[e], self.prune)
+        self.experts[e].requires_grad_(False)
 
     def observe(self, x: Tensor, y: Tensor) -> float:
         """One mini-batch of the stream: detect, switch or spawn, train the current expert, fill the buffer."""
@@ -132,6 +150,7 @@ class TAME:
         self.opt.zero_grad()
         out.backward()
         self.opt.step()
+        apply_masks(self.masks.get(self.current, []))
         for row in x:  # reservoir: every sample seen so far is in the buffer with the same probability
             self.seen += 1
             if len(self.buffer) < self.buffer_size:
@@ -142,16 +161,21 @@ class TAME:
         return loss
 
     def fit_selector(self, epochs: int = 50) -> None:
+        """Train the selector on the buffer; halfway, prune `prune` of its weights and train on with them at 0."""
         self.selector = mlp(self.d_in, self.hidden, len(self.experts))
         opt = torch.optim.Adam(self.selector.parameters(), lr=1e-3)
         xs = torch.stack([r for r, _ in self.buffer])
         ids = torch.tensor([e for _, e in self.buffer])
-        for _ in range(epochs):
+        masks: list[tuple[Tensor, Tensor]] = []
+        for epoch in range(epochs):
+            if epoch == epochs // 2:
+                masks = prune_masks(self.selector, self.prune)
             for idx in torch.randperm(len(xs)).split(64):
                 loss = F.cross_entropy(self.selector(xs[idx]), ids[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                apply_masks(masks)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
