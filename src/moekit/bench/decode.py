@@ -33,7 +33,7 @@ from moekit.runtime.decode import DTYPES, Decoder, choose_accelerate
 
 BENCH_DTYPES = ("fp32", "bf16", "int8", "int4")
 COLUMNS = ["model", "dtype", "threads", "transformers_tokens_per_s", "moekit_tokens_per_s", "llama_cpp_tokens_per_s",
-           "moekit_over_transformers", "llama_cpp_over_moekit", "same_tokens"]
+           "moekit_over_transformers", "llama_cpp_over_moekit", "same_tokens", "moekit_experts"]
 
 
 @dataclass(frozen=True)
