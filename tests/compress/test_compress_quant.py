@@ -226,7 +226,9 @@ def test_quantized_checkpoint_errors(tmp_path):
     apply_quant(model, plan_quant(model, None, "int4"))
     out = mh.save(model, tmp_path / "out")
     manifest = json.loads((out / MANIFEST).read_text())
-    for fmt, match in (("int5", "quant format 'int5'; expected one of"), ("int8", r"expects .*gate_up_q.0.codes")):
+    for fmt, match in (("int5", "quant format 'int5'; expected one of"),
+                       ("int8", r"experts\.(gate_up|down)_q\.0\.codes is U8\[.*\]; moekit.json with config.json .* "
+                                r"expects")):
         bad = shutil.copytree(out, tmp_path / fmt)
         manifest["quant"]["0"]["formats"][0] = fmt
         (bad / MANIFEST).write_text(json.dumps(manifest))
