@@ -7,7 +7,15 @@ import torch.nn.functional as F
 
 from moekit.bench.seed_tasks import MoENet, digits_long_tailed
 from moekit.errors import ConfigError
-from moekit.train.advmoe import AdvMoETrainer, PGDConfig, pgd_attack, split_parameters, vanilla_at_step
+from moekit.train.advmoe import (
+    AdvMoETrainer,
+    PGDConfig,
+    TradesAdvMoE,
+    pgd_attack,
+    split_parameters,
+    trades_attack,
+    vanilla_at_step,
+)
 
 
 def _data():
@@ -69,3 +77,37 @@ def test_bad_values():
     x, y = _data()
     with pytest.raises(ConfigError, match="schedule"):
         trainer.step(x[:8], y[:8])
+
+
+def test_trades_attack_stays_in_the_ball_and_raises_its_objective():
+    torch.manual_seed(2)
+    x, _ = _data()
+    model = MoENet(experts=4, k=2)
+    cfg = PGDConfig(eps=0.1, alpha=0.03, steps=5)
+    adv = trades_attack(model, model.router_logits, x, cfg, torch.Generator().manual_seed(0))
+    assert float((adv - x).abs().max()) <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+    def objective(z):
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(model(z), -1), F.softmax(model(x), -1), reduction="sum")
+                         + F.kl_div(F.log_softmax(model.router_logits(z), -1),
+                                    F.softmax(model.router_logits(x), -1), reduction="sum"))
+
+    noise = (x + (torch.rand(x.shape) * 2 - 1) * 0.1).clamp(0, 1)
+    assert objective(adv) > 2 * objective(noise)
+
+
+def test_trades_advmoe_supervises_the_router_with_the_class_modulo_experts():
+    """The authors' router step: after training, the router sends each class c to expert c mod E."""
+    torch.manual_seed(3)
+    x, y = _data()
+    model = MoENet(experts=4, k=2)
+    trainer = TradesAdvMoE(model, model.router_logits, 4, PGDConfig(steps=2), lr=1e-2)
+    for _ in range(60):
+        parts = trainer.step(x, y)
+    with torch.no_grad():
+        routed = model.router_logits(x).argmax(-1)
+    assert float((routed == y % 4).float().mean()) > 0.8
+    assert set(parts) == {"expert_loss", "router_loss"}
+    with pytest.raises(ConfigError, match="beta"):
+        TradesAdvMoE(model, model.router_logits, 4, beta=-1.0)

@@ -122,6 +122,10 @@ class MoENet(nn.Module):
         h = torch.relu(self.stem(x))
         return self.head(h + self.moe(h).hidden)
 
+    def router_logits(self, x: Tensor) -> Tensor:
+        """The MoE router's logits for each sample [N, E] (one token per sample)."""
+        return self.moe.router.logits(torch.relu(self.stem(x)))
+
 
 class GCN(nn.Module):
     """Two graph convolutions: logits = A relu(A X W1) W2 with the (sparse) aggregation matrix A."""

@@ -137,12 +137,20 @@ def run_mdcs(steps: int, seed: int) -> list[dict[str, Any]]:
 
 
 def run_advmoe(steps: int, seed: int) -> list[dict[str, Any]]:
-    from moekit.train.advmoe import AdvMoETrainer, PGDConfig, accuracy, robust_accuracy, vanilla_at_step
+    from moekit.train.advmoe import (
+        AdvMoETrainer,
+        PGDConfig,
+        TradesAdvMoE,
+        accuracy,
+        robust_accuracy,
+        vanilla_at_step,
+    )
 
     d = digits_long_tailed(1.0, seed)
     train_pgd, test_pgd = PGDConfig(eps=0.1, alpha=0.025, steps=5), PGDConfig(eps=0.1, alpha=0.02, steps=10)
     out = []
-    for name in ("vanilla AT (all parameters each step)", "advmoe (router / experts alternate)"):
+    for name in ("vanilla AT (all parameters each step)", "advmoe (router / experts alternate)",
+                 "advmoe, authors' TRADES form"):
         torch.manual_seed(seed)
         model = MoENet(experts=4, k=2)
         gen = torch.Generator().manual_seed(seed)
@@ -150,6 +158,10 @@ def run_advmoe(steps: int, seed: int) -> list[dict[str, Any]]:
             opt = torch.optim.Adam(model.parameters(), lr=1e-2)
             for _ in range(steps):
                 vanilla_at_step(model, opt, d.x_train, d.y_train, train_pgd, gen)
+        elif "TRADES" in name:  # one expert and one router update per step
+            trades = TradesAdvMoE(model, model.router_logits, 4, train_pgd)
+            for _ in range(steps):
+                trades.step(d.x_train, d.y_train, gen)
         else:  # the same number of parameter updates of the experts: two alternating steps per vanilla step
             trainer = AdvMoETrainer(model, train_pgd)
             for _ in range(2 * steps):
