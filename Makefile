@@ -66,3 +66,12 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache tour build *.egg-info src/*.egg-info
+
+# MoEfication of the real all-MiniLM-L6-v2 on WordNet's glosses (best effort for the Debian package; never part of
+# `make test`)
+.PHONY: bench-make
+bench-make: $(VENV)/.installed
+	@test -d /usr/share/wordnet || { [ "$$(id -u)" = 0 ] && (timeout 300 apt-get install -y -qq wordnet-base) \
+		>/dev/null 2>&1 || echo "note: wordnet-base not installed"; }
+	$(PY) -m pip install -q -e '.[make]' 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/moekit bench make --json

@@ -18,7 +18,7 @@ from moekit.default import default_model_path
 from moekit.errors import ConfigError
 from moekit.make.convert import expert_tensors
 from moekit.make.partition import balanced_kmeans, coactivation_partition, random_partition
-from moekit.make.routers import learned_router
+from moekit.make.routers import activations, learned_router
 
 
 def dense(model_type: str = "qwen3", dtype=torch.float32, vocab: int = 100, layers: int = 2):
@@ -85,7 +85,7 @@ def test_learned_router_selects_the_planted_expert():
     part = torch.stack([torch.nonzero(owner == j).flatten() for j in (2, 0, 3, 1)])  # expert e holds group perm[e]
     kind = torch.randint(0, 4, (400,), generator=g)
     x = dirs[kind] * 2 + 0.1 * torch.randn(400, 32, generator=g)
-    router = learned_router(mlp, part, x, steps=200)
+    router = learned_router(mlp.gate_proj.weight, part, x, activations(mlp, x), steps=200)
     expert_of_group = {2: 0, 0: 1, 3: 2, 1: 3}
     chosen = (x @ router.T).argmax(1)
     assert (chosen == torch.tensor([expert_of_group[int(k)] for k in kind])).float().mean() > 0.95

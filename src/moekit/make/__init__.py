@@ -82,12 +82,14 @@ def moefy(model: nn.Module, experts: int, k: int, partition: str = "kmeans", rou
         else:
             parts[i] = coactivation_partition(activations(mlp, inputs[i].to(mlp.gate_proj.weight.dtype)), experts,
                                               seed)
+        rows = input_rows(mlp)
         if router == "centroid":
-            routers[i] = centroid_router(mlp, parts[i])
+            routers[i] = centroid_router(rows, parts[i])
         elif router == "emoe":
-            routers[i] = emoe_router(mlp, parts[i])
+            routers[i] = emoe_router(rows, parts[i])
         else:
-            routers[i] = learned_router(mlp, parts[i], inputs[i], seed=seed)
+            x = inputs[i].to(rows.dtype)
+            routers[i] = learned_router(rows, parts[i], x, activations(mlp, x), seed=seed)
     moe = convert(model, {i: expert_tensors(ffn(model, i), parts[i], k) for i in layers}, routers, k, max_logit)
     plan = {"format": "moekit-make-plan", "version": 1, "source_type": model.config.model_type,
             "target_type": moe.config.model_type, "experts": experts, "k": k, "partition": partition,

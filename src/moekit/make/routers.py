@@ -21,46 +21,50 @@ ROUTERS = ("centroid", "emoe", "learned")
 
 
 def input_rows(mlp: nn.Module) -> Tensor:
-    """The neurons' input rows [I, H]: the gate projection of a gated FFN."""
+    """A gated FFN's neuron input rows [I, H]: its gate projection."""
     return mlp.gate_proj.weight.detach()
-
-
-def centroid_router(mlp: nn.Module, partition: Tensor) -> Tensor:
-    rows = F.normalize(input_rows(mlp).double(), dim=1)
-    return torch.stack([rows[s].mean(0) for s in partition]).float()
-
-
-def emoe_router(mlp: nn.Module, partition: Tensor) -> Tensor:
-    rows = input_rows(mlp).double()
-    return torch.stack([rows[s].mean(0) for s in partition]).float()
 
 
 @torch.no_grad()
 def activations(mlp: nn.Module, x: Tensor) -> Tensor:
-    """The FFN's neuron activations [N, I] for inputs x [N, H]."""
+    """A gated FFN's neuron activations [N, I] for inputs x [N, H]."""
     return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
 
-def expert_mass(acts: Tensor, partition: Tensor) -> Tensor:
-    """[N, E]: each expert's share of |activation|, sum over its neurons."""
-    return acts.abs()[:, partition].sum(-1)
+def centroid_router(rows: Tensor, partition: Tensor) -> Tensor:
+    """rows [I, H] (one per neuron) -> [E, H]: the mean of each expert's L2-normalised rows."""
+    rows = F.normalize(rows.detach().double(), dim=1)
+    return torch.stack([rows[s].mean(0) for s in partition]).float()
 
 
-def learned_router(mlp: nn.Module, partition: Tensor, x: Tensor, steps: int = 300, lr: float = 1e-2,
-                   seed: int = 0) -> Tensor:
-    """A linear router fitted to each expert's normalised activation mass on calibration inputs x [N, H]."""
+def emoe_router(rows: Tensor, partition: Tensor) -> Tensor:
+    rows = rows.detach().double()
+    return torch.stack([rows[s].mean(0) for s in partition]).float()
+
+
+def expert_mass(acts: Tensor, partition: Tensor, square: bool = False) -> Tensor:
+    """[N, E]: each expert's share of the activations, sum over its neurons of |a| (or of a^2 with `square`)."""
+    return (acts.square() if square else acts.abs())[:, partition].sum(-1)
+
+
+def learned_router(rows: Tensor, partition: Tensor, x: Tensor, acts: Tensor, steps: int = 300, lr: float = 1e-2,
+                   seed: int = 0, square: bool = False) -> Tensor:
+    """A linear router fitted to each expert's normalised activation mass: inputs x [N, H], the FFN's neuron
+    activations on them acts [N, I] (centred by the caller for G-MoEfication's target sum (a - mean a)^2, with
+    `square`), started from the centroids of rows [I, H]."""
     if x.dim() != 2 or x.shape[0] < 2:
         raise ConfigError(f"router=learned: expected calibration inputs [tokens >= 2, H]; got {tuple(x.shape)}")
     x = x.detach().float()
-    mass = expert_mass(activations(mlp, x.to(mlp.gate_proj.weight.dtype)).float(), partition)
+    mass = expert_mass(acts.float(), partition, square)
     target = mass / mass.max(dim=1, keepdim=True).values.clamp_min(1e-12)
     torch.manual_seed(seed)
-    start = centroid_router(mlp, partition)
+    start = centroid_router(rows, partition)
     scale = 1.0 / (x.norm(dim=1).mean() * start.norm(dim=1).mean()).clamp_min(1e-12)
     weight = nn.Parameter(start * scale * 4)  # logits of order 1 at the start
     opt = torch.optim.Adam([weight], lr=lr)  # no bias: the native families' routers have none
-    for _ in range(steps):
-        opt.zero_grad()
-        F.binary_cross_entropy_with_logits(x @ weight.t(), target).backward()
-        opt.step()
+    with torch.enable_grad():  # callers may hold no_grad around the conversion
+        for _ in range(steps):
+            opt.zero_grad()
+            F.binary_cross_entropy_with_logits(x @ weight.t(), target).backward()
+            opt.step()
     return weight.detach()

