@@ -20,13 +20,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=60.0,
                    help="seconds for the integer program before its best solution is taken (default 60)")
     p.add_argument("--step-tokens", type=int, default=2048, help="tokens per simulated step (default 2048)")
+    p.add_argument("--load-weight", type=float, default=1.0,
+                   help="weight of the max-device-load term against cross-device tokens (default 1)")
     p.add_argument("--sweep", action="store_true", help="also place and simulate 2, 4, ..., 64 devices")
 
 
 def run(args: argparse.Namespace) -> int:
     result = place_model(args.model, args.data, args.devices, args.out, replicas=args.replicas,
                          max_tokens=args.max_tokens or None, sweep=args.sweep, time_limit=args.time_limit,
-                         step_tokens=args.step_tokens)
+                         step_tokens=args.step_tokens, load_weight=args.load_weight)
     for line in summary_lines(result):
         print(line)
     print(f"Placement: {args.out}")

@@ -113,11 +113,13 @@ def compare(indices: list[np.ndarray], counts: RoutingCounts, placement: Placeme
         out[name] = {"cross_tokens": float(cross_tokens(counts, p.device).sum()),
                      "max_device_load": sum(max_load),
                      "balanced_load": float(counts.load.sum() / N),
+                     "load_lower_bound": float(sum(max(row.sum() / N, row.max()) for row in counts.load)),
                      "split": simulate(indices, p, cost, step_tokens=step_tokens, masks=masks),
                      "follow": simulate(indices, p, cost, step_tokens=step_tokens, follow=True, masks=masks)}
     a, b = out["placed"], out["contiguous"]
     out["cross_reduction"] = 1 - a["cross_tokens"] / b["cross_tokens"] if b["cross_tokens"] else 0.0
     out["load_over_balanced"] = a["max_device_load"] / a["balanced_load"] - 1
+    out["load_over_lower_bound"] = a["max_device_load"] / a["load_lower_bound"] - 1
     out["follow_bytes_reduction"] = 1 - a["follow"]["bytes_per_step"] / max(b["follow"]["bytes_per_step"], 1e-12)
     out["speedup_split"] = b["split"]["seconds_per_step"] / a["split"]["seconds_per_step"]
     out["speedup_follow"] = b["follow"]["seconds_per_step"] / a["follow"]["seconds_per_step"]
