@@ -75,6 +75,24 @@ def test_only_selected_tokens_are_processed_by_their_chosen_experts(kind):
         torch.testing.assert_close(r.weights.sum(-1), (g * selected).reshape(-1), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_sequence_level_expert_selection_shares_one_choice_per_sequence(kind):
+    torch.manual_seed(5)
+    uoe = UnionOfExperts(UoEConfig(8, 4, k=2, kind=kind, intermediate_size=16, data_fraction=1.0,
+                                   expert_level="sequence"))
+    x = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        y, r = uoe(x)
+    idx = r.indices.view(3, 7, 2)
+    assert (idx == idx[:, :1]).all()  # every token of a sequence uses its sequence's two experts
+    want = uoe.router(x.mean(1)).topk(2, dim=-1).indices
+    assert torch.equal(idx[:, 0].sort(-1).values, want.sort(-1).values)
+    if kind == "mlp":
+        torch.testing.assert_close(y.reshape(-1, 8).double(),
+                                   ref_moe(x.reshape(-1, 8), r.indices, r.weights.double(), uoe.experts, mask=r.mask),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_selector_and_router_train_and_bad_config():
     torch.manual_seed(4)
     uoe = UnionOfExperts(UoEConfig(8, 4, k=2, intermediate_size=16))
@@ -82,7 +100,8 @@ def test_selector_and_router_train_and_bad_config():
     y.square().sum().backward()
     assert uoe.selector.weight.grad.abs().sum() > 0 and uoe.router.weight.grad.abs().sum() > 0
     for kwargs, name in (({"num_experts": 0}, "num_experts"), ({"k": 5}, "k="), ({"data_fraction": 0}, "data_fraction"),
-                         ({"kind": "conv"}, "kind"), ({"intermediate_size": 10}, "intermediate_size")):
+                         ({"kind": "conv"}, "kind"), ({"intermediate_size": 10}, "intermediate_size"),
+                         ({"expert_level": "batch"}, "expert_level")):
         with pytest.raises(ConfigError, match=name):
             UnionOfExperts(UoEConfig(**{"hidden_size": 8, "num_experts": 4, "intermediate_size": 16, **kwargs}))
     with pytest.raises(ConfigError, match="divisor"):

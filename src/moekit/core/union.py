@@ -11,7 +11,11 @@ Hierarchical routing (`UnionOfExperts`), moekit's reading of UoE's two paradigms
      c = ceil(data_fraction T) tokens enter the block (patch-wise selection; the others get 0 and keep their
      residual);
   2. expert selection: each selected token picks its top-k experts (MLP experts or attention heads) by a
-     softmax router, weights renormalised over the k and multiplied by g_t (so the selector trains).
+     softmax router, weights renormalised over the k and multiplied by g_t (so the selector trains);
+     `expert_level="sequence"` instead picks one set of k experts per sequence from the router on the sequence's
+     mean (the authors' SMHA, YujiaoYang-work/UoE `SMHA_v1.py`, routes each sample's heads from its flattened
+     sequence, which fixes the length; the mean is moekit's length-free stand-in, and their head outputs are
+     summed unweighted where moekit weights them).
 With data_fraction = 1, k = E and the router's weights replaced by 1 (`routing_for(..., uniform=True)`) the block
 is the dense block again.
 """
@@ -83,8 +87,11 @@ class UoEConfig:
     intermediate_size: int = 64
     activation: str = "gelu"
     data_fraction: float = 0.5
+    expert_level: str = "token"
 
     def check(self) -> None:
+        if self.expert_level not in ("token", "sequence"):
+            raise ConfigError(f"expert_level={self.expert_level!r}: expected 'token' or 'sequence'")
         if self.kind not in ("mlp", "attention"):
             raise ConfigError(f"kind={self.kind!r}: expected 'mlp' or 'attention'")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -126,7 +133,13 @@ class UnionOfExperts(nn.Module):
         selected, g = self.select_tokens(x)
         flat = x.reshape(-1, x.shape[-1])
         k = self.config.num_experts if uniform else self.config.k
-        r = softmax_topk(self.router(flat), k, normalize=True)
+        if self.config.expert_level == "sequence":  # one choice per sequence, shared by its tokens
+            seq = softmax_topk(self.router(x.mean(1)), k, normalize=True)
+            t = x.shape[1]
+            r = Routing(seq.logits.repeat_interleave(t, 0), seq.weights.repeat_interleave(t, 0),
+                        seq.indices.repeat_interleave(t, 0), probs=seq.probs.repeat_interleave(t, 0))
+        else:
+            r = softmax_topk(self.router(flat), k, normalize=True)
         weights = torch.ones_like(r.weights) if uniform else r.weights * g.reshape(-1, 1)
         mask = selected.reshape(-1, 1).expand_as(r.indices)
         return Routing(r.logits, weights * mask, r.indices, mask=mask.clone(), probs=r.probs,
