@@ -12,6 +12,11 @@ L_MI is smallest when every token is sure of its modules and the batch uses all 
 task's tokens onto few modules, so the others can be pruned (`prune_modules`) for a lighter model, and
 `add_modules` gives new data fresh modules while the old ones stay as they were (freeze them to avoid
 forgetting). Both losses are computed for the attention and the feed-forward groups (`losses`).
+
+Checked against the authors' code (IBM/ModuleFormer `moduleformer/utils/gate.py`): its 'mi' auxiliary loss is
+-(H(e) - H(e|x)), this L_MI. That code gates with the raw top-k probabilities where moekit's routers renormalise
+them over the k (so pruning modules no token chooses leaves outputs exactly unchanged); L_LC's form H(p) is
+moekit's reading of the paper's load concentration (it is not in that file).
 """
 
 from __future__ import annotations
