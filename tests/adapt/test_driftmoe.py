@@ -119,3 +119,20 @@ def test_router_logits_equal_the_torch_router_in_eval_mode():
     with torch.no_grad():
         ref = moe._router(torch.from_numpy(moe._standardise(moe._vector(x)))[None])[0].numpy()
     np.testing.assert_allclose(moe.router_logits(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_each_expert_predicts_once_per_instance_in_progressive_validation():
+    class Counting(Fixed):
+        calls = 0
+
+        def predict_proba_one(self, _x):
+            Counting.calls += 1
+            return dict(self.proba)
+
+    moe = moe_with([{"a": 1.0}, {"b": 1.0}, {"c": 1.0}], 1, [0.0, 5.0, 1.0])
+    moe.experts = [Counting({"a": 1.0}), Counting({"b": 1.0}), Counting({"c": 1.0})]
+    for i in range(3):
+        x = {"a": float(i), "b": 0.0}
+        moe.predict_one(x)
+        moe.learn_one(x, "a")
+    assert Counting.calls == 9  # 3 instances x 3 experts: predict_one's answer is reused by learn_one's mask

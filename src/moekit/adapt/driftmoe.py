@@ -119,6 +119,7 @@ class DriftMoE(base.Classifier):
         self._cache: tuple[dict, int, np.ndarray] | None = None  # (x, router version, logits)
         self._version = 0
         self._weights: tuple[int, list[tuple[np.ndarray, np.ndarray]]] | None = None
+        self._probas: tuple[dict | None, dict[int, dict]] = (None, {})  # (x, expert -> its probabilities for x)
         self.router_steps = 0
         self.last_mask: np.ndarray | None = None  # the correctness mask of the last learned instance
         self.last_learners: list[int] = []  # the experts that learned the last instance
@@ -202,7 +203,7 @@ class DriftMoE(base.Classifier):
                 return {c: float(g) for c, g in zip(self.labels, gate, strict=True)}
             return {c: s / total for c, s in scores.items()}
         for e in np.argsort(-logits, kind="stable"):
-            proba = self.experts[e].predict_proba_one(x)
+            proba = self._expert_proba(int(e), x)
             if proba and sum(proba.values()) > 0:
                 return proba
         return {}
@@ -238,6 +239,7 @@ class DriftMoE(base.Classifier):
             learners = list(range(len(self.experts)))
             for label, e in zip(self.labels, self.experts, strict=True):
                 e.learn_one(x, y == label)
+        self._probas = (None, {})
         self.last_mask, self.last_learners = mask, learners
 
     def correctness_mask(self, x: dict, y: Any) -> np.ndarray:
@@ -247,13 +249,22 @@ class DriftMoE(base.Classifier):
         if self.mode == "task":
             mask[self.labels.index(y)] = 1.0
             return mask
-        probas = [e.predict_proba_one(x) for e in self.experts]
+        probas = [self._expert_proba(i, x) for i in range(len(self.experts))]
         for i, p in enumerate(probas):
             if p and max(p, key=p.get) == y and p[y] > 0:
                 mask[i] = 1.0
         if not mask.any():
             mask[int(np.argmax([p.get(y, 0.0) for p in probas]))] = 1.0
         return mask
+
+    def _expert_proba(self, i: int, x: dict) -> dict:
+        """Expert i's probabilities for x, remembered until an expert learns (progressive validation asks the top-1
+        expert in predict_one and every expert again in learn_one)."""
+        if self._probas[0] != x:
+            self._probas = (dict(x), {})
+        if i not in self._probas[1]:
+            self._probas[1][i] = self.experts[i].predict_proba_one(x)
+        return self._probas[1][i]
 
     def _router_step(self) -> None:
         xs = np.stack([self._standardise(v) for v in self._buffer_x])
