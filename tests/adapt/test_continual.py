@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from moekit.adapt.continual import SEMA, TAME, LossJumpDetector, permuted_digits
 from moekit.bench.continual import _pretrained_backbone, run
@@ -75,3 +76,13 @@ def test_pruned_weights_stay_zero_when_an_expert_is_trained_again():
     opt.step()
     apply_masks(masks)
     assert all((p[~keep] == 0).all() for p, keep in masks)
+
+
+def test_sea_concepts_are_the_four_sea_functions():
+    from moekit.adapt.continual import sea_concepts
+
+    seq = sea_concepts(samples=40, noise=0.0)
+    assert seq.order == [0, 1, 2, 3, 0, 1, 2, 3] and seq.n_classes == 2 and len(seq.train) == 4
+    x, y = seq.train[0]
+    assert x.shape == (40, 3) and ((x >= 0) & (x <= 1)).all()
+    assert torch.equal(y, ((x[:, 0] + x[:, 1]) * 10 > 8).long())  # SEA function 0: f1 + f2 > 8, no noise

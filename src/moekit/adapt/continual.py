@@ -340,3 +340,22 @@ def corpus_domains(order: list[int] | None = None, samples: int = 20_000, seed: 
             idx = torch.randperm(len(x), generator=gen)[:n]
             out.append((x[idx], y[idx]))
     return TaskSequence(train, test, order, n_classes=256, names=["prose", "code"])
+
+
+def sea_concepts(order: list[int] | None = None, samples: int = 5_000, noise: float = 0.1,
+                 seed: int = 0) -> TaskSequence:
+    """river's SEA generator as a task sequence: task k = SEA function k (4 concepts of the drift bench's SEA
+    streams), x = the 3 features scaled to [0, 1], y = the label; default order 0 1 2 3 0 1 2 3."""
+    from river.datasets import synth
+
+    order = order if order is not None else [0, 1, 2, 3, 0, 1, 2, 3]
+    if not order or min(order) < 0 or max(order) > 3:
+        raise ConfigError(f"order={order}: expected SEA functions in [0, 4)")
+    train, test = [], []
+    for k in range(4):
+        rows = list(synth.SEA(variant=k, noise=noise, seed=seed + k).take(samples + samples // 4))
+        x = torch.tensor([[v / 10.0 for v in r.values()] for r, _ in rows], dtype=torch.float32)
+        y = torch.tensor([int(label) for _, label in rows])
+        train.append((x[:samples], y[:samples]))
+        test.append((x[samples:], y[samples:]))
+    return TaskSequence(train, test, order, n_classes=2, names=[f"SEA{k}" for k in range(4)])

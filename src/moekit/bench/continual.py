@@ -4,7 +4,8 @@ given to any method. Per method: accuracy on every task after each segment, the 
 accuracy right after its first segment minus at the end), final mean accuracy, experts or adapters used, detected
 switches, seconds. SEMA's frozen backbone is pre-trained on task 0's training half first (its "pre-trained model").
 Second setting: moekit-tiny's held-out corpus as next-byte tasks, prose, code, prose, code (2 epochs of 20,000
-positions per segment).
+positions per segment). Third: river's SEA functions 0 1 2 3 0 1 2 3 as tasks (the drift bench's concepts as a
+stream of batches; 5,000 instances per segment, 2 epochs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from moekit.adapt.continual import SEMA, TAME, TaskSequence, corpus_domains, mlp, permuted_digits
+from moekit.adapt.continual import SEMA, TAME, TaskSequence, corpus_domains, mlp, permuted_digits, sea_concepts
 from moekit.bench.drift import machine
 
 COLUMNS = ["data", "method", "seed", "final_mean_acc", "first_task_after", "first_task_end", "forgetting", "experts",
@@ -94,7 +95,8 @@ def bench_continual(seeds: int = 3, quick: bool = False, order: tuple[int, ...] 
     records = []
     for seed in tqdm(range(seeds), desc="continual", leave=False):
         settings = [("digits", permuted_digits(n_tasks=max(order) + 1, order=list(order), seed=seed), epochs),
-                    ("corpus", corpus_domains(samples=corpus_samples, seed=seed), corpus_epochs)]
+                    ("corpus", corpus_domains(samples=corpus_samples, seed=seed), corpus_epochs),
+                    ("sea", sea_concepts(samples=corpus_samples // 4, seed=seed), corpus_epochs)]
         for data, seq, n_epochs in settings:
             for name in ("sequential", "tame", "sema"):
                 torch.manual_seed(seed)
