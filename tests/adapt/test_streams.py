@@ -44,12 +44,12 @@ def test_a_concept_only_advances_when_it_supplies():
 
 
 def test_bad_drift_arguments():
+    with pytest.raises(ConfigError, match="positions"):  # refused at the call, before any instance is drawn
+        switch([concept(0), concept(1)], [5, 9], 1)
     with pytest.raises(ConfigError, match="positions"):
-        next(switch([concept(0), concept(1)], [5, 9], 1))
-    with pytest.raises(ConfigError, match="positions"):
-        next(switch([concept(0), concept(1), concept(2)], [9, 5], 1))
+        switch([concept(0), concept(1), concept(2)], [9, 5], 1)
     with pytest.raises(ConfigError, match="widths"):
-        next(switch([concept(0), concept(1)], [5], 0))
+        switch([concept(0), concept(1)], [5], 0)
 
 
 def test_prequential_kappas_by_hand():

@@ -45,6 +45,11 @@ def switch(concepts: list[Iterable[tuple[dict, Any]]], positions: list[int], wid
         raise ConfigError(f"positions={positions}: expected increasing, non-negative instance indices")
     if any(w < 1 for w in widths):
         raise ConfigError(f"widths={widths}: expected widths >= 1 (1 is abrupt)")
+    return _switched(concepts, positions, widths, seed)
+
+
+def _switched(concepts: list[Iterable[tuple[dict, Any]]], positions: list[int], widths: list[int],
+              seed: int) -> Iterator[tuple[dict, Any]]:
     rng = random.Random(seed)
     its = [iter(c) for c in concepts]
     t = 0
