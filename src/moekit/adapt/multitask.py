@@ -48,7 +48,7 @@ def _tower(hidden: int, out: int, width: int = 8) -> nn.Module:
 
 
 class SharedBottom(nn.Module):
-    def __init__(self, d_in: int, n_tasks: int, hidden: int = 16, out: int = 1, **_: object):
+    def __init__(self, d_in: int, n_tasks: int, hidden: int = 16, out: int = 1):
         super().__init__()
         self.bottom = Expert(d_in, hidden)
         self.towers = nn.ModuleList(_tower(hidden, out) for _ in range(n_tasks))
@@ -102,21 +102,20 @@ class PLE(nn.Module):
         return results
 
 
-def MMoE(d_in: int, n_tasks: int, hidden: int = 16, out: int = 1, experts: int = 8, **_: object) -> PLE:  # noqa: N802
+def MMoE(d_in: int, n_tasks: int, hidden: int = 16, out: int = 1, experts: int = 8) -> PLE:  # noqa: N802
     """MMoE: `experts` shared experts, one gate per task over all of them."""
     return PLE(d_in, n_tasks, hidden, out, shared=experts, specific=0)
 
 
 def HoME(d_in: int, n_tasks: int, hidden: int = 16, out: int = 1, shared: int = 4, specific: int = 2,  # noqa: N802
-         groups: list[int] | None = None, group_experts: int = 2, feature_gates: int = 8, **_: object) -> PLE:
+         groups: list[int] | None = None, group_experts: int = 2, feature_gates: int = 8) -> PLE:
     """PLE with HoME's fixes: normalised experts, hierarchy masks (when `groups` is given), feature gates."""
     return PLE(d_in, n_tasks, hidden, out, shared=shared, specific=specific, groups=groups,
                group_experts=group_experts if groups is not None else 0, normalise=True, feature_gates=feature_gates)
 
 
 class TaskExpert(nn.Module):
-    def __init__(self, d_in: int, n_tasks: int, hidden: int = 16, out: int = 1, experts: int = 6, layers: int = 2,
-                 **_: object):
+    def __init__(self, d_in: int, n_tasks: int, hidden: int = 16, out: int = 1, experts: int = 6, layers: int = 2):
         super().__init__()
         if layers < 1 or experts < 1:
             raise ConfigError(f"layers={layers}, experts={experts}: expected at least one of each")
