@@ -96,6 +96,20 @@ def test_serve_cli_bad_options(args, msg, capsys):
     assert last.startswith("moekit serve: error: ") and msg in last
 
 
+def test_serve_cli_refuses_a_port_in_use(capsys):
+    import socket
+
+    from moekit.cli.main import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--port {port}: cannot bind 127.0.0.1:{port}" in last
+
+
 @pytest.mark.slow
 def test_serve_cli_answers_on_localhost():
     import os

@@ -32,11 +32,11 @@ def run(args: argparse.Namespace) -> int:
 
     from moekit.serve.app import create_app
     from moekit.serve.engine import RequestError
-    from moekit.serve.server import build_engine, check_host, model_id_of
+    from moekit.serve.server import build_engine, check_bind, model_id_of
 
     if not 0 < args.port < 65536:
         raise RequestError(f"--port {args.port}: expected 1..65535")
-    check_host(args.host)
+    check_bind(args.host, args.port)
     engine = build_engine(args.model, dtype=args.dtype, expert_memory=args.expert_memory, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_wait=args.max_wait, scheduler=args.scheduler,
                           max_running=args.max_running)

@@ -50,11 +50,19 @@ def build_engine(model_path: str | os.PathLike | None = None, *, dtype: str = "f
                   scheduler=scheduler, store=store, max_running=max_running)
 
 
-def check_host(host: str) -> None:
+def check_bind(host: str, port: int) -> None:
+    """Refuses (one line) a host that does not resolve or a port this process cannot bind there."""
     try:
-        socket.getaddrinfo(host, None)
+        family = socket.getaddrinfo(host, port)[0][0]
     except OSError as err:
         raise RequestError(f"--host {host}: cannot be resolved ({err})") from None
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise RequestError(f"--port {port}: cannot bind {host}:{port} ({err.strerror}); expected a free port"
+                               ) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
