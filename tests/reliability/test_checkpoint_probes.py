@@ -263,9 +263,18 @@ def test_manifest_checkpoint_loads(manifest_checkpoint):
 def test_expert_tensor_relabelled(capsys, tmp_path, tiny, dtype):
     """Same byte size, other dtype: eval reported perplexity 532 (I16) or 1434 instead of 173."""
     edit_header(tiny / SINGLE, lambda h: h[EXPERT].update(dtype=dtype))
-    expected = ("is F16 but the other routed-expert tensors are BF16; expected one dtype" if dtype == "F16"
-                else f"is {dtype}; config.json (")
+    expected = ("is F16 but 95 other routed-expert tensors are BF16; expected one dtype for all of them"
+                if dtype == "F16" else f"is {dtype}; config.json (")
     refused(capsys, tmp_path, tiny, f"model.safetensors: {EXPERT} {expected}")
+
+
+@pytest.mark.parametrize("name", ["model.layers.2.self_attn.q_proj.weight", "model.layers.1.input_layernorm.weight"])
+def test_other_tensor_relabelled_f16(capsys, tmp_path, tiny, name):
+    """The same tensor in the other layers is BF16: a relabelled one is refused."""
+    edit_header(tiny / SINGLE, lambda h: h[name].update(dtype="F16"))
+    kind = name.replace(".1.", ".N.").replace(".2.", ".N.")
+    refused(capsys, tmp_path, tiny, f"model.safetensors: {name} is F16 but 3 other tensors {kind} are BF16; "
+                                    f"expected one dtype for all of them", verbs=("info",))
 
 
 def test_norm_relabelled_as_integer(capsys, tmp_path, tiny):

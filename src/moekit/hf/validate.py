@@ -239,21 +239,32 @@ def _check_tensors(directory: Path, config: Any, family: Family, manifest: dict 
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"{directory / tensors[extra[0]].file}: holds {extra[0]}{more}, which the model "
                               f"{source} describes does not have")
-    _check_expert_dtypes(directory, family, tensors, full)
+    _check_float_dtypes(directory, family, tensors, full)
 
 
-def _check_expert_dtypes(directory: Path, family: Family, tensors: dict[str, TensorInfo], full: dict) -> None:
-    pattern = re.compile(family.checkpoint_experts)
-    experts = [t for name, t in sorted(tensors.items()) if pattern.search(name) and not _QUANT_TENSOR.search(name)
-               and name in full and full[name].dtype.is_floating_point]
+def _odd_one(directory: Path, group: list[TensorInfo], what: str) -> None:
     counts: dict[str, int] = {}
-    for t in experts:
+    for t in group:
         counts[t.dtype] = counts.get(t.dtype, 0) + 1
     if len(counts) > 1:
         common = max(counts, key=counts.get)
-        odd = next(t for t in experts if t.dtype != common)
-        raise CheckpointError(f"{directory / odd.file}: {odd.name} is {odd.dtype} but the other routed-expert "
-                              f"tensors are {common}; expected one dtype for every expert tensor")
+        odd = next(t for t in group if t.dtype != common)
+        raise CheckpointError(f"{directory / odd.file}: {odd.name} is {odd.dtype} but {counts[common]} other "
+                              f"{what} are {common}; expected one dtype for all of them")
+
+
+def _check_float_dtypes(directory: Path, family: Family, tensors: dict[str, TensorInfo], full: dict) -> None:
+    """A relabelled tensor (same bytes, another float dtype) differs from its kind: every routed-expert tensor,
+    and the same tensor in every layer and expert (names equal up to their indices), share one dtype."""
+    floats = [t for name, t in sorted(tensors.items()) if not _QUANT_TENSOR.search(name) and name in full
+              and full[name].dtype.is_floating_point]
+    pattern = re.compile(family.checkpoint_experts)
+    _odd_one(directory, [t for t in floats if pattern.search(t.name)], "routed-expert tensors")
+    kinds: dict[str, list[TensorInfo]] = {}
+    for t in floats:
+        kinds.setdefault(re.sub(r"\.\d+\.", ".N.", t.name), []).append(t)
+    for kind, group in kinds.items():
+        _odd_one(directory, group, f"tensors {kind}")
 
 
 # files any one of which holds a tokenizer's vocabulary (tokenizer_config.json alone does not: transformers then
