@@ -6,8 +6,8 @@ Three measurements, each against its baseline in the same run (rounds interleave
   tokens/s; every request checked: answered completely (a final chunk with a finish reason) and its text equal
   to the greedy text of its own prompt computed alone beforehand (a text equal to another prompt's counts as mixed
   up);
-- scheduler: with 2 x max_batch sequences resident and max_batch rows per forward, expert-aware row choice
-  (runtime.schedule.pick_batch on each row's last-step experts, bounded wait) against first-come (longest wait) at
+- scheduler: with `resident` x max_batch sequences resident and max_batch rows per forward, expert-aware row choice
+  (runtime.schedule.pick_batch on each row's predicted experts, bounded wait) against first-come (longest wait) at
   the same offered load: distinct (layer, expert) pairs activated per decode step (from /metrics), rows per step,
   tokens/s, p99 latency.
 The concurrency and load phases run plain continuous batching (max_running = max_batch).
@@ -127,7 +127,7 @@ def _median(records: list[dict], key: str) -> float | None:
 
 
 def bench_serve(clients: int = 32, seconds: float = 120.0, quick: bool = False, max_batch: int = 8,
-                max_tokens: int = 32, rounds: int = 3) -> list[dict]:
+                max_tokens: int = 32, rounds: int = 3, resident: int = 4) -> list[dict]:
     from moekit.core.tune import cpu_info
     from moekit.serve.app import create_app
     from moekit.serve.engine import Engine
@@ -137,7 +137,8 @@ def bench_serve(clients: int = 32, seconds: float = 120.0, quick: bool = False, 
         clients, seconds, max_tokens, rounds, max_batch = min(clients, 8), min(seconds, 4.0), 8, 1, min(max_batch, 4)
     plain = build_engine(max_batch=max_batch, max_queue=4 * clients)
     engines = {"plain": plain, **{name: Engine(plain.model, plain.tokenizer, max_batch=max_batch,
-                                               max_running=2 * max_batch, max_queue=4 * clients, scheduler=name)
+                                               max_running=resident * max_batch, max_queue=4 * clients,
+                                               scheduler=name)
                                   for name in ("expert", "first-come")}}
     prompts = _prompts(plain.tokenizer)
     refs = _references(plain, prompts, max_tokens)
@@ -146,7 +147,8 @@ def bench_serve(clients: int = 32, seconds: float = 120.0, quick: bool = False, 
         eng.start()
         servers[name] = ServerThread(create_app(eng, "moekit-tiny")).start()
     base = {"bench": "serve", **cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "max_batch": max_batch, "max_tokens": max_tokens, "quick": quick}
+            "max_batch": max_batch, "max_tokens": max_tokens, "quick": quick,
+            "scheduler_max_running": resident * max_batch}
     records: list[dict] = []
     try:
         url = servers["plain"].url

@@ -274,16 +274,18 @@ def add_serve_parser(sub) -> None:
     se.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
     se.add_argument("--seconds", type=float, default=120.0, help="length of the load phase (default 120)")
     se.add_argument("--max-batch", type=int, default=8, help="the server's rows per decode step (default 8)")
+    se.add_argument("--resident", type=int, default=4,
+                    help="scheduler phase: sequences kept resident, as a multiple of --max-batch (default 4)")
     se.add_argument("--quick", action="store_true", help="at most 8 clients, 4 s, 8 tokens: a smoke run")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from moekit.bench.serve import COLUMNS, bench_serve
 
-    if args.clients < 1 or args.seconds <= 0 or args.max_batch < 1:
-        raise ConfigError(f"--clients {args.clients} / --seconds {args.seconds} / --max-batch {args.max_batch}: "
-                          "expected positive values")
-    records = bench_serve(args.clients, args.seconds, args.quick, args.max_batch)
+    if args.clients < 1 or args.seconds <= 0 or args.max_batch < 1 or args.resident < 1:
+        raise ConfigError(f"--clients {args.clients} / --seconds {args.seconds} / --max-batch {args.max_batch} / "
+                          f"--resident {args.resident}: expected positive values")
+    records = bench_serve(args.clients, args.seconds, args.quick, args.max_batch, resident=args.resident)
     rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
     print(json.dumps(records, indent=1) if args.json else format_table(rows, COLUMNS))
     return 0

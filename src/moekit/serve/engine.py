@@ -118,6 +118,7 @@ class Engine:
         self.running: list[_Seq] = []
         self.lock = threading.Condition()
         self._routing: dict[int, torch.Tensor] = {}
+        self._by_token: dict[int, set[int]] = {}  # token id -> experts it was last routed to (pre-gating guess)
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"requests": 0, "requests_finished": 0, "requests_cancelled": 0, "requests_rejected": 0,
@@ -209,6 +210,8 @@ class Engine:
         seq.decoder = Decoder(self.model, self.context)
         seq.logits = self._forward(lambda: seq.decoder.prefill(torch.tensor(seq.req.prompt_ids)))[0]
         seq.experts = self._row_experts(-1)
+        for t, token in enumerate(seq.req.prompt_ids):
+            self._by_token[token] = self._row_experts(t)
         self.stats["prompt_tokens"] += len(seq.req.prompt_ids)
         with self.lock:
             self.ready.append(seq)
@@ -247,12 +250,12 @@ class Engine:
 
     def _decode(self) -> None:
         """One forward: every running row, or, with more rows resident than `max_batch`, the rows `pick` chooses
-        from their last step's experts (bounded wait); the rows left out get a masked hole at this position."""
+        from their predicted experts (bounded wait); the rows left out get a masked hole at this position."""
         if self.decoder.length + 1 > self.decoder.max_len and self.decoder.mask is not None:
             self._compact()  # holes left by rows that sat out steps
         rows = list(range(len(self.running)))
         if len(rows) > self.max_batch and self._subset_ok():
-            rows = sorted(self.pick([s.experts for s in self.running], self.max_batch,
+            rows = sorted(self.pick([self.predicted(s) for s in self.running], self.max_batch,
                                     [s.waited for s in self.running], self.max_wait))
         tokens = torch.tensor([self.running[r].tokens[-1] for r in rows])
         if len(rows) == len(self.running):
@@ -262,6 +265,7 @@ class Engine:
         activated = set()
         for i, r in enumerate(rows):
             self.running[r].experts = self._row_experts(i)
+            self._by_token[int(tokens[i])] = self.running[r].experts
             activated |= self.running[r].experts
         chosen = set(rows)
         for r, s in enumerate(self.running):
@@ -275,6 +279,11 @@ class Engine:
         for i, r in enumerate(rows):
             s = self.running[r]
             self._accept(s, sample(logits[i:i + 1], s.req.sampling, s.generator)[0].item())
+
+    def predicted(self, seq: _Seq) -> set[int]:
+        """The experts `seq`'s next step is expected to use: those its next input token was routed to when last
+        seen (Read-ME's pre-gating idea: routing follows the token), else its own last step's."""
+        return self._by_token.get(seq.tokens[-1], seq.experts) if seq.tokens else seq.experts
 
     def _subset_ok(self) -> bool:
         return all(type(layer) is StaticLayer for layer in self.decoder._static_layers())
