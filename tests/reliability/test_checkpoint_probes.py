@@ -114,8 +114,8 @@ def test_config_of_defaults_refused_before_building(capsys, tmp_path, tiny, monk
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", build)
-    refused(capsys, tmp_path, tiny, "config.json: num_hidden_layers=24; expected at most 4 (the weights hold 4 "
-                                    "decoder layers)")
+    refused(capsys, tmp_path, tiny, "config.json: num_hidden_layers=24 (not in the file: transformers' default); "
+                                    "expected at most 4 (the weights hold 4 decoder layers)")
 
 
 def test_config_of_defaults_with_the_right_layer_count(capsys, tmp_path, tiny):

@@ -92,11 +92,16 @@ def _stored_layers(tensors: dict[str, TensorInfo]) -> int:
     return min(max(indices) + 1, len(tensors)) if indices else 0
 
 
-def _positive_int(path: Path, key: str, value: object, bound: int, what: str) -> int:
+def _positive_int(path: Path, key: str, value: object, bound: int, what: str, raw: dict, config: Any = None) -> int:
+    """`value` (config field `key`) a positive integer at most `bound`; says when neither the field nor an alias
+    of it is in the raw config.json (transformers then gives its default, sized for a large release)."""
+    names = getattr(config, "attribute_map", {})  # e.g. Qwen3-MoE: num_experts is stored as num_local_experts
+    aliases = {names.get(key), *(a for a, target in names.items() if target == key)}
+    unset = "" if raw.keys() & {key, *aliases} else " (not in the file: transformers' default)"
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CheckpointError(f"{path}: {key}={value!r}; expected a positive integer")
+        raise CheckpointError(f"{path}: {key}={value!r}{unset}; expected a positive integer")
     if value > bound:
-        raise CheckpointError(f"{path}: {key}={value}; expected at most {bound:,} ({what})")
+        raise CheckpointError(f"{path}: {key}={value}{unset}; expected at most {bound:,} ({what})")
     return value
 
 
@@ -113,13 +118,14 @@ def check_checkpoint(path: str | Path) -> Checked:
     stored = _stored_layers(tensors)
     what = f"the weights hold {stored} decoder layers" if stored else "the weights hold no layers.N tensor"
     if "num_hidden_layers" in raw:
-        _positive_int(source, "num_hidden_layers", raw["num_hidden_layers"], stored, what)
+        _positive_int(source, "num_hidden_layers", raw["num_hidden_layers"], stored, what, raw)
     config = read_config(directory)
-    _positive_int(source, "num_hidden_layers", config.num_hidden_layers, stored, what)
+    _positive_int(source, "num_hidden_layers", config.num_hidden_layers, stored, what, raw, config)
     family = family_of(config, source=str(source))
     elements = sum(t.numel for t in tensors.values())
     for key in dict.fromkeys(("hidden_size", "vocab_size", family.experts_key, family.width_key)):
-        _positive_int(source, key, getattr(config, key, None), elements, "the elements the weights hold")
+        _positive_int(source, key, getattr(config, key, None), elements, "the elements the weights hold", raw,
+                      config)
     manifest = None
     if (directory / MANIFEST).exists():
         manifest = read_manifest(directory)
