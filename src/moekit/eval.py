@@ -88,14 +88,21 @@ def load_model_and_tokenizer(model_path: str | os.PathLike | None) -> tuple[Path
     """(directory, model in float32, tokenizer or None when the checkpoint has none, is it moekit-tiny)."""
     from moekit.default import default_model_path
     from moekit.hf.checkpoint import load
+    from moekit.hf.headers import CheckpointError
+    from moekit.hf.validate import TOKENIZER_VOCAB
 
     path = Path(model_path) if model_path is not None else default_model_path()
     model = load(path, dtype=torch.float32)
     tokenizer = None
-    if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+    if any((path / name).is_file() for name in TOKENIZER_VOCAB):  # tokenizer_config.json alone holds no vocabulary
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as err:  # noqa: BLE001 (json, sentencepiece and transformers errors share no base class)
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise CheckpointError(f"{path}: the tokenizer files cannot be read ({reason}); expected a transformers "
+                                  f"tokenizer (tokenizer.json)") from None
     return path, model, tokenizer, path.resolve() == default_model_path().resolve()
 
 

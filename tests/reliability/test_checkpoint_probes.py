@@ -382,3 +382,23 @@ def test_compress_output_loads_with_trust_remote_code(tmp_path, tiny):
                  "256", "--eval-tokens", "256", "--out", str(tmp_path / "out")]) == 0
     assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
     AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+
+
+@pytest.mark.parametrize("damage", ["config_only", "corrupt"])
+def test_eval_tokenizer_files(capsys, tmp_path, tiny, damage):
+    """tokenizer_config.json without a vocabulary ended eval in transformers' ValueError traceback (it tried to
+    convert a slow tokenizer); a corrupt tokenizer.json likewise."""
+    if damage == "config_only":
+        (tiny / "tokenizer.json").unlink()
+        expected = "model: no tokenizer files; expected tokenizer.json"
+    else:
+        (tiny / "tokenizer.json").write_text("{broken")
+        expected = "model: the tokenizer files cannot be read (Expecting property name"
+    data = tmp_path / "data.txt"
+    data.write_text("Some text to score. " * 20)
+    before = tree(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(tiny), "--data", str(data)]) == 2
+    err = capsys.readouterr().err  # after transformers' "Loading weights" progress bar: the model loaded
+    assert "Traceback" not in err and err.endswith("\n") and expected in err.splitlines()[-1], err
+    assert tree(tmp_path) == before
