@@ -126,7 +126,8 @@ def _remove(path: Path) -> None:
 def clean_stale(out: str | os.PathLike) -> list[Path]:
     """Remove what interrupted runs left beside `out` (temporaries of dead processes; an old version when `out`
     itself is whole) and put an old version back where a kill left no `out`. Says so on stderr; returns the paths
-    removed or restored. Also recognises the names earlier moekit versions used."""
+    removed or restored. Also recognises the names earlier moekit versions used. Safe to run from several
+    processes at once (every rank of a torchrun job does)."""
     out = Path(out)
     if not out.parent.is_dir():
         return []
@@ -149,7 +150,10 @@ def clean_stale(out: str | os.PathLike) -> list[Path]:
             olds.append(entry)
     for entry in olds:
         if not out.exists() and entry.is_dir():
-            entry.rename(out)
+            try:
+                entry.rename(out)
+            except OSError:  # another process (an expert-parallel rank) restored it first
+                continue
             _note(f"restored {out} from {entry.name} (a replacement was interrupted between its two renames)")
         else:
             _remove(entry)
