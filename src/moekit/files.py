@@ -222,8 +222,10 @@ def swap_in(tmp: Path, final: Path) -> None:
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and a rename (mode from the umask)."""
+    """Write `data` to `path` through a temporary file in the same directory and a rename (mode from the umask);
+    temporaries a killed writer left beside `path` are removed first."""
     path = Path(path)
+    clean_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

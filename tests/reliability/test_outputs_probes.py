@@ -156,6 +156,16 @@ def test_stale_checkpoint_old_no_longer_blocks_saves(tmp_path, capsys):
     assert "removed" in capsys.readouterr().err
 
 
+def test_atomic_write_removes_a_killed_writers_temporary(tmp_path, capsys):
+    from moekit.files import atomic_write
+
+    stale = tmp_path / f".metrics.jsonl.tmp-{dead_pid()}-9f"
+    stale.write_text("half")
+    atomic_write(tmp_path / "metrics.jsonl", "whole\n")
+    assert hidden_entries(tmp_path) == [] and (tmp_path / "metrics.jsonl").read_text() == "whole\n"
+    assert "moekit: note: removed" in capsys.readouterr().err
+
+
 def test_a_live_process_temporaries_are_left_alone(tmp_path):
     from moekit.files import clean_stale
 
