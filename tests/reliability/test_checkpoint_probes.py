@@ -402,3 +402,24 @@ def test_eval_tokenizer_files(capsys, tmp_path, tiny, damage):
     err = capsys.readouterr().err  # after transformers' "Loading weights" progress bar: the model loaded
     assert "Traceback" not in err and err.endswith("\n") and expected in err.splitlines()[-1], err
     assert tree(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def deepseek_v3(tmp_path_factory) -> Path:
+    from hf.tiny import tiny_model  # tests/ is on sys.path (tests/conftest.py)
+
+    return mh.save(tiny_model("deepseek_v3"), tmp_path_factory.mktemp("dsv3") / "model")
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"n_group": 6}, "n_group=6; expected groups of at least 2 experts (n_routed_experts=6)"),
+    ({"n_group": 4}, "n_group=4; expected a positive divisor of n_routed_experts=6"),
+    ({"topk_group": 5}, "topk_group=5; expected an integer in 1..3 (n_group)"),
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok=5; expected at most 4 (topk_group=2 groups of 2 experts)"),
+])
+def test_group_routing_that_cannot_pick_k(capsys, tmp_path, deepseek_v3, change, expected):
+    """DeepSeek-V3 routes within n_group groups, topk_group of them: sizes that cannot pick k experts."""
+    model = shutil.copytree(deepseek_v3, tmp_path / "model")
+    os.chdir(tmp_path)
+    edit_json(model / "config.json", lambda c: c.update(change))
+    refused(capsys, tmp_path, model, f"config.json: {expected}", verbs=("info",))

@@ -167,6 +167,9 @@ def _check_routing(source: Path, config: Any, family: Family, manifest: dict | N
     if not isinstance(groups, int) or groups < 1 or experts % groups:
         raise CheckpointError(f"{source}: n_group={groups!r}; expected a positive divisor of {family.experts_key}="
                               f"{experts}")
+    if family.routing == "sigmoid_group_topk" and experts // groups < 2:  # groups ranked by their 2 best experts
+        raise CheckpointError(f"{source}: n_group={groups}; expected groups of at least 2 experts ("
+                              f"{family.experts_key}={experts})")
     if not isinstance(topk_group, int) or not 1 <= topk_group <= groups:
         raise CheckpointError(f"{source}: topk_group={topk_group!r}; expected an integer in 1..{groups} (n_group)")
     if k > topk_group * (experts // groups):
