@@ -137,5 +137,5 @@ def test_cli_dense_model_and_out_equal_to_input(tmp_path, capsys, checkpoint):
     data = tmp_path / "d.txt"
     data.write_text("hello world")
     assert main(["inspect", str(checkpoint), "--data", str(data), "--out", str(data)]) == 2
-    assert "contains the input" in capsys.readouterr().err
+    assert "is the input" in capsys.readouterr().err
     assert data.read_text() == "hello world"
