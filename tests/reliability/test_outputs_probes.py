@@ -88,6 +88,13 @@ def test_tour_out_existing_file_and_zero_repeats_refused_at_start(tmp_path, caps
     assert out == "" and not (tmp_path / "t").exists()
 
 
+@pytest.mark.parametrize("what", ["layer", "hf-accelerate", "train"])
+def test_bench_zero_repeats_refused_before_any_run(what, capsys):
+    code, out, err = run_cli(["bench", what, "--repeats", "0"], capsys)
+    assert_refused(code, err, "bench", "--repeats 0")
+    assert out == ""
+
+
 @pytest.mark.parametrize("verb", ["compress", "inspect", "train", "tour"])
 def test_unwritable_out_is_refused_before_any_work(verb, tmp_path, capsys, monkeypatch):
     locked = str(tmp_path / "locked")
