@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from moekit.bench.timing import environment
 from moekit.core import tune
-from moekit.core.dispatch import plan_assignments, run_experts, shape_class
+from moekit.core.dispatch import candidate_impls, plan_assignments, run_experts, shape_class
 from moekit.errors import ConfigError
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -73,7 +73,7 @@ def bench_tune(model_path: str | None = None, dtypes: list[str] | None = None,
             xs = x.index_select(0, plan.token)
             run_experts(xs, plan, experts, "auto")
             active = sum(1 for n in plan.counts if n)
-            shape = shape_class(xs, experts, active)
+            shape = shape_class(xs, experts, active, candidate_impls(xs, experts))
             record = tuner.table().get(tune.shape_key("dispatch", shape), {})
             records.append({"kind": "dispatch", "model": str(path), "dtype": dtype_name, "tokens": num_tokens,
                             "experts": e, "k": k, "format": shape[0], "hidden": shape[2], "intermediate": shape[3],

@@ -319,12 +319,12 @@ def candidate_impls(xs: Tensor, experts: ExpertsLike) -> list[str]:
     return names
 
 
-def shape_class(xs: Tensor, experts: ExpertsLike, active_experts: int) -> tuple:
+def shape_class(xs: Tensor, experts: ExpertsLike, active_experts: int, candidates: list[str]) -> tuple:
     """What the tuner keys a dispatch choice by (with the thread count): the experts' format, dtype, H, I, the rows
-    per active expert and the active experts (each rounded up to a power of two)."""
+    per active expert and the active experts (each rounded up to a power of two), and the candidates."""
     per_expert = -(-xs.shape[0] // max(active_experts, 1))
     return (getattr(experts, "format", "dense"), xs.dtype, experts.hidden_size, experts.intermediate_size,
-            tune.bucket(per_expert), tune.bucket(active_experts))
+            tune.bucket(per_expert), tune.bucket(active_experts), "+".join(candidates))
 
 
 def _needs_grad(xs: Tensor, experts: ExpertsLike) -> bool:
@@ -339,10 +339,11 @@ def run_experts(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike, impl: str 
     call that needs gradients, or MOEKIT_TUNE=0, takes `default_impl`)."""
     active = sum(1 for n in plan.counts if n)
     if impl == "auto" and tune.enabled() and not _needs_grad(xs, experts):
-        candidates = {name: (lambda run=_RUNNERS[name]: run(xs, plan, experts))
-                      for name in candidate_impls(xs, experts)}
-        name = tune.tuner().choose("dispatch", shape_class(xs, experts, active), candidates,
-                                   default_impl(xs, experts, active))
+        names = candidate_impls(xs, experts)
+        name = names[0] if len(names) == 1 else tune.choose(
+            "dispatch", shape_class(xs, experts, active, names),
+            lambda: {n: (lambda run=_RUNNERS[n]: run(xs, plan, experts)) for n in names},
+            default_impl(xs, experts, active))
     else:
         name = choose_impl(impl, xs, experts, active)
     return _RUNNERS[name](xs, plan, experts)

@@ -227,9 +227,9 @@ class Tuner:
             return record["impl"]
         if not _may_measure():
             return fallback
+        ms = self.measure(candidates)  # not under the lock: candidates run on worker threads that read the cache
+        best = min(names, key=lambda n: ms[n])
         with self._lock:
-            ms = self.measure(candidates)
-            best = min(names, key=lambda n: ms[n])
             self._tables[threads][key] = {"impl": best, "ms": {n: round(float(ms[n]), 5) for n in names}}
             self._save(threads)
         return best
