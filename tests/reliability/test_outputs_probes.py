@@ -91,7 +91,7 @@ def test_tour_out_existing_file_and_zero_repeats_refused_at_start(tmp_path, caps
 @pytest.mark.parametrize("what", ["layer", "hf-accelerate", "train"])
 def test_bench_zero_repeats_refused_before_any_run(what, capsys):
     code, out, err = run_cli(["bench", what, "--repeats", "0"], capsys)
-    assert_refused(code, err, "bench", "--repeats 0")
+    assert_refused(code, err, "bench", "--repeats=0")
     assert out == ""
 
 

@@ -112,7 +112,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     repeats = getattr(args, "repeats", None)
     if repeats is not None and repeats < 1:  # a median of no rounds: refused before anything runs
-        raise ConfigError(f"--repeats {repeats}: expected a positive number of timed rounds")
+        raise ConfigError(f"--repeats={repeats}: expected a positive integer")
     if args.what == "seeds":
         from moekit.bench.seeds import run as run_seeds
 
