@@ -180,3 +180,29 @@ def test_linear_either_choice_equals_f_linear(winner, rows):
         assert fake.calls and fake.calls[0] == ["w_xt", "x_wt"]
     else:
         assert fake.calls == []
+
+
+def test_measuring_the_threads_path_does_not_deadlock(monkeypatch):
+    """The threads candidate's workers read the tune cache while the main thread measures: no lock may be held."""
+    import threading
+
+    monkeypatch.setenv("MOEKIT_TUNE", "1")
+    old_threads = torch.get_num_threads()
+    old = tune.set_tuner(tune.Tuner(measure=FakeTimings({"threads": 0.1}), persist=False))
+    torch.set_num_threads(2)
+    try:
+        experts = Experts(4, 16, 8)
+        x = torch.randn(6, 16)
+        plan = plan_dispatch(_routing(x, 4, 2), 4)
+        done = threading.Event()
+
+        def run():
+            with torch.no_grad():
+                dispatch(x, plan, experts, "auto")
+            done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        assert done.wait(60), "dispatch with tuning on did not finish: deadlock"
+    finally:
+        torch.set_num_threads(old_threads)
+        tune.set_tuner(old)
