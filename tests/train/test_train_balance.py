@@ -14,7 +14,8 @@ import moekit.hf as mh
 from moekit.cli.main import main
 from moekit.errors import ConfigError
 from moekit.train.balance import LoadRecorder, load_stats, sequence_balance_loss
-from moekit.train.trainer import RECIPES, check_balancing, train
+from moekit.train.trainer import RECIPES, train
+from moekit.train.validate import check_recipe
 
 DS = dict(model_type="deepseek_v3", hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
           n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
@@ -110,12 +111,12 @@ def test_bf16_training_matches_fp32(tmp_path):
 ])
 def test_bad_balancing_settings_refused(change, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
-        check_balancing(replace(SMOKE_DS, **change))
+        check_recipe(replace(SMOKE_DS, **change))
 
 
 def test_bias_update_on_a_family_without_correction_bias_refused():
     with pytest.raises(ConfigError, match="Qwen3-MoE has none"):
-        check_balancing(replace(RECIPES["smoke"], bias_update_rate=0.01))
+        check_recipe(replace(RECIPES["smoke"], bias_update_rate=0.01))
 
 
 @pytest.mark.parametrize("args", [

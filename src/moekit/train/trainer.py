@@ -124,35 +124,6 @@ def router_stats(router_logits: tuple[Tensor, ...]) -> tuple[Tensor, list[float]
     return torch.stack(z).mean(), entropies
 
 
-DTYPES = ("fp32", "bf16")
-
-
-def check_balancing(recipe: Recipe) -> None:
-    """Refuse, before anything is built or written, balancing and precision settings the run cannot honour."""
-    for name in ("bias_update_rate", "seq_balance_coef"):
-        value = getattr(recipe, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"recipe {recipe.name!r}: {name}={value!r}; expected a finite number >= 0")
-    if recipe.dtype not in DTYPES:
-        raise ConfigError(f"recipe {recipe.name!r}: dtype={recipe.dtype!r}; expected one of {', '.join(DTYPES)}")
-    model_type = recipe.model.get("model_type")
-    if recipe.moe_layer is None and (recipe.bias_update_rate or recipe.seq_balance_coef):
-        import moekit.hf as mh
-
-        family = mh.FAMILIES.get(model_type)
-        if family is None:
-            raise ConfigError(f"recipe {recipe.name!r}: bias_update_rate / seq_balance_coef need an MoE model; "
-                              f"model_type={model_type!r} is not one of {', '.join(sorted(mh.FAMILIES))}")
-        if recipe.bias_update_rate and not family.routing.startswith("sigmoid"):
-            raise ConfigError(f"recipe {recipe.name!r}: bias_update_rate needs a router with a correction bias; "
-                              f"{family.name} has none (expected model_type 'deepseek_v3')")
-    if model_type == "deepseek_v3":
-        experts, groups = recipe.model.get("n_routed_experts", 256), recipe.model.get("n_group", 8)
-        if not isinstance(groups, int) or groups < 1 or experts % groups:
-            raise ConfigError(f"recipe {recipe.name!r}: n_group={groups!r}; expected a divisor of "
-                              f"n_routed_experts={experts}")
-
-
 def bf16_native() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -226,7 +197,6 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
 
     recipe = replace(get_recipe(recipe) if isinstance(recipe, str) else recipe, **overrides)
     check_recipe(recipe, stop_at)
-    check_balancing(recipe)
     rt = init_runtime()
     if recipe.batch_size % rt.world:
         raise ConfigError(f"batch_size={recipe.batch_size}: expected a multiple of the {rt.world} ranks")

@@ -27,7 +27,9 @@ _NUMBERS: dict[str, tuple[str, float, float]] = {
     "balance_coef": ("float", 0, 1e3),
     "z_coef": ("float", 0, 1e3),
     "bias_update_rate": ("float", 0, 1.0),
+    "seq_balance_coef": ("float", 0, 1e3),
 }
+DTYPES = ("fp32", "bf16")
 _POSITIVE = {"lr", "clip"}  # strictly above their low bound
 _OPTIONAL_INTS = {"data_seed": (0, _BIG), "max_docs_per_domain": (1, _BIG)}
 
@@ -76,3 +78,27 @@ def check_recipe(recipe: Any, stop_at: Any = None) -> None:
     if isinstance(context, int) and not isinstance(context, bool) and recipe.seq_len > context:
         raise ConfigError(f"{_where(recipe, 'seq_len')}={recipe.seq_len}; expected at most the model's "
                           f"max_position_embeddings={context}")
+    if recipe.dtype not in DTYPES:
+        raise ConfigError(f"{_where(recipe, 'dtype')}={recipe.dtype!r}; expected one of {', '.join(DTYPES)}")
+    _check_balancing(recipe)
+
+
+def _check_balancing(recipe: Any) -> None:
+    """Balancing a native family needs an MoE family, and the correction bias a sigmoid router that has one;
+    DeepSeek-V3's groups must divide its experts."""
+    model_type = recipe.model.get("model_type")
+    if recipe.moe_layer is None and (recipe.bias_update_rate or recipe.seq_balance_coef):
+        from moekit.hf.families import FAMILIES
+
+        family = FAMILIES.get(model_type)
+        if family is None:
+            raise ConfigError(f"{_where(recipe, 'bias_update_rate')} / seq_balance_coef need an MoE model; "
+                              f"model_type={model_type!r} is not one of {', '.join(sorted(FAMILIES))}")
+        if recipe.bias_update_rate and not family.routing.startswith("sigmoid"):
+            raise ConfigError(f"{_where(recipe, 'bias_update_rate')} needs a router with a correction bias; "
+                              f"{family.name} has none (expected model_type 'deepseek_v3')")
+    if model_type == "deepseek_v3":
+        experts, groups = recipe.model.get("n_routed_experts", 256), recipe.model.get("n_group", 8)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or experts % groups:
+            raise ConfigError(f"{_where(recipe, 'model')}: n_group={groups!r}; expected a divisor of "
+                              f"n_routed_experts={experts}")
