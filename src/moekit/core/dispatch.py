@@ -338,7 +338,7 @@ def run_experts(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike, impl: str 
     the implementation is the tuner's measured choice for this shape class (`moekit.core.tune`; forward only: a
     call that needs gradients, or MOEKIT_TUNE=0, takes `default_impl`)."""
     active = sum(1 for n in plan.counts if n)
-    if impl == "auto" and tune.enabled() and not _needs_grad(xs, experts):
+    if impl == "auto" and tune.enabled() and not _needs_grad(xs, experts) and not torch.compiler.is_compiling():
         names = candidate_impls(xs, experts)
         name = names[0] if len(names) == 1 else tune.choose(
             "dispatch", shape_class(xs, experts, active, names),

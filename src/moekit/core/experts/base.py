@@ -60,7 +60,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [n, in] @ weight[out, in]^T (+ bias). For 2 to 8 rows it may compute (weight @ x^T)^T instead, whichever
     `moekit.core.tune.small_linear_transposed` measured faster on this machine for the shape (CPU BLAS can run
     x @ W^T with so few rows as one matrix-vector product per row, reading the weight once per row)."""
-    if x.dim() == 2 and x.shape[0] in SMALL_ROWS and small_linear_transposed(x, weight):
+    if x.dim() == 2 and not torch.compiler.is_compiling() and x.shape[0] in SMALL_ROWS \
+            and small_linear_transposed(x, weight):  # (under torch.compile: plain F.linear, no Python-side choice)
         y = torch.mm(weight, x.t()).t()
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
