@@ -43,6 +43,7 @@ def main(out_dir: str, placement: str) -> None:
     torch.save({"hidden": out.hidden.detach(), "x_grad": x.grad, "sent_bytes": forward_bytes,
                 "expert_ids": ep.expert_ids, "full_state": ep.full_experts_state(),
                 "expert_grads": {n: p.grad for n, p in ep.experts.named_parameters()}}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # no rank tears its connections down while another still exchanges (gloo aborts then)
     dist.destroy_process_group()
 
 

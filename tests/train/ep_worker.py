@@ -37,6 +37,7 @@ def main(out_dir: str, impl: str) -> None:
         "full_state": ep.full_experts_state(),
         "local_counts": out.expert_counts,
     }, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # no rank tears its connections down while another still exchanges (gloo aborts then)
     dist.destroy_process_group()
 
 

@@ -139,7 +139,7 @@ def run_capped(cmd: list[str], cap_mb: int | None, timeout: float) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     """One contender, in the capped process: prints one JSON line."""
-    import resource
+    from moekit.runtime.offload import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -159,7 +159,7 @@ def child(args: argparse.Namespace) -> None:
 
     _, secs, steps = greedy(model, [ids], args.tokens)
     rec = {"contender": args.contender, "load_s": load_s, "decode_tokens_per_s": steps / secs,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+           "peak_rss_bytes": peak_rss_bytes()}
     if store is not None:
         rec.update(hit_rate=store.stats.hit_rate, bytes_read=store.stats.bytes_read, budget_bytes=store.budget_bytes)
     print(json.dumps(rec))

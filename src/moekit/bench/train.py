@@ -101,6 +101,7 @@ def ep_worker(out: str, repeats: int, world: int) -> None:
             times.append((time.perf_counter() - t0) * 1e3)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"ms": statistics.median(times)}))
     if world > 1:
+        dist.barrier()  # no rank tears its connections down while another still exchanges (gloo aborts then)
         dist.destroy_process_group()
 
 

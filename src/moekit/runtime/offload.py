@@ -302,9 +302,17 @@ def load_offloaded(path: str | Path, expert_memory: str | int | float = "25%", p
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports kilobytes)."""
+    """This process's peak resident set size: Linux's VmHWM, the high-water mark of this program's own memory.
+    (`getrusage`'s ru_maxrss survives exec, so a process started by a large parent would report the parent's peak.)
+    Elsewhere ru_maxrss."""
     import resource
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
