@@ -54,6 +54,17 @@ def test_moe_matches_reference_fp32(num_experts, data, num_tokens, router, activ
     check_against_reference(moe, x, out, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "threads"])
+def test_every_impl_runs_under_inference_mode(impl):
+    """Inference mode is thread-local: the thread pool's workers write into tensors the caller made under it."""
+    torch.manual_seed(0)
+    moe = MoE(12, 6, 4, k=2, dispatch=impl)
+    x = torch.randn(16, 12)
+    with torch.inference_mode():
+        out = moe(x)
+    check_against_reference(moe, x, out, atol=1e-4)
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("activation", ACTS)
 def test_moe_matches_reference_bf16(router, activation):

@@ -178,8 +178,10 @@ def _threaded_forward(xs: Tensor, plan: DispatchPlan, experts: ExpertsLike, keep
     hidden = xs.new_empty(xs.shape[0], experts.gate_up_proj.shape[-1 if experts.transposed else -2]) if keep_hidden \
         else xs.new_empty(0)
 
+    inference = torch.is_inference_mode_enabled()  # thread-local like grad mode: the workers take the caller's
+
     def work(group: list[tuple[int, int, int]]) -> None:
-        with torch.no_grad():  # grad mode is thread-local
+        with torch.inference_mode(inference), torch.no_grad():
             for e, s, t in group:
                 x = xs[s:t]
                 if not keep_hidden:  # the format's own way (a quantized expert's packed kernels, ...)
