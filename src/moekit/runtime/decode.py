@@ -258,13 +258,19 @@ class Decoder:
         if end >= self.capacity:
             raise ConfigError(f"add: the running rows and the new one need {end + 1} positions; the cache holds "
                               f"{self.capacity}")
+        self.join(other)
+        return logits[0]
+
+    def join(self, other: Decoder) -> None:
+        """Take the rows of `other` (prefilled with the same capacity) as the last rows of this batch: whichever
+        side is shorter is left-padded so that all rows end at the same cache position."""
+        end = max(self.length, other.length)
         self._shift(end - self.length)
         other._shift(end - other.length)
         for mine, theirs in zip(self._static_layers(), other._static_layers(), strict=True):
             mine.append_rows(theirs)
         self.mask = torch.cat([self.mask, other.mask])
         self.positions = torch.cat([self.positions, other.positions])
-        return logits[0]
 
     def remove(self, rows: Sequence[int]) -> None:
         """Drop these rows (finished sequences); the others keep their order. Left padding every remaining row

@@ -234,17 +234,10 @@ class Engine:
 
     def _join(self, seq: _Seq) -> None:
         """Seq's prefilled 1-row cache becomes the last row of the running batch (as Decoder.add joins a prompt)."""
-        other, dec = seq.decoder, self.decoder
         if not self.running:
-            self.decoder = other
+            self.decoder = seq.decoder
         else:
-            end = max(dec.length, other.length)
-            dec._shift(end - dec.length)
-            other._shift(end - other.length)
-            for mine, theirs in zip(dec._static_layers(), other._static_layers(), strict=True):
-                mine.append_rows(theirs)
-            dec.mask = torch.cat([dec.mask, other.mask])
-            dec.positions = torch.cat([dec.positions, other.positions])
+            self.decoder.join(seq.decoder)
         seq.waited = 0
         self.running.append(seq)
 
