@@ -223,9 +223,12 @@ def load_offloaded(path: str | Path, expert_memory: str | int | float = "25%", p
     loads the model fully resident (with `moekit.hf.load`) and says so in `note`."""
     from transformers import AutoConfig
 
+    from moekit.hf.validate import check_checkpoint
+
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise StoreError(f"{path}: expected a checkpoint directory with config.json and safetensors files")
+    check_checkpoint(directory)  # the loader's check of config.json against every header, before any work
     try:
         config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as err:
