@@ -14,8 +14,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -199,26 +201,53 @@ def temp_dir(out: str | os.PathLike, tag: str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """SIGINT / SIGTERM that arrive inside the block take effect when it ends (in the main thread; elsewhere the
+    block runs as it is), so a swap is never cut between its renames and the removal of the old version."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, object]] = []
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in handlers:
+        signal.signal(s, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if pending:
+            signum, frame = pending[0]
+            handler = handlers[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 def swap_in(tmp: Path, final: Path) -> None:
     """Put the finished directory `tmp` in place of `final` (absent or an earlier version) by two renames; after a
-    kill at any point `clean_stale(final)` finds `final` whole (old or new) or puts the old version back."""
+    kill at any point `clean_stale(final)` finds `final` whole (old or new) or puts the old version back. Ctrl-C and
+    SIGTERM wait for the swap to finish (`deferred_interrupts`), so they never leave the old version beside it."""
     fix_modes(tmp)
     clean_stale(final)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if old.exists():
-        _remove(old)
-    moved = False
-    if final.exists():
-        final.rename(old)
-        moved = True
-    try:
-        tmp.rename(final)
-    except BaseException:
-        if moved and not final.exists():
-            old.rename(final)
-        raise
-    if moved:
-        _remove(old)
+    with deferred_interrupts():
+        if old.exists():
+            _remove(old)
+        moved = False
+        if final.exists():
+            final.rename(old)
+            moved = True
+        try:
+            tmp.rename(final)
+        except BaseException:
+            if moved and not final.exists():
+                old.rename(final)
+            raise
+        if moved:
+            _remove(old)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

@@ -103,6 +103,11 @@ def ep_worker(out: str, repeats: int, world: int) -> None:
     if world > 1:
         dist.barrier()  # no rank tears its connections down while another still exchanges (gloo aborts then)
         dist.destroy_process_group()
+        # this runs as its own process (bench_ep) and its result is written: skip interpreter teardown, where a
+        # collective's native thread still running can abort the process
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def bench_ep(repeats: int) -> dict:
