@@ -22,6 +22,8 @@ PROBES = {
     "serve: zero batch": (["serve", "--max-batch", "0"], "max-batch"),
     "place: zero devices": (["place", "--devices", "0", "--out", "OUT/p.json"], "devices"),
     "place: more devices than experts": (["place", "--devices", "64", "--out", "OUT/p.json"], "devices"),
+    "place: nan time limit": (["place", "--devices", "4", "--time-limit", "nan", "--out", "OUT/p.json"],
+                              "time-limit"),
     "make: an MoE as input": (["make", TINY, "--experts", "4", "--k", "2", "--out", "OUT/m"], "already an MoE"),
     "make: k above experts": (["make", TINY, "--experts", "4", "--k", "8", "--out", "OUT/m"], ""),
     "bench offload: zero repeats": (["bench", "offload", "--repeats", "0"], "repeats"),

@@ -82,8 +82,10 @@ def place_model(model_path: str | os.PathLike | None, data: Sequence[str | os.Pa
         raise PlacementError(f"--devices {devices}: expected at least 1 device")
     if replicas < 0:
         raise PlacementError(f"--replicas {replicas}: expected 0 or more")
-    if not load_weight >= 0:
-        raise PlacementError(f"--load-weight {load_weight}: expected 0 or more")
+    if not 0 <= load_weight < float("inf"):
+        raise PlacementError(f"--load-weight {load_weight}: expected a finite number, 0 or more")
+    if not 0 < time_limit < float("inf"):
+        raise PlacementError(f"--time-limit {time_limit}: expected a finite number of seconds above 0")
     if step_tokens < 1:
         raise PlacementError(f"--step-tokens {step_tokens}: expected at least 1")
     path = check_out(out, [*(data or ()), model_path or default_model_path()])
