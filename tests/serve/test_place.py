@@ -150,3 +150,6 @@ def test_cli_writes_a_placement(tmp_path, capsys):
         assert sorted(row) == [0, 0, 0, 0, 1, 1, 1, 1]
     assert res["solver"]["method"] == "milp"
     assert "cross-device tokens" in capsys.readouterr().out
+    from moekit.files import umask
+
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask()  # the umask's mode, as a plain open() gives (was 0600)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,15 +48,11 @@ def check_out(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Pa
 
 
 def write_json(path: Path, obj: dict) -> None:
+    """`obj` as JSON at `path`, written atomically with the umask's mode (`moekit.files.atomic_write`)."""
+    from moekit.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def model_sizes(model) -> tuple[int, int]:
