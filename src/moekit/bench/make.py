@@ -112,7 +112,7 @@ def bench_make(quick: bool = False, repeats: int = 5, pairs: int = 1000, progres
     from tqdm import tqdm
 
     from moekit.make.encoder import capture_encoder_inputs, moefy_encoder, restore_encoder
-    from moekit.make.partition import balanced_kmeans, coactivation_partition, random_partition
+    from moekit.make.partition import partition_neurons, random_partition
 
     model, tok = load_minilm()
     n_cal, n_eval = (100, 100) if quick else (500, pairs)
@@ -139,14 +139,10 @@ def bench_make(quick: bool = False, repeats: int = 5, pairs: int = 1000, progres
             t0 = time.perf_counter()
             parts[partition] = {}
             for i in layers:
-                rows = blocks[i].intermediate.dense.weight.detach()
-                if partition == "random":
-                    parts[partition][i] = random_partition(rows.shape[0], experts, i)
-                elif partition == "kmeans":
-                    parts[partition][i] = balanced_kmeans(rows, experts)
-                else:
-                    with torch.no_grad():
-                        parts[partition][i] = coactivation_partition(blocks[i].intermediate(inputs[i]), experts)
+                with torch.no_grad():
+                    acts = blocks[i].intermediate(inputs[i]) if partition == "coactivation" else None
+                parts[partition][i] = partition_neurons(partition, blocks[i].intermediate.dense.weight.detach(),
+                                                        experts, acts=acts, layer=i)
             partition_s = time.perf_counter() - t0
             for fraction in [f for e, f in grid if e == experts]:
                 k = int(experts * fraction)

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError
 from moekit.make.convert import TARGETS, convert, expert_tensors, ffn, moe_config, upcycled_tensors
-from moekit.make.partition import PARTITIONS, balanced_kmeans, coactivation_partition, random_partition
-from moekit.make.routers import ROUTERS, activations, centroid_router, emoe_router, input_rows, learned_router
+from moekit.make.partition import PARTITIONS, partition_neurons
+from moekit.make.routers import ROUTERS, activations, input_rows, make_router
 
 __all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "UPCYCLE_ROUTERS", "capture_inputs", "check", "convert", "moefy",
            "needs_data", "upcycle"]
@@ -75,21 +75,11 @@ def moefy(model: nn.Module, experts: int, k: int, partition: str = "kmeans", rou
     routers: dict[int, Tensor] = {}
     for i in layers:
         mlp = ffn(model, i)
-        if partition == "random":
-            parts[i] = random_partition(mlp.gate_proj.out_features, experts, seed + i)
-        elif partition == "kmeans":
-            parts[i] = balanced_kmeans(input_rows(mlp), experts, seed)
-        else:
-            parts[i] = coactivation_partition(activations(mlp, inputs[i].to(mlp.gate_proj.weight.dtype)), experts,
-                                              seed)
         rows = input_rows(mlp)
-        if router == "centroid":
-            routers[i] = centroid_router(rows, parts[i])
-        elif router == "emoe":
-            routers[i] = emoe_router(rows, parts[i])
-        else:
-            x = inputs[i].to(rows.dtype)
-            routers[i] = learned_router(rows, parts[i], x, activations(mlp, x), seed=seed)
+        x = None if inputs is None else inputs[i].to(rows.dtype)
+        acts = activations(mlp, x) if x is not None and needs_data(partition, router) else None
+        parts[i] = partition_neurons(partition, rows, experts, seed, acts, layer=i)
+        routers[i] = make_router(router, rows, parts[i], x, acts, seed)
     moe = convert(model, {i: expert_tensors(ffn(model, i), parts[i], k) for i in layers}, routers, k, max_logit)
     plan = {"format": "moekit-make-plan", "version": 1, "source_type": model.config.model_type,
             "target_type": moe.config.model_type, "experts": experts, "k": k, "partition": partition,

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from moekit.core.dispatch import dispatch, plan_assignments
 from moekit.core.experts import Experts
 from moekit.errors import ConfigError
-from moekit.make.partition import balanced_kmeans, check_split, coactivation_partition, random_partition
-from moekit.make.routers import centroid_router, emoe_router, learned_router
+from moekit.make.partition import check_split, partition_neurons
+from moekit.make.routers import make_router
 
 
 class MoEFFN(nn.Module):
@@ -115,30 +115,15 @@ def moefy_encoder(model: nn.Module, experts: int, k: int, partition: str = "kmea
         if isinstance(ly.intermediate, MoEFFN):
             raise ConfigError(f"layer {i}: already MoEfied; expected a dense FFN (restore_encoder first)")
         rows = ly.intermediate.dense.weight.detach()
-        acts = None
-        if inputs is not None:
-            with torch.no_grad():
-                acts = ly.intermediate(inputs[i].to(rows.dtype))
+        x = None if inputs is None else inputs[i].to(rows.dtype)
+        with torch.no_grad():
+            acts = None if x is None else ly.intermediate(x)
         if partitions is not None and i in partitions:
             part = partitions[i]
-        elif partition == "random":
-            part = random_partition(width, experts, seed + i)
-        elif partition == "kmeans":
-            part = balanced_kmeans(rows, experts, seed)
-        elif partition == "coactivation":
-            part = coactivation_partition(acts, experts, seed)
         else:
-            raise ConfigError(f"partition={partition!r}: expected random, kmeans or coactivation")
-        if router == "centroid":
-            r = centroid_router(rows, part)
-        elif router == "emoe":
-            r = emoe_router(rows, part)
-        elif router == "learned":
-            mean = acts.mean(0) if centred else 0.0
-            r = learned_router(rows, part, inputs[i].to(rows.dtype), acts - mean, seed=seed, square=centred)
-        else:
-            raise ConfigError(f"router={router!r}: expected centroid, emoe or learned")
+            part = partition_neurons(partition, rows, experts, seed, acts, layer=i)
         mean_act = acts.mean(0) if centred and acts is not None else None
+        r = make_router(router, rows, part, x, acts if mean_act is None else acts - mean_act, seed, square=centred)
         ly.intermediate = MoEFFN(ly.intermediate, ly.output.dense, part, r, k, mean_act)
         ly.output.dense = nn.Identity()
     return model

@@ -80,3 +80,18 @@ def coactivation_partition(activations: Tensor, experts: int, seed: int = 0) -> 
 
 
 PARTITIONS = ("random", "kmeans", "coactivation")
+
+
+def partition_neurons(method: str, rows: Tensor, experts: int, seed: int = 0, acts: Tensor | None = None,
+                      layer: int = 0) -> Tensor:
+    """`[E, I/E]` neuron indices by `method` (one of PARTITIONS) from layer `layer`'s FFN input rows `[I, D]`, and for
+    `coactivation` its activations `[N, I]` on calibration tokens (random: a different permutation per layer)."""
+    if method == "random":
+        return random_partition(rows.shape[0], experts, seed + layer)
+    if method == "kmeans":
+        return balanced_kmeans(rows, experts, seed)
+    if method == "coactivation":
+        if acts is None:
+            raise ConfigError("partition=coactivation: needs the FFN's activations on calibration text (--data)")
+        return coactivation_partition(acts, experts, seed)
+    raise ConfigError(f"partition={method!r}: expected one of {', '.join(PARTITIONS)}")

@@ -68,3 +68,18 @@ def learned_router(rows: Tensor, partition: Tensor, x: Tensor, acts: Tensor, ste
             F.binary_cross_entropy_with_logits(x @ weight.t(), target).backward()
             opt.step()
     return weight.detach()
+
+
+def make_router(kind: str, rows: Tensor, partition: Tensor, x: Tensor | None = None, acts: Tensor | None = None,
+                seed: int = 0, square: bool = False) -> Tensor:
+    """Router directions `[E, H]` of `kind` (one of ROUTERS); `learned` needs the calibration inputs x and the FFN's
+    activations on them (centred by the caller when `square`)."""
+    if kind == "centroid":
+        return centroid_router(rows, partition)
+    if kind == "emoe":
+        return emoe_router(rows, partition)
+    if kind == "learned":
+        if x is None or acts is None:
+            raise ConfigError("router=learned: needs calibration text (--data)")
+        return learned_router(rows, partition, x, acts, seed=seed, square=square)
+    raise ConfigError(f"router={kind!r}: expected one of {', '.join(ROUTERS)}")
