@@ -3,7 +3,6 @@ of tests/train/ep_worker.py, placed as argv[2] says (JSON device_of_expert, or "
 sends through the layer's all-to-all exchanges measured."""
 
 import json
-import os
 import sys
 
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import moekit.train.expert_parallel as ep_module
 from moekit import MoE
 from moekit.train.expert_parallel import ExpertParallelMoE
+from moekit.train.parallel import leave_process_group
 
 
 def build(world: int, tokens: int = 12):
@@ -44,13 +44,7 @@ def main(out_dir: str, placement: str) -> None:
     torch.save({"hidden": out.hidden.detach(), "x_grad": x.grad, "sent_bytes": forward_bytes,
                 "expert_ids": ep.expert_ids, "full_state": ep.full_experts_state(),
                 "expert_grads": {n: p.grad for n, p in ep.experts.named_parameters()}}, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()  # no rank tears its connections down while another still exchanges (gloo aborts then)
-    dist.destroy_process_group()
-    # results are saved: skip interpreter teardown, where a collective's native thread still running aborts the
-    # process ("terminate called without an active exception"), seen on this machine on the old code too
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """One rank of the expert-parallel test (run by tests/train/test_train_expert_parallel.py, env:// rendezvous)."""
 
-import os
 import sys
 
 import torch
@@ -8,6 +7,7 @@ import torch.distributed as dist
 
 from moekit import MoE
 from moekit.train.expert_parallel import ExpertParallelMoE
+from moekit.train.parallel import leave_process_group
 
 
 def build(impl: str, world: int):
@@ -38,13 +38,7 @@ def main(out_dir: str, impl: str) -> None:
         "full_state": ep.full_experts_state(),
         "local_counts": out.expert_counts,
     }, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()  # no rank tears its connections down while another still exchanges (gloo aborts then)
-    dist.destroy_process_group()
-    # results are saved: skip interpreter teardown, where a collective's native thread still running aborts the
-    # process ("terminate called without an active exception"), seen on this machine on the old code too
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -101,13 +101,9 @@ def ep_worker(out: str, repeats: int, world: int) -> None:
             times.append((time.perf_counter() - t0) * 1e3)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"ms": statistics.median(times)}))
     if world > 1:
-        dist.barrier()  # no rank tears its connections down while another still exchanges (gloo aborts then)
-        dist.destroy_process_group()
-        # this runs as its own process (bench_ep) and its result is written: skip interpreter teardown, where a
-        # collective's native thread still running can abort the process
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        from moekit.train.parallel import leave_process_group
+
+        leave_process_group()
 
 
 def bench_ep(repeats: int) -> dict:

@@ -54,6 +54,20 @@ def init_runtime() -> Runtime:
     return Runtime(dist.get_world_size(), dist.get_rank())
 
 
+def leave_process_group() -> None:
+    """End a worker process whose results are already written: every rank meets at a barrier (a rank that tears its
+    gloo connections down first makes a peer still exchanging abort), the group is destroyed, and the process exits
+    at once, skipping interpreter teardown, where a collective's native thread still running aborts it
+    ("terminate called without an active exception")."""
+    import sys
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def shard_experts(model: nn.Module) -> None:
     """Replace each MoEBlock's `MoE` with an `ExpertParallelMoE` holding this rank's experts."""
     from moekit.train.expert_parallel import ExpertParallelMoE
