@@ -17,25 +17,6 @@ from moekit.serve.simulate import CostModel, compare
 SWEEP = (2, 4, 8, 16, 32, 64)
 
 
-def load_model_and_tokenizer(model_path: str | os.PathLike | None):
-    """(model, tokenizer) at `model_path` (None: moekit-tiny), float32, eval mode."""
-    from moekit.default import default_model, default_tokenizer
-
-    if model_path is None:
-        return default_model(), default_tokenizer()
-    from transformers import AutoTokenizer
-
-    from moekit.hf import load
-
-    model = load(model_path).float().eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as err:
-        raise PlacementError(f"{model_path}: no tokenizer there ({type(err).__name__}); expected the tokenizer "
-                             "files next to the checkpoint") from None
-    return model, tokenizer
-
-
 def check_out(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Path:
     path = Path(out).resolve()
     for p in inputs:
@@ -70,6 +51,7 @@ def place_model(model_path: str | os.PathLike | None, data: Sequence[str | os.Pa
     """Trace, place, simulate, write `out` (placement.json); returns what was written."""
     from moekit.data import read_documents
     from moekit.default import default_model_path
+    from moekit.eval import load_model_and_tokenizer
     from moekit.inspect.layers import find_layers
     from moekit.inspect.trace import trace
 
@@ -85,7 +67,9 @@ def place_model(model_path: str | os.PathLike | None, data: Sequence[str | os.Pa
         raise PlacementError(f"--step-tokens {step_tokens}: expected at least 1")
     path = check_out(out, [*(data or ()), model_path or default_model_path()])
     docs = read_documents(data) if data else None
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    checkpoint, model, tokenizer, _ = load_model_and_tokenizer(model_path)
+    if tokenizer is None:
+        raise PlacementError(f"{checkpoint}: no tokenizer files; expected tokenizer.json next to the weights")
     experts = {ly.num_experts for ly in find_layers(model)}
     check_devices(min(experts), devices)
     t = trace(model, docs, tokenizer, max_tokens=max_tokens, progress=progress)
