@@ -15,14 +15,6 @@ from moekit.errors import ConfigError
 from moekit.runtime.decode import Decoder, Sampling, load_for_decode, pad_batch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hf_greedy(model, ids: torch.Tensor, n: int, mask: torch.Tensor | None = None) -> list[list[int]]:
     """transformers' greedy tokens after the prompt, each row cut after its end-of-sequence token."""
     with torch.no_grad():
