@@ -64,21 +64,39 @@ class Recipe:
     dtype: str = "fp32"  # "bf16": forward and backward under bf16 autocast, fp32 master weights and optimizer
 
 
-_TINY_MODEL = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, moe_intermediate_size=384,
-                   num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                   tie_word_embeddings=True)
+# moekit-tiny v1 (the default until v2): Qwen3-MoE, 8 experts of width 384, top-2, 2.9M tokens
+_TINY_V1 = dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, moe_intermediate_size=384,
+                num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                tie_word_embeddings=True)
 # the dense model with the same active FLOPs per token: one MLP as wide as the two chosen experts together
-_TINY_DENSE = {**{k: v for k, v in _TINY_MODEL.items() if k not in ("moe_intermediate_size", "num_experts",
-                                                                     "num_experts_per_tok", "norm_topk_prob")},
-               "model_type": "qwen3", "intermediate_size": 2 * 384}
+_TINY_V1_DENSE = {**{k: v for k, v in _TINY_V1.items() if k not in ("moe_intermediate_size", "num_experts",
+                                                                   "num_experts_per_tok", "norm_topk_prob")},
+                  "model_type": "qwen3", "intermediate_size": 2 * 384}
+# moekit-tiny v2: DeepSeek-V3 (multi-head latent attention, sigmoid routing with the balancing bias, one shared
+# expert, routed_scaling_factor), fine-grained: 64 routed experts of width 64 in every layer, 6 routed per token
+_TINY_MODEL = dict(model_type="deepseek_v3", hidden_size=256, moe_intermediate_size=64, n_routed_experts=64,
+                   num_experts_per_tok=6, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0,
+                   routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64, qk_rope_head_dim=16,
+                   qk_nope_head_dim=48, v_head_dim=64, intermediate_size=7 * 64, max_position_embeddings=512,
+                   tie_word_embeddings=True)
+# its dense twin: the same DeepSeek-V3 network with every layer dense, the MLP as wide as the 6 routed experts and
+# the shared one together (equal active FLOPs per token, the router aside)
+_TINY_DENSE = {**_TINY_MODEL, "first_k_dense_replace": _TINY_MODEL["num_hidden_layers"]}
+_TINY_RUN = dict(vocab_size=4096, seq_len=256, batch_size=16, steps=5000, warmup=200, lr=2e-3, save_every=250,
+                 dtype="bf16", z_coef=0.0, balance_coef=0.0)
 
 RECIPES: dict[str, Recipe] = {
-    "tiny": Recipe("tiny", _TINY_MODEL, vocab_size=4096, seq_len=256, batch_size=16, steps=700, warmup=60,
-                   save_every=100),
-    "tiny-dense": Recipe("tiny-dense", _TINY_DENSE, vocab_size=4096, seq_len=256, batch_size=16, steps=700,
-                         warmup=60, save_every=100, balance_coef=0.0, z_coef=0.0),
-    "smoke": Recipe("smoke", {**_TINY_MODEL, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+    # 5,000 steps of 16 x 256 tokens = 20.5M tokens; balanced by the DeepSeek-V3 bias alone plus its small
+    # sequence-wise balance loss (no Switch loss, no z-loss)
+    "tiny": Recipe("tiny", _TINY_MODEL, **_TINY_RUN, bias_update_rate=1e-3, seq_balance_coef=1e-4),
+    "tiny-dense": Recipe("tiny-dense", _TINY_DENSE, **_TINY_RUN),
+    "tiny-v1": Recipe("tiny-v1", _TINY_V1, vocab_size=4096, seq_len=256, batch_size=16, steps=700, warmup=60,
+                      save_every=100),
+    "tiny-v1-dense": Recipe("tiny-v1-dense", _TINY_V1_DENSE, vocab_size=4096, seq_len=256, batch_size=16, steps=700,
+                            warmup=60, save_every=100, balance_coef=0.0, z_coef=0.0),
+    "smoke": Recipe("smoke", {**_TINY_V1, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
                               "num_experts": 4, "num_hidden_layers": 2, "head_dim": 8, "max_position_embeddings": 64},
                     vocab_size=300, seq_len=32, batch_size=4, steps=6, warmup=2, grad_accum=2, max_docs_per_domain=20),
 }
@@ -129,6 +147,14 @@ def bf16_native() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def model_type_is_moe(config: Any) -> bool:
+    """Whether a transformers config is of a supported MoE family and has at least one MoE layer."""
+    import moekit.hf as mh
+
+    family = mh.FAMILIES.get(getattr(config, "model_type", None))
+    return family is not None and bool(family.moe_layers(config))
+
+
 def _build_model(recipe: Recipe, vocab_size: int, rt: Runtime | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -136,15 +162,17 @@ def _build_model(recipe: Recipe, vocab_size: int, rt: Runtime | None = None):
 
     kw = dict(recipe.model)
     model_type = kw.pop("model_type")
-    moe = model_type in mh.FAMILIES
+    config = AutoConfig.for_model(model_type, **kw, vocab_size=vocab_size)
+    # an MoE family configured with no MoE layer (e.g. DeepSeek-V3 with every layer dense) trains as a dense model
+    moe = model_type in mh.FAMILIES and bool(mh.FAMILIES[model_type].moe_layers(config))
     if recipe.moe_layer is not None and not moe:
         raise ConfigError(f"recipe {recipe.name!r}: moe_layer needs an MoE model_type; got {model_type!r}")
     if rt is not None and rt.world > 1 and recipe.moe_layer is None:
         raise ConfigError(f"recipe {recipe.name!r}: expert parallelism runs moekit layers; expected moe_layer to be "
                           "set (e.g. --set 'moe_layer={}')")
     if moe and recipe.moe_layer is None:
-        kw.update(output_router_logits=True, router_aux_loss_coef=recipe.balance_coef)
-    config = AutoConfig.for_model(model_type, **kw, vocab_size=vocab_size)
+        config = AutoConfig.for_model(model_type, **kw, output_router_logits=True,
+                                      router_aux_loss_coef=recipe.balance_coef, vocab_size=vocab_size)
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(config)
     if recipe.moe_layer is not None:
@@ -229,7 +257,7 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     if resume:
         read_checkpoint(out, model, opt, rt)
-    hf_moe = not blocks and hasattr(model.config, "num_experts_per_tok")
+    hf_moe = not blocks and model_type_is_moe(model.config)
     recorder = LoadRecorder(model, keep_routing=recipe.seq_balance_coef > 0) if hf_moe else None
     biases = correction_biases(model) if hf_moe and recipe.bias_update_rate else []
     sigmoid = hf_moe and recorder.blocks[0].family.routing.startswith("sigmoid")
