@@ -90,7 +90,7 @@ _TINY_RUN = dict(vocab_size=4096, seq_len=256, batch_size=16, steps=5000, warmup
 RECIPES: dict[str, Recipe] = {
     # 5,000 steps of 16 x 256 tokens = 20.5M tokens; balanced by the DeepSeek-V3 bias alone plus its small
     # sequence-wise balance loss (no Switch loss, no z-loss)
-    "tiny": Recipe("tiny", _TINY_MODEL, **_TINY_RUN, bias_update_rate=1e-3, seq_balance_coef=1e-4),
+    "tiny": Recipe("tiny", _TINY_MODEL, **_TINY_RUN, bias_update_rate=5e-3, seq_balance_coef=1e-4),
     "tiny-dense": Recipe("tiny-dense", _TINY_DENSE, **_TINY_RUN),
     "tiny-v1": Recipe("tiny-v1", _TINY_V1, vocab_size=4096, seq_len=256, batch_size=16, steps=700, warmup=60,
                       save_every=100),
