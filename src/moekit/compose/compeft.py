@@ -1,0 +1,204 @@
+"""ComPEFT (Yadav et al.): compress a parameter-efficient update by keeping its top-k% magnitudes, storing only their
+signs and one scale per tensor: τ̂ = s · sign(τ) ⊙ m, m the top-k mask. No retraining.
+
+Scale: ComPEFT sets s = α·std(τ) with α tuned on validation data; here s is the least-squares scale given the mask
+and signs, the mean kept magnitude (s = mean_{i∈m} |τ_i|), which needs no tuning and gives the stated bounds:
+  ||τ - τ̂||_F² = ||τ||_F² - k·s²                       (exact: the kept entries' residuals are orthogonal to s)
+  ||τ - τ̂||_∞  ≤ max(d, M - s, s - t)                  (d: largest dropped magnitude, t/M: smallest/largest kept)
+
+Size: a tensor of n entries with k kept is stored as an n-bit mask, k sign bits and a 32-bit scale (the saved
+format); `golomb_bits` is what Golomb-Rice coding of the kept positions would take instead (the paper's accounting).
+The ratio is the original tensors' bits (at their stored dtype) over the compressed bits.
+
+Applied to a LoRA adapter, lora_A and lora_B are compressed each with its own scale; `decompress_adapter` writes a
+plain PEFT adapter again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moekit.compose.adapter_io import CONFIG_NAME, AdapterError, LoraAdapter, check_output, read_adapter, write_adapter
+from moekit.files import MAX_JSON_BYTES, read_bounded, swap_in, temp_dir
+
+COMPRESSED_NAME = "compeft.safetensors"
+META_NAME = "compeft.json"
+
+
+@dataclass
+class Ternary:
+    """One compressed tensor: shape, mask [n] bool, signs [k] bool (True = negative) of the kept entries in order,
+    scale s, the original dtype's bits per entry, and the bounds of the reconstruction error."""
+
+    shape: tuple[int, ...]
+    mask: Tensor
+    signs: Tensor
+    scale: float
+    dtype_bits: int
+    error_fro: float  # ||τ - τ̂||_F (exact, from the identity above)
+    bound_inf: float  # the stated max-abs bound
+    norm: float  # ||τ||_F
+
+    @property
+    def kept(self) -> int:
+        return int(self.signs.numel())
+
+    def bits(self) -> int:
+        return self.mask.numel() + self.kept + 32
+
+    def golomb_bits(self) -> int:
+        return golomb_bits(self.mask) + self.kept + 32
+
+    def original_bits(self) -> int:
+        return self.mask.numel() * self.dtype_bits
+
+
+def check_density(density: float, flag: str = "--density") -> None:
+    if not (isinstance(density, int | float) and 0 < density <= 1):
+        raise AdapterError(f"{flag}={density}: expected a fraction of entries to keep in (0, 1]")
+
+
+def compress_tensor(t: Tensor, density: float) -> Ternary:
+    """Top-`density` magnitudes of `t` as signs and one least-squares scale."""
+    check_density(density)
+    flat = t.detach().reshape(-1).float()
+    n = flat.numel()
+    k = min(n, max(1, round(density * n)))
+    mags = flat.abs()
+    top = torch.topk(mags, k, sorted=False).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[top] = True
+    kept = flat[mask]
+    scale = float(kept.abs().mean())
+    dropped = mags[~mask]
+    d = float(dropped.max()) if dropped.numel() else 0.0
+    t_min, t_max = float(kept.abs().min()), float(kept.abs().max())
+    error_sq = float(flat.double().pow(2).sum()) - k * scale * scale
+    return Ternary(tuple(t.shape), mask, kept < 0, scale, torch.finfo(t.dtype).bits if t.is_floating_point() else 32,
+                   math.sqrt(max(error_sq, 0.0)), max(d, t_max - scale, scale - t_min),
+                   float(flat.double().norm()))
+
+
+def decompress_tensor(c: Ternary, dtype: torch.dtype = torch.float32) -> Tensor:
+    flat = torch.zeros(c.mask.numel(), dtype=torch.float32)
+    flat[c.mask] = torch.where(c.signs, -c.scale, c.scale)
+    return flat.reshape(c.shape).to(dtype)
+
+
+def golomb_bits(mask: Tensor) -> int:
+    """Bits of the kept positions under Golomb-Rice coding of the gaps between them, with the best power-of-two
+    parameter 2^b: each gap g costs (g >> b) + 1 + b bits; the parameter itself 5 bits."""
+    pos = torch.nonzero(mask.reshape(-1)).reshape(-1).long()
+    if pos.numel() == 0:
+        return 5
+    gaps = torch.diff(pos, prepend=torch.tensor([-1])) - 1
+    return 5 + min(int((gaps >> b).sum()) + pos.numel() * (1 + b) for b in range(32))
+
+
+@dataclass
+class CompressedAdapter:
+    config: dict
+    tensors: dict[str, Ternary]
+    dtypes: dict[str, torch.dtype]
+
+    def report(self) -> dict:
+        original = sum(c.original_bits() for c in self.tensors.values())
+        bits = sum(c.bits() for c in self.tensors.values())
+        golomb = sum(c.golomb_bits() for c in self.tensors.values())
+        kept = sum(c.kept for c in self.tensors.values())
+        total = sum(c.mask.numel() for c in self.tensors.values())
+        return {"entries": total, "kept": kept, "density": kept / total, "original_bits": original,
+                "compressed_bits": bits, "compression_ratio": original / bits, "golomb_bits": golomb,
+                "compression_ratio_golomb": original / golomb,
+                "max_error_bound_inf": max(c.bound_inf for c in self.tensors.values()),
+                "relative_error_fro": math.sqrt(sum(c.error_fro ** 2 for c in self.tensors.values())
+                                                / max(sum(c.norm ** 2 for c in self.tensors.values()), 1e-30))}
+
+
+def compress_adapter(adapter: LoraAdapter, density: float) -> CompressedAdapter:
+    """Every tensor of `adapter` compressed to `density`."""
+    check_density(density)
+    return CompressedAdapter(adapter.config, {k: compress_tensor(t, density) for k, t in adapter.tensors.items()},
+                             {k: t.dtype for k, t in adapter.tensors.items()})
+
+
+def decompressed_tensors(c: CompressedAdapter) -> dict[str, Tensor]:
+    return {k: decompress_tensor(t, c.dtypes[k]) for k, t in c.tensors.items()}
+
+
+def _pack(bits: Tensor) -> Tensor:
+    return torch.from_numpy(np.packbits(bits.numpy().astype(np.uint8)))
+
+
+def _unpack(packed: Tensor, n: int) -> Tensor:
+    return torch.from_numpy(np.unpackbits(packed.numpy())[:n].astype(bool))
+
+
+def save_compressed(c: CompressedAdapter, out: str | os.PathLike, inputs: list = ()) -> Path:
+    """A directory with the adapter's config, `compeft.safetensors` (packed mask and sign bits, scales) and
+    `compeft.json` (shapes, dtypes, the size report)."""
+    from safetensors.torch import save_file
+
+    final = check_output(out, inputs, flag="--out", error=AdapterError)
+    tensors, meta = {}, {"density_report": c.report(), "tensors": {}}
+    for key, t in c.tensors.items():
+        tensors[f"{key}.mask"] = _pack(t.mask)
+        tensors[f"{key}.signs"] = _pack(t.signs)
+        tensors[f"{key}.scale"] = torch.tensor([t.scale], dtype=torch.float32)
+        meta["tensors"][key] = {"shape": list(t.shape), "kept": t.kept, "dtype": str(c.dtypes[key]).split(".")[-1]}
+    with temp_dir(final, "compeft") as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(c.config, indent=2, sort_keys=True) + "\n")
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        save_file(tensors, str(tmp / COMPRESSED_NAME))
+        swap_in(tmp, final)
+    return final
+
+
+def load_compressed(path: str | os.PathLike) -> CompressedAdapter:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not (p / COMPRESSED_NAME).is_file():
+        raise AdapterError(f"{p}: no {COMPRESSED_NAME}; expected a directory written by moekit lora compress")
+    try:
+        config = json.loads(read_bounded(p / CONFIG_NAME, MAX_JSON_BYTES, "adapter config", AdapterError))
+        meta = json.loads(read_bounded(p / META_NAME, MAX_JSON_BYTES, "ComPEFT metadata", AdapterError))
+        raw = load_file(p / COMPRESSED_NAME)
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
+        raise AdapterError(f"{p}: cannot read ({e}); expected a directory written by moekit lora compress") from None
+    tensors, dtypes = {}, {}
+    for key, info in meta["tensors"].items():
+        shape = tuple(info["shape"])
+        n = math.prod(shape)
+        mask = _unpack(raw[f"{key}.mask"], n)
+        signs = _unpack(raw[f"{key}.signs"], int(info["kept"]))
+        dtype = getattr(torch, info["dtype"])
+        tensors[key] = Ternary(shape, mask, signs, float(raw[f"{key}.scale"][0]),
+                               torch.finfo(dtype).bits, float("nan"), float("nan"), float("nan"))
+        dtypes[key] = dtype
+    return CompressedAdapter(config, tensors, dtypes)
+
+
+def compress_adapter_dir(adapter: str | os.PathLike, out: str | os.PathLike, density: float) -> dict:
+    """`moekit lora compress`: the size report of the written directory."""
+    check_density(density)
+    check_output(out, [adapter], flag="--out", error=AdapterError)
+    c = compress_adapter(read_adapter(adapter), density)
+    save_compressed(c, out, [adapter])
+    return {"adapter": str(adapter), "out": str(out), **c.report()}
+
+
+def decompress_adapter(compressed: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A plain PEFT adapter from a compressed directory (loads with PeftModel.from_pretrained)."""
+    check_output(out, [compressed], flag="--out", error=AdapterError)
+    c = load_compressed(compressed)
+    return write_adapter(out, c.config, decompressed_tensors(c), [compressed])

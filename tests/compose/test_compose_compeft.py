@@ -1,0 +1,111 @@
+"""ComPEFT: top-k sparsification with signs and one scale; error within the stated bounds, sizes counted right,
+and the decompressed adapter loads in PEFT."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compose.conftest import DENSE_TARGETS, dense_lm
+from moekit.compose.adapter_io import AdapterError, read_adapter
+from moekit.compose.compeft import (
+    compress_adapter,
+    compress_adapter_dir,
+    compress_tensor,
+    decompress_adapter,
+    decompress_tensor,
+    golomb_bits,
+    load_compressed,
+)
+
+
+def saved_lora(path, seed: int = 0, r: int = 4, model=None):
+    """A PEFT LoRA adapter on the tiny dense model with random (non-zero) A and B, saved at `path`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model or dense_lm(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=DENSE_TARGETS))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def test_hand_computed_case():
+    t = torch.tensor([[0.5, -0.1, 2.0], [-1.0, 0.05, 0.0]])
+    c = compress_tensor(t, density=0.5)  # keeps 3 of 6: 2.0, -1.0, 0.5
+    assert c.mask.tolist() == [True, False, True, True, False, False]
+    assert c.signs.tolist() == [False, False, True]
+    assert c.scale == pytest.approx((2.0 + 1.0 + 0.5) / 3)
+    s = 3.5 / 3
+    expected = torch.tensor([[s, 0, s], [-s, 0, 0]])
+    assert torch.allclose(decompress_tensor(c), expected)
+    assert c.bits() == 6 + 3 + 32 and c.original_bits() == 6 * 32
+
+
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 1.0])
+def test_error_within_stated_bound(density):
+    torch.manual_seed(1)
+    t = torch.randn(40, 30) * torch.rand(40, 1)
+    c = compress_tensor(t, density)
+    err = t - decompress_tensor(c)
+    assert float(err.norm()) == pytest.approx(c.error_fro, rel=1e-4, abs=1e-6)  # the identity
+    assert float(err.abs().max()) <= c.bound_inf + 1e-6
+    assert c.kept == round(density * t.numel())
+    # the least-squares scale: any other scale on the same mask and signs does worse
+    for other in (0.9 * c.scale, 1.1 * c.scale):
+        c2 = compress_tensor(t, density)
+        c2.scale = other
+        assert float((t - decompress_tensor(c2)).norm()) > float(err.norm())
+
+
+def test_golomb_bits_hand_computed():
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[[0, 5, 6, 19]] = True  # gaps 0, 4, 0, 12
+    # b=0: 1+5+1+13 = 20; b=1: 2+4+2+8 = 16; b=2: 3+4+3+6 = 16; b=3: 4+4+4+5 = 17; plus 5 bits for b
+    assert golomb_bits(mask) == 5 + 16
+
+
+def test_adapter_roundtrip_loads_in_peft(tmp_path):
+    from peft import PeftModel
+
+    src = saved_lora(tmp_path / "lora")
+    adapter = read_adapter(src)
+    report = compress_adapter_dir(src, tmp_path / "c", density=0.1)
+    original = sum(t.numel() * 32 for t in adapter.tensors.values())
+    kept = sum(round(0.1 * t.numel()) for t in adapter.tensors.values())
+    bits = sum(t.numel() for t in adapter.tensors.values()) + kept + 32 * len(adapter.tensors)
+    assert report["compressed_bits"] == bits
+    assert report["compression_ratio"] == pytest.approx(original / bits)
+    assert report["compression_ratio"] > 8  # 1 mask bit + 0.1 sign bit per fp32 entry
+    raw = (tmp_path / "c" / "compeft.safetensors").read_bytes()  # the payload is the bits counted, packed
+    payload = sum(-(-t.numel() // 8) + -(-round(0.1 * t.numel()) // 8) + 4 for t in adapter.tensors.values())
+    assert len(raw) - 8 - int.from_bytes(raw[:8], "little") == payload
+    out = decompress_adapter(tmp_path / "c", tmp_path / "d")
+    expected = compress_adapter(adapter, 0.1)
+    restored = read_adapter(out)
+    for key, t in restored.tensors.items():
+        assert torch.equal(t, decompress_tensor(expected.tensors[key]))
+    loaded = load_compressed(tmp_path / "c")
+    assert set(loaded.tensors) == set(adapter.tensors)
+    model = PeftModel.from_pretrained(dense_lm(), out)
+    state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    for key, t in restored.tensors.items():
+        assert torch.equal(state[key], t)
+    assert math.isfinite(float(model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum()))
+
+
+def test_bad_input(tmp_path):
+    src = saved_lora(tmp_path / "lora")
+    with pytest.raises(AdapterError, match="--density=0: expected"):
+        compress_adapter_dir(src, tmp_path / "c", density=0)
+    with pytest.raises(AdapterError, match="is the input"):
+        compress_adapter_dir(src, src, density=0.1)
+    with pytest.raises(AdapterError, match="not a directory"):
+        compress_adapter_dir(tmp_path / "missing", tmp_path / "c", density=0.1)
+    with pytest.raises(AdapterError, match="compeft.safetensors"):
+        decompress_adapter(src, tmp_path / "d")
