@@ -34,7 +34,7 @@ def test_every_partition_sums_to_the_dense_ffn_exactly_fp64():
     x = torch.randn(7, 32, dtype=torch.float64)
     for part in (random_partition(64, 8, seed=3), balanced_kmeans(mlp.gate_proj.weight, 4)):
         assert sorted(part.flatten().tolist()) == list(range(64))
-        gate_up, down = expert_tensors(mlp, part, k=1)
+        gate_up, down = expert_tensors(mlp, part, scale=1.0)
         total = sum(down[e] @ (mlp.act_fn(gate_up[e][:part.shape[1]] @ x.T) * (gate_up[e][part.shape[1]:] @ x.T))
                     for e in range(part.shape[0])).T
         assert torch.allclose(total, mlp(x), rtol=0, atol=1e-12)

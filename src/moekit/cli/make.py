@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "turn a dense decoder (Qwen3, Llama, Mistral) into a native MoE (Qwen3-MoE, Mixtral) by splitting its FFNs"
+HELP = ("turn a dense decoder (Qwen3, Qwen2, Llama, Mistral, dense DeepSeek-V3) into a native MoE (Qwen3-MoE, "
+        "Qwen2-MoE, Mixtral, DeepSeek-V3) by splitting its FFNs")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -19,6 +20,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         f"{', '.join(UPCYCLE_ROUTERS)} (default random)")
     p.add_argument("--experts", type=int, required=True, help="experts per FFN (a divisor of its width)")
     p.add_argument("--k", type=int, required=True, help="experts per token")
+    p.add_argument("--shared", type=int, help="shared experts of the routed width (default: 1 for Qwen2 and "
+                   "DeepSeek-V3, whose MoE families have one; 0 otherwise); split experts: I / (E + shared) wide")
     p.add_argument("--layers", help="comma-separated layer indices to convert (default: all)")
     p.add_argument("--data", action="append", metavar="FILE", help="calibration text (.jsonl or text; repeatable)")
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--layers {args.layers!r}: expected comma-separated integers") from None
     router = args.router or ("random" if args.method == "upcycle" else "centroid")
     summary = make_checkpoint(args.model, args.out, args.experts, args.k, args.method, router, layers,
-                              args.data, args.max_tokens, args.seed, args.force)
+                              args.data, args.max_tokens, args.seed, args.force, shared=args.shared)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

@@ -4,8 +4,9 @@ the experts a router, and save the result as a native transformers MoE family.
 ```python
 moe, plan = moekit.make.moefy(dense, experts=8, k=2, partition="kmeans", router="centroid")
 ```
-`plan` (JSON-ready) records the partition of every layer and the settings; the model is a plain transformers model
-(Qwen3-MoE or Mixtral) that `moekit.hf.save` writes and transformers loads.
+`plan` (JSON-ready) records the partition of every layer (and its shared expert's neurons) and the settings; the model
+is a plain transformers model (Qwen3-MoE, Qwen2-MoE, Mixtral or DeepSeek-V3) that `moekit.hf.save` writes and
+transformers loads.
 """
 
 from __future__ import annotations
@@ -16,19 +17,32 @@ import torch
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError
-from moekit.make.convert import TARGETS, convert, expert_tensors, ffn, moe_config, upcycled_tensors
-from moekit.make.partition import PARTITIONS, partition_neurons
+from moekit.make.convert import (
+    TARGETS,
+    convert,
+    default_shared,
+    expert_tensors,
+    expert_width,
+    ffn,
+    moe_config,
+    routed_scale,
+    shared_scale,
+    shared_tensors,
+    upcycled_tensors,
+)
+from moekit.make.partition import PARTITIONS, partition_neurons, shared_neurons
 from moekit.make.routers import ROUTERS, activations, input_rows, make_router
 
 __all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "UPCYCLE_ROUTERS", "capture_inputs", "check", "convert", "moefy",
            "needs_data", "upcycle"]
 
 
-def check(config, experts: int, k: int, layers: Sequence[int] | None, copies: bool = False) -> None:
+def check(config, experts: int, k: int, layers: Sequence[int] | None, copies: bool = False,
+          shared: int | None = None) -> None:
     """Every size checked against a dense config before any weight is read or any work done (`copies`: upcycled
     experts of the full width)."""
     layers = list(range(config.num_hidden_layers)) if layers is None else sorted(set(layers))
-    moe_config(config, experts, k, layers, upcycle=copies)
+    moe_config(config, experts, k, layers, upcycle=copies, shared=shared)
 
 
 def needs_data(partition: str, router: str) -> bool:
@@ -59,32 +73,51 @@ def capture_inputs(model: nn.Module, windows: Sequence[Tensor], layers: Sequence
 
 def moefy(model: nn.Module, experts: int, k: int, partition: str = "kmeans", router: str = "centroid",
           layers: Sequence[int] | None = None, inputs: dict[int, Tensor] | None = None, seed: int = 0,
-          max_logit: float = 1e-3) -> tuple[nn.Module, dict]:
+          max_logit: float = 1e-3, shared: int | None = None, domains: Tensor | None = None
+          ) -> tuple[nn.Module, dict]:
     """The MoE model and its plan. `inputs` (from `capture_inputs`) is needed by the coactivation partition and
-    the learned router."""
+    the learned router. `shared` shared experts of the routed width (default: one where the family has a shared
+    expert) take the neurons with the most activation mass on `inputs` (the smallest over `domains`, a domain id
+    per captured token), or by a weight proxy without inputs (`partition.shared_neurons`); the routed experts
+    split the rest."""
     if partition not in PARTITIONS:
         raise ConfigError(f"partition={partition!r}: expected one of {', '.join(PARTITIONS)}")
     if router not in ROUTERS:
         raise ConfigError(f"router={router!r}: expected one of {', '.join(ROUTERS)}")
-    check(model.config, experts, k, layers)
+    shared = default_shared(model.config) if shared is None else shared
+    check(model.config, experts, k, layers, shared=shared)
     layers = list(range(model.config.num_hidden_layers)) if layers is None else sorted(set(layers))
     if needs_data(partition, router) and inputs is None:
         raise ConfigError(f"partition={partition}, router={router}: needs calibration text (--data); "
                           "expected inputs from capture_inputs")
+    width = expert_width(model.config, experts, shared)
     parts: dict[int, Tensor] = {}
+    kept: dict[int, Tensor] = {}
     routers: dict[int, Tensor] = {}
     for i in layers:
         mlp = ffn(model, i)
         rows = input_rows(mlp)
         x = None if inputs is None else inputs[i].to(rows.dtype)
-        acts = activations(mlp, x) if x is not None and needs_data(partition, router) else None
-        parts[i] = partition_neurons(partition, rows, experts, seed, acts, layer=i)
-        routers[i] = make_router(router, rows, parts[i], x, acts, seed)
-    moe = convert(model, {i: expert_tensors(ffn(model, i), parts[i], k) for i in layers}, routers, k, max_logit)
+        acts = activations(mlp, x) if x is not None and (needs_data(partition, router) or shared) else None
+        kept[i] = shared_neurons(shared * width, acts, (mlp.gate_proj.weight, mlp.up_proj.weight,
+                                                        mlp.down_proj.weight), domains)
+        rest = torch.ones(rows.shape[0], dtype=torch.bool)
+        rest[kept[i]] = False
+        rest = torch.nonzero(rest).flatten()
+        local_acts = None if acts is None else acts[:, rest]
+        local = partition_neurons(partition, rows[rest], experts, seed, local_acts, layer=i)
+        parts[i] = rest[local]
+        routers[i] = make_router(router, rows[rest], local, x, local_acts, seed)
+    scale = routed_scale(model.config, k)
+    moe = convert(model, {i: expert_tensors(ffn(model, i), parts[i], scale) for i in layers}, routers, k, max_logit,
+                  shared={i: shared_tensors(ffn(model, i), kept[i], shared_scale(model.config)) for i in layers}
+                  if shared else None)
     plan = {"format": "moekit-make-plan", "version": 1, "source_type": model.config.model_type,
-            "target_type": moe.config.model_type, "experts": experts, "k": k, "partition": partition,
-            "router": router, "seed": seed, "max_logit": max_logit,
+            "target_type": moe.config.model_type, "experts": experts, "k": k, "shared": shared,
+            "partition": partition, "router": router, "seed": seed, "max_logit": max_logit,
             "layers": {str(i): parts[i].tolist() for i in layers}}
+    if shared:
+        plan["shared_neurons"] = {str(i): kept[i].tolist() for i in layers}
     return moe, plan
 
 
@@ -92,16 +125,20 @@ UPCYCLE_ROUTERS = ("random", "hidden")
 
 
 def upcycle(model: nn.Module, experts: int, k: int, router: str = "random", layers: Sequence[int] | None = None,
-            inputs: dict[int, Tensor] | None = None, seed: int = 0, init_std: float = 0.02) -> tuple[nn.Module, dict]:
+            inputs: dict[int, Tensor] | None = None, seed: int = 0, init_std: float = 0.02,
+            shared: int | None = None) -> tuple[nn.Module, dict]:
     """Sparse upcycling: every expert a copy of the dense FFN, so the model equals the dense one at step 0 (the
-    chosen experts' weights are renormalised to sum 1) until training makes the copies differ. Router: `random`
-    (normal, std `init_std`) or `hidden` (mergekit's hidden-state gate: k-means centres of the layer's
-    calibration inputs, from `capture_inputs`, scaled to the same std)."""
+    chosen experts' weights are renormalised to sum 1, or to routed_scaling_factor) until training makes the
+    copies differ. With a shared expert (Qwen2-MoE, DeepSeek-V3: `shared`=1) it is one more copy, and the shared
+    copy and the routed ones each give half the dense output. Router: `random` (normal, std `init_std`) or
+    `hidden` (mergekit's hidden-state gate: k-means centres of the layer's calibration inputs, from
+    `capture_inputs`, scaled to the same std)."""
     from sklearn.cluster import KMeans
 
     if router not in UPCYCLE_ROUTERS:
         raise ConfigError(f"router={router!r}: upcycling routers are {', '.join(UPCYCLE_ROUTERS)}")
-    check(model.config, experts, k, layers, copies=True)
+    shared = default_shared(model.config) if shared is None else shared
+    check(model.config, experts, k, layers, copies=True, shared=shared)
     layers = list(range(model.config.num_hidden_layers)) if layers is None else sorted(set(layers))
     if router == "hidden" and inputs is None:
         raise ConfigError("router=hidden: needs calibration text (--data); expected inputs from capture_inputs")
@@ -116,8 +153,14 @@ def upcycle(model: nn.Module, experts: int, k: int, router: str = "random", laye
                 raise ConfigError(f"router=hidden: {x.shape[0]} calibration tokens; expected at least {experts}")
             centres = torch.from_numpy(KMeans(experts, n_init=3, random_state=seed).fit(x).cluster_centers_).float()
             routers[i] = centres / centres.std().clamp_min(1e-12) * init_std
-    moe = convert(model, {i: upcycled_tensors(ffn(model, i), experts) for i in layers}, routers, k, max_logit=None)
+    half = 0.5 if shared else 1.0
+    copies = {i: upcycled_tensors(ffn(model, i), experts, half * routed_scale(model.config, 1)) for i in layers}
+    every = torch.arange(model.config.intermediate_size)
+    moe = convert(model, copies, routers, k, max_logit=None,
+                  shared={i: shared_tensors(ffn(model, i), every, half * shared_scale(model.config)) for i in layers}
+                  if shared else None)
     plan = {"format": "moekit-make-plan", "version": 1, "source_type": model.config.model_type,
-            "target_type": moe.config.model_type, "experts": experts, "k": k, "partition": "upcycle",
+            "target_type": moe.config.model_type, "experts": experts, "k": k, "shared": shared,
+            "partition": "upcycle",
             "router": router, "seed": seed, "layers": {str(i): "copies" for i in layers}}
     return moe, plan

@@ -1,13 +1,24 @@
 """Dense decoder -> native transformers MoE family: each chosen layer's FFN split into experts by a neuron
-partition, a router for the split experts, everything else copied.
+partition (optionally a shared expert of the neurons most tokens use), a router for the split experts, everything
+else copied.
 
-Targets: Qwen3 -> Qwen3-MoE (layers left dense through `mlp_only_layers`), Llama / Mistral -> Mixtral (every layer).
-Both families route by softmax then top-k, renormalised over the k chosen (Qwen3-MoE with `norm_topk_prob`).
-MoEfication adds the chosen experts' outputs at weight 1; here the router's logits are scaled so that the largest
-possible |logit| is `max_logit` (1e-3 by default), which keeps the order of the experts (the choice) and makes every
-chosen weight 1/k within a factor exp(+-2 max_logit); each expert's down projection is multiplied by k. The bound on
-|logit| is data-free: the FFN input is RMS-normalised, so |w . x| <= |w| sqrt(H) max|g| with g the norm's weight.
-With k = E every expert runs and the converted layer equals the dense FFN within that factor.
+Targets: Qwen3 -> Qwen3-MoE and Qwen2 -> Qwen2-MoE (layers left dense through `mlp_only_layers`), Llama / Mistral
+-> Mixtral (every layer), a dense DeepSeek-V3 (first_k_dense_replace = num_hidden_layers) -> DeepSeek-V3 with
+routed and shared experts (the converted layers must be the last ones: first_k_dense_replace is a prefix).
+
+How the output stays equal to the dense FFN with every expert chosen (MoEfication adds the chosen experts' outputs
+at weight 1):
+- softmax families (Qwen3-MoE, Qwen2-MoE, Mixtral; renormalised over the k chosen): the router's logits are scaled
+  so that the largest possible |logit| is `max_logit` (1e-3 by default), which keeps the order of the experts (the
+  choice) and makes every chosen weight 1/k within a factor exp(+-2 max_logit); each expert's down projection is
+  multiplied by k.
+- DeepSeek-V3 (weight = sigmoid score / sum of the k chosen scores x routed_scaling_factor r): the same small
+  logits make every score 1/2 within (1 +- max_logit / 2), so every chosen weight is r/k within a factor
+  (1 +- max_logit); each routed down projection is multiplied by k / r. Its shared expert is added at weight 1.
+- Qwen2-MoE's shared expert is multiplied by sigmoid(shared_expert_gate . x): the gate's weight is set to zero, so
+  the factor is exactly 1/2, and the shared down projection is multiplied by 2.
+The bound on |logit| is data-free: the FFN input is RMS-normalised, so |w . x| <= |w| sqrt(H) max|g| with g the
+norm's weight. With k = E every expert runs and the converted layer equals the dense FFN within that factor.
 """
 
 from __future__ import annotations
@@ -19,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError
-from moekit.make.partition import check_split
 
 _DROP = ("architectures", "model_type", "transformers_version", "auto_map", "_name_or_path", "dtype", "torch_dtype")
 
@@ -29,13 +39,16 @@ class Target:
     moe_type: str
     experts_key: str
     width_key: str
-    partial: bool  # whether some layers may stay dense
+    layers: str  # "any": some layers may stay dense (mlp_only_layers); "all": every layer; "suffix": the last ones
+    shared: bool = False  # whether the family has a shared expert (then it has one of at least the routed width)
 
 
 TARGETS = {
-    "qwen3": Target("qwen3_moe", "num_experts", "moe_intermediate_size", partial=True),
-    "llama": Target("mixtral", "num_local_experts", "intermediate_size", partial=False),
-    "mistral": Target("mixtral", "num_local_experts", "intermediate_size", partial=False),
+    "qwen3": Target("qwen3_moe", "num_experts", "moe_intermediate_size", "any"),
+    "qwen2": Target("qwen2_moe", "num_experts", "moe_intermediate_size", "any", shared=True),
+    "llama": Target("mixtral", "num_local_experts", "intermediate_size", "all"),
+    "mistral": Target("mixtral", "num_local_experts", "intermediate_size", "all"),
+    "deepseek_v3": Target("deepseek_v3", "n_routed_experts", "moe_intermediate_size", "suffix", shared=True),
 }
 
 
@@ -44,7 +57,8 @@ def target_of(config) -> Target:
     import moekit.hf as mh
 
     model_type = getattr(config, "model_type", None)
-    if model_type in mh.FAMILIES:
+    family = mh.FAMILIES.get(model_type)
+    if family is not None and (model_type not in TARGETS or family.moe_layers(config)):
         raise ConfigError(f"model: {model_type} is already an MoE; expected a dense decoder (to change an MoE's "
                           "experts use `moekit compress`)")
     if model_type not in TARGETS:
@@ -55,35 +69,80 @@ def target_of(config) -> Target:
     return TARGETS[model_type]
 
 
+def default_shared(config) -> int:
+    """Shared experts by default: one where the target family has a shared expert, else none."""
+    return int(target_of(config).shared)
+
+
 def ffn(model: nn.Module, layer: int) -> nn.Module:
     return model.model.layers[layer].mlp
 
 
-def moe_config(config, experts: int, k: int, layers: list[int], upcycle: bool = False):
-    """The MoE family's config: the dense `config` with E experts of width I/E (or, upcycled, E copies of width I),
-    k per token, in `layers`."""
+def expert_width(config, experts: int, shared: int = 0, upcycle: bool = False) -> int:
+    """The routed expert width: I / (E + shared) for split experts, I for upcycled copies."""
+    for name, value, low in (("experts", experts, 1), ("shared", shared, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name}={value!r}: expected an integer >= {low}")
+    target = target_of(config)
+    if target.shared and shared < 1:
+        raise ConfigError(f"shared={shared}: {target.moe_type} always has a shared expert; expected shared >= 1")
+    if not target.shared and shared:
+        raise ConfigError(f"shared={shared}: {target.moe_type} has no shared expert; expected shared=0")
+    width = config.intermediate_size
+    if upcycle:
+        if shared > 1:
+            raise ConfigError(f"shared={shared}: an upcycled model has one shared copy of the FFN; expected 0 or 1")
+        return width
+    if width % (experts + shared):
+        what = f"experts={experts}" if not shared else f"experts={experts} + shared={shared}"
+        raise ConfigError(f"{what}: expected a divisor of the FFN width {width} (equal-size experts)")
+    return width // (experts + shared)
+
+
+def moe_config(config, experts: int, k: int, layers: list[int], upcycle: bool = False, shared: int | None = None):
+    """The MoE family's config: the dense `config` with E experts of width I/(E + shared) (or, upcycled, E copies
+    of width I), `shared` shared experts of the same width, k per token, in `layers`."""
     from transformers import AutoConfig
 
     target = target_of(config)
-    width = config.intermediate_size
-    if upcycle and (isinstance(experts, bool) or not isinstance(experts, int) or experts < 1):
-        raise ConfigError(f"experts={experts!r}: expected a positive integer")
-    expert_width = width if upcycle else check_split(width, experts)
+    shared = default_shared(config) if shared is None else shared
+    width = expert_width(config, experts, shared, upcycle)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
         raise ConfigError(f"k={k!r}: expected an integer in 1..experts={experts}")
     n_layers = config.num_hidden_layers
     if not layers or any(not isinstance(i, int) or not 0 <= i < n_layers for i in layers):
         raise ConfigError(f"layers={layers}: expected layer indices in 0..{n_layers - 1}")
     kw = {key: value for key, value in config.to_dict().items() if key not in _DROP}
-    kw.update({target.experts_key: experts, target.width_key: expert_width, "num_experts_per_tok": k,
+    kw.update({target.experts_key: experts, target.width_key: width, "num_experts_per_tok": k,
                "output_router_logits": False})
-    if target.partial:
-        kw.update(norm_topk_prob=True, decoder_sparse_step=1, intermediate_size=width,
+    if target.layers == "any":
+        kw.update(norm_topk_prob=True, decoder_sparse_step=1, intermediate_size=config.intermediate_size,
                   mlp_only_layers=[i for i in range(n_layers) if i not in layers])
-    elif sorted(layers) != list(range(n_layers)):
+    elif target.layers == "all" and sorted(layers) != list(range(n_layers)):
         raise ConfigError(f"layers={layers}: {target.moe_type} has no dense layers; expected every layer "
                           f"(0..{n_layers - 1})")
+    elif target.layers == "suffix":
+        first = min(layers)
+        if sorted(layers) != list(range(first, n_layers)):
+            raise ConfigError(f"layers={layers}: {target.moe_type} keeps only its first layers dense "
+                              f"(first_k_dense_replace); expected the last layers ({first}..{n_layers - 1})")
+        kw.update(first_k_dense_replace=first, n_shared_experts=shared, n_group=1, topk_group=1, norm_topk_prob=True)
+    if target.moe_type == "qwen2_moe":
+        kw.update(shared_expert_intermediate_size=shared * width, qkv_bias=True)
     return AutoConfig.for_model(target.moe_type, **kw)
+
+
+def routed_scale(config, k: int) -> float:
+    """What each split expert's down projection is multiplied by so that its chosen weight acts as 1 (see the
+    module docstring): k for softmax families, k / routed_scaling_factor for DeepSeek-V3."""
+    if target_of(config).moe_type == "deepseek_v3":
+        return k / float(config.routed_scaling_factor)
+    return float(k)
+
+
+def shared_scale(config) -> float:
+    """The shared expert's down projection factor: 2 for Qwen2-MoE (its gate, zeroed, gives exactly 1/2), else 1."""
+    return 2.0 if target_of(config).moe_type == "qwen2_moe" else 1.0
 
 
 def logit_scale(model: nn.Module, layer: int, router: Tensor, max_logit: float) -> float:
@@ -93,27 +152,35 @@ def logit_scale(model: nn.Module, layer: int, router: Tensor, max_logit: float) 
     return max_logit / max(bound, 1e-30)
 
 
-def expert_tensors(mlp: nn.Module, partition: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """gate_up_proj [E, 2 I/E, H] (gate rows, then up rows) and down_proj [E, H, I/E] * k from a dense MLP."""
+def expert_tensors(mlp: nn.Module, partition: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """gate_up_proj [E, 2 I/E, H] (gate rows, then up rows) and down_proj [E, H, I/E] * scale from a dense MLP."""
     gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     gate_up = torch.stack([torch.cat([gate[s], up[s]]) for s in partition])
-    down = torch.stack([down[:, s] for s in partition]) * k
+    down = torch.stack([down[:, s] for s in partition]) * scale
     return gate_up, down
 
 
-def upcycled_tensors(mlp: nn.Module, experts: int) -> tuple[Tensor, Tensor]:
-    """E copies of the dense FFN: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+def shared_tensors(mlp: nn.Module, neurons: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The shared expert's gate_proj [S, H], up_proj [S, H], down_proj [H, S] * scale: the dense MLP's neurons
+    `neurons` [S]."""
+    return (mlp.gate_proj.weight[neurons], mlp.up_proj.weight[neurons], mlp.down_proj.weight[:, neurons] * scale)
+
+
+def upcycled_tensors(mlp: nn.Module, experts: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """E copies of the dense FFN: gate_up_proj [E, 2I, H], down_proj [E, H, I] * scale."""
     gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-    return gate_up.expand(experts, -1, -1).clone(), mlp.down_proj.weight.expand(experts, -1, -1).clone()
+    return gate_up.expand(experts, -1, -1).clone(), (mlp.down_proj.weight * scale).expand(experts, -1, -1).clone()
 
 
 @torch.no_grad()
 def convert(model: nn.Module, experts: dict[int, tuple[Tensor, Tensor]], routers: dict[int, Tensor], k: int,
-            max_logit: float | None = 1e-3) -> nn.Module:
-    """A new MoE model of the target family with `experts[layer] = (gate_up_proj, down_proj)` and router weights
+            max_logit: float | None = 1e-3, shared: dict[int, tuple[Tensor, Tensor, Tensor]] | None = None
+            ) -> nn.Module:
+    """A new MoE model of the target family with `experts[layer] = (gate_up_proj, down_proj)`, router weights
     `routers[layer] [E, H]`, scaled so that |logit| <= max_logit (None: as given, for upcycled copies, whose
-    renormalised weights sum to 1 whatever the router says). Expert widths of I (copies) make it an upcycled
-    model. The dense model is left as it was."""
+    renormalised weights sum to a constant whatever the router says), and `shared[layer] = (gate, up, down)`, the
+    shared experts' neurons (a multiple of the routed width; the family's shared gate, if any, zeroed). Expert
+    widths of I (copies) make it an upcycled model. The dense model is left as it was."""
     from transformers import AutoModelForCausalLM
 
     import moekit.hf as mh
@@ -123,18 +190,22 @@ def convert(model: nn.Module, experts: dict[int, tuple[Tensor, Tensor]], routers
     layers = sorted(experts)
     gate_up0 = experts[layers[0]][0]
     upcycle = gate_up0.shape[1] == 2 * model.config.intermediate_size
-    config = moe_config(model.config, gate_up0.shape[0], k, layers, upcycle=upcycle)
+    n_shared = shared[layers[0]][0].shape[0] // (gate_up0.shape[1] // 2) if shared else 0
+    config = moe_config(model.config, gate_up0.shape[0], k, layers, upcycle=upcycle, shared=n_shared)
     dtype = next(model.parameters()).dtype
     moe = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if dtype == torch.float64:  # transformers' grouped_mm experts take fp32 / bf16 / fp16 only
+        moe.set_experts_implementation("eager")
     state = model.state_dict()
     dense_ffn = {f"model.layers.{i}.mlp.{name}.weight" for i in layers
                  for name in ("gate_proj", "up_proj", "down_proj")}
     result = moe.load_state_dict({n: t for n, t in state.items() if n not in dense_ffn}, strict=False)
     blocks = {b.layer: b for b in mh.view(moe)}
     unfilled = [n for n in result.missing_keys if not any(f"layers.{i}.mlp." in n for i in layers)]
-    if unfilled or sorted(blocks) != layers:
-        raise ConfigError(f"model: converting to {config.model_type} left {unfilled[:3]} unset; expected the dense "
-                          "decoder's weights to cover everything but the FFNs")
+    if unfilled or result.unexpected_keys or sorted(blocks) != layers:
+        raise ConfigError(f"model: converting to {config.model_type} left {unfilled[:3]} unset "
+                          f"({result.unexpected_keys[:3]} unused); expected the dense decoder's weights to cover "
+                          "everything but the FFNs")
     for i in layers:
         block = blocks[i]
         block.experts.gate_up_proj.copy_(experts[i][0])
@@ -142,6 +213,14 @@ def convert(model: nn.Module, experts: dict[int, tuple[Tensor, Tensor]], routers
         router = routers[i].to(block.router.weight)
         scale = 1.0 if max_logit is None else logit_scale(model, i, router, max_logit)
         block.router.weight.copy_(router * scale)
+        bias = getattr(block.router, "e_score_correction_bias", None)
+        if isinstance(bias, Tensor):
+            bias.zero_()
+        if block.shared is not None:
+            for proj, weight in zip(("gate_proj", "up_proj", "down_proj"), shared[i], strict=True):
+                getattr(block.shared, proj).weight.copy_(weight)
+        if block.shared_gate is not None:
+            block.shared_gate.weight.zero_()
     if getattr(model.config, "tie_word_embeddings", False):
         moe.tie_weights()
     return moe

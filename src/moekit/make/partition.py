@@ -95,3 +95,27 @@ def partition_neurons(method: str, rows: Tensor, experts: int, seed: int = 0, ac
             raise ConfigError("partition=coactivation: needs the FFN's activations on calibration text (--data)")
         return coactivation_partition(acts, experts, seed)
     raise ConfigError(f"partition={method!r}: expected one of {', '.join(PARTITIONS)}")
+
+
+def shared_neurons(count: int, acts: Tensor | None = None, weights: tuple[Tensor, Tensor, Tensor] | None = None,
+                   domains: Tensor | None = None) -> Tensor:
+    """The `count` neurons of a shared expert (DeepSeekMoE's always-on expert, chosen as Read-ME does: the neurons
+    that carry the most activation mass). With calibration activations `acts [N, I]`: each neuron's mean |a| over
+    the tokens; with `domains [N]` (a domain id per token) the smallest of its per-domain means, each domain's
+    means divided by their average, so a neuron is kept only if every domain uses it. Without data, a weight proxy:
+    |gate row| |up row| |down column| from `weights = (gate [I, H], up [I, H], down [H, I])`. Sorted indices [count]."""
+    if acts is not None:
+        mass = acts.detach().abs().double()
+        if domains is None:
+            score = mass.mean(0)
+        else:
+            per = torch.stack([mass[domains == d].mean(0) for d in torch.unique(domains)])  # [D, I]
+            score = (per / per.mean(1, keepdim=True).clamp_min(1e-30)).min(0).values
+    elif weights is not None:
+        gate, up, down = (w.detach().double() for w in weights)
+        score = gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)
+    else:
+        raise ConfigError("shared expert: expected calibration activations or the FFN's weights")
+    if not 0 <= count <= score.numel():
+        raise ConfigError(f"shared expert: {count} neurons; expected 0..{score.numel()}")
+    return score.topk(count).indices.sort().values

@@ -55,7 +55,7 @@ def load_dense(path: str | os.PathLike):
 
 def make_checkpoint(model_path: str, out: str, experts: int, k: int, partition: str, router: str,
                     layers: list[int] | None, data: list[str] | None, max_tokens: int, seed: int,
-                    force: bool) -> dict:
+                    force: bool, shared: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from moekit.compress.calibrate import token_windows
@@ -69,7 +69,7 @@ def make_checkpoint(model_path: str, out: str, experts: int, k: int, partition: 
         raise ConfigError(f"--method {partition} / --router {router}: needs calibration text; expected --data FILE")
     copies = partition == "upcycle"
     source = Path(model_path)
-    check(dense_config(source), experts, k, layers, copies=copies)
+    check(dense_config(source), experts, k, layers, copies=copies, shared=shared)
     out_dir = check_out(out, source, data or [], force)
     docs = read_documents(data) if data else []
     model = load_dense(source)
@@ -80,9 +80,9 @@ def make_checkpoint(model_path: str, out: str, experts: int, k: int, partition: 
         layer_ids = list(range(model.config.num_hidden_layers)) if layers is None else layers
         inputs = capture_inputs(model, windows, layer_ids, max_tokens)
     if copies:
-        moe, plan = upcycle(model, experts, k, router, layers, inputs, seed)
+        moe, plan = upcycle(model, experts, k, router, layers, inputs, seed, shared=shared)
     else:
-        moe, plan = moefy(model, experts, k, partition, router, layers, inputs, seed)
+        moe, plan = moefy(model, experts, k, partition, router, layers, inputs, seed, shared=shared)
     with temp_dir(out_dir, "make") as tmp:
         save(moe, tmp, force=True)
         for name in TOKENIZER_FILES:

@@ -1,0 +1,31 @@
+"""Tiny dense decoders for the make tests (none depends on the shipped default model)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+def dense_config(model_type: str, width: int = 72, layers: int = 2, vocab: int = 100):
+    """A tiny dense config: DeepSeek-V3 with every layer dense (first_k_dense_replace = num_hidden_layers, as the
+    default model's dense twin), or a Qwen2 / Qwen3 / Llama."""
+    common = dict(hidden_size=32, intermediate_size=width, num_hidden_layers=layers, num_attention_heads=4,
+                  vocab_size=vocab, max_position_embeddings=64)
+    if model_type == "deepseek_v3":
+        return AutoConfig.for_model("deepseek_v3", **common, num_key_value_heads=4, moe_intermediate_size=8,
+                                    n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
+                                    topk_group=1, first_k_dense_replace=layers, q_lora_rank=None, kv_lora_rank=16,
+                                    qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, routed_scaling_factor=2.5)
+    return AutoConfig.for_model(model_type, **common, num_key_value_heads=2, head_dim=8)
+
+
+def dense_model(model_type: str, dtype=torch.float32, ffn_std: float = 0.2, **kw):
+    """The dense model, its FFN weights drawn with std `ffn_std` so that the FFN's share of the output is large
+    (at the default init of 0.02 the FFNs barely move the logits and an equality test would prove little)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(dense_config(model_type, **kw)).to(dtype).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                proj.weight.normal_(0, ffn_std)
+    return model
