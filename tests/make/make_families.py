@@ -29,3 +29,23 @@ def dense_model(model_type: str, dtype=torch.float32, ffn_std: float = 0.2, **kw
             for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                 proj.weight.normal_(0, ffn_std)
     return model
+
+
+TEXT = ("def add(x, y):\n    return x + y\n\nThe quick brown fox jumps over the lazy dog. "
+        "A mixture of experts routes each token to a few of its feed-forward networks.\n")
+
+
+def save_tiny_tokenizer(directory, vocab: int = 300) -> int:
+    """A byte-level BPE of about `vocab` tokens trained on TEXT, saved as tokenizer.json with an EOS token; returns
+    its vocabulary size (the tests' models use it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(directory)
+    return tok.get_vocab_size()

@@ -1,4 +1,5 @@
-"""`moekit make MODEL --method P --experts E --k K [--router R] [--layers L,...] [--data FILE] --out DIR`."""
+"""`moekit make MODEL --method P --experts E --k K [--router R] [--shared S] [--layers L,...] [--data FILE] --out DIR`
+and `moekit make finetune MODEL (--steps N | --minutes M) [--data FILE] --out DIR` (continued training)."""
 
 from __future__ import annotations
 
@@ -6,35 +7,66 @@ import argparse
 import json
 
 HELP = ("turn a dense decoder (Qwen3, Qwen2, Llama, Mistral, dense DeepSeek-V3) into a native MoE (Qwen3-MoE, "
-        "Qwen2-MoE, Mixtral, DeepSeek-V3) by splitting its FFNs")
+        "Qwen2-MoE, Mixtral, DeepSeek-V3) by splitting its FFNs; `make finetune MODEL` continues training one")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     from moekit.make import PARTITIONS, ROUTERS, UPCYCLE_ROUTERS
 
-    p.add_argument("model", metavar="MODEL", help="a dense checkpoint directory (config.json + safetensors)")
+    p.add_argument("model", metavar="[finetune] MODEL", nargs="+",
+                   help="a checkpoint directory (config.json + safetensors); `finetune MODEL` trains MODEL further")
     p.add_argument("--method", choices=(*PARTITIONS, "upcycle"), default="kmeans",
                    help="how neurons are grouped into experts, or upcycle: every expert a copy (default kmeans)")
     p.add_argument("--router", choices=tuple(dict.fromkeys((*ROUTERS, *UPCYCLE_ROUTERS))),
                    help=f"split experts: {', '.join(ROUTERS)} (default centroid); upcycle: "
                         f"{', '.join(UPCYCLE_ROUTERS)} (default random)")
-    p.add_argument("--experts", type=int, required=True, help="experts per FFN (a divisor of its width)")
-    p.add_argument("--k", type=int, required=True, help="experts per token")
+    p.add_argument("--experts", type=int, help="experts per FFN (converting: required)")
+    p.add_argument("--k", type=int, help="experts per token (converting: required)")
     p.add_argument("--shared", type=int, help="shared experts of the routed width (default: 1 for Qwen2 and "
                    "DeepSeek-V3, whose MoE families have one; 0 otherwise); split experts: I / (E + shared) wide")
     p.add_argument("--layers", help="comma-separated layer indices to convert (default: all)")
-    p.add_argument("--data", action="append", metavar="FILE", help="calibration text (.jsonl or text; repeatable)")
+    p.add_argument("--data", action="append", metavar="FILE", help="calibration / training text (.jsonl or text; "
+                   "repeatable); finetune without it trains on moekit's training corpus")
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--seed", type=int, default=0)
+    ft = p.add_argument_group("finetune")
+    ft.add_argument("--steps", type=int, help="finetune: optimiser steps (with --minutes, whichever ends first)")
+    ft.add_argument("--minutes", type=float, help="finetune: wall-clock budget in minutes")
+    ft.add_argument("--lr", type=float, default=3e-4, help="finetune: learning rate after warmup (default 3e-4)")
+    ft.add_argument("--batch-size", type=int, default=8, help="finetune: sequences per step (default 8)")
+    ft.add_argument("--seq-len", type=int, default=256, help="finetune: tokens per sequence (default 256)")
+    ft.add_argument("--bias-update-rate", type=float, default=1e-3,
+                    help="finetune: DeepSeek-V3 balancing bias step per step (default 1e-3; 0: off)")
     p.add_argument("--out", required=True, help="output directory (new or empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _finetune(args: argparse.Namespace, model: str) -> dict:
+    from moekit.make.finetune import Finetune, finetune_checkpoint
+
+    settings = Finetune(steps=args.steps, minutes=args.minutes, lr=args.lr, batch_size=args.batch_size,
+                        seq_len=args.seq_len, bias_update_rate=args.bias_update_rate, seed=args.seed)
+    return finetune_checkpoint(model, args.out, settings, args.data, args.force)
 
 
 def run(args: argparse.Namespace) -> int:
     from moekit.errors import ConfigError
     from moekit.make.run import make_checkpoint
 
+    if len(args.model) == 2 and args.model[0] == "finetune":
+        summary = _finetune(args, args.model[1])
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            print(f"finetuned {summary['model_type']} for {summary['steps']} steps ({summary['seconds']} s): loss "
+                  f"{summary['first_loss']} -> {summary['last_loss']}; written to {summary['out']}")
+        return 0
+    if len(args.model) != 1:
+        raise ConfigError(f"MODEL {' '.join(args.model)!r}: expected one checkpoint directory, or `finetune MODEL`")
+    for flag in ("experts", "k"):
+        if getattr(args, flag) is None:
+            raise ConfigError(f"--{flag}: required to convert a model; expected an integer")
     layers = None
     if args.layers:
         try:
@@ -42,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--layers {args.layers!r}: expected comma-separated integers") from None
     router = args.router or ("random" if args.method == "upcycle" else "centroid")
-    summary = make_checkpoint(args.model, args.out, args.experts, args.k, args.method, router, layers,
+    summary = make_checkpoint(args.model[0], args.out, args.experts, args.k, args.method, router, layers,
                               args.data, args.max_tokens, args.seed, args.force, shared=args.shared)
     if args.json:
         print(json.dumps(summary, indent=1))

@@ -1,0 +1,201 @@
+"""Continued training of a converted (or any) causal LM checkpoint: `moekit make finetune MODEL --steps N` or
+`--minutes M`.
+
+moekit's trainer builds its models from recipes and trains its own tokenizer; a made MoE has a tokenizer and weights
+already. This loop reuses the trainer's pieces (its corpus, its batch sampler `batch_at`, the expert-load recorder
+and DeepSeek-V3's bias rule from `moekit.train.balance`) around the checkpoint's own model and tokenizer:
+AdamW (weight decay 0.1, clipping 1.0), linear warmup then a constant learning rate (a time budget has no known
+end for a cosine), tokens from `--data` files or the trainer's corpus (train split), progress bar, one JSON line of
+metrics per step. For a family with `e_score_correction_bias` (DeepSeek-V3) the bias moves after each step by
+DeepSeek-V3's sign rule (`bias_update_rate`, 0 to switch off). The result is written like `moekit make` writes:
+model, tokenizer, metrics.jsonl and finetune.json, through a temporary sibling renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moekit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """Settings of a continued training. steps / minutes: whichever ends first (at least one is set)."""
+
+    steps: int | None = None
+    minutes: float | None = None
+    lr: float = 3e-4
+    warmup: int = 10
+    batch_size: int = 8
+    seq_len: int = 256
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    bias_update_rate: float = 1e-3
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.steps is None and self.minutes is None:
+            raise ConfigError("finetune: expected --steps or --minutes")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise ConfigError(f"--steps={self.steps!r}: expected a positive integer")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise ConfigError(f"--minutes={self.minutes!r}: expected a finite number above 0")
+        for name in ("lr", "clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name.replace('_', '-')}={value!r}: expected a finite number above 0")
+        for name in ("batch_size", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}={value!r}: expected a positive integer")
+        if not (math.isfinite(self.bias_update_rate) and self.bias_update_rate >= 0):
+            raise ConfigError(f"--bias-update-rate={self.bias_update_rate!r}: expected a finite number >= 0")
+
+
+def token_stream(tokenizer, texts: Sequence[str]) -> Tensor:
+    """All texts' token ids, each followed by the tokenizer's EOS where it has one, as one stream [N]."""
+    from moekit.data import encode
+
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(encode(tokenizer, text))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def training_texts(data: list[str] | None, max_docs_per_domain: int | None = 300, seed: int = 0) -> list[str]:
+    """`data` files' texts, else the trainer's corpus (train split; `max_docs_per_domain` per domain)."""
+    if data:
+        from moekit.data import read_documents
+
+        return [d.text for d in read_documents(data)]
+    from moekit.train.corpus import build_corpus
+
+    return list(build_corpus(None, None, max_docs_per_domain, seed).texts("train"))
+
+
+def _batch(tokens: Tensor, settings: Finetune, step: int) -> Tensor:
+    from moekit.train.trainer import Recipe, batch_at
+
+    recipe = Recipe("finetune", seq_len=settings.seq_len, batch_size=settings.batch_size, seed=settings.seed)
+    return batch_at(tokens, recipe, step, 0)
+
+
+def finetune_model(model: nn.Module, tokens: Tensor, settings: Finetune, progress: bool = True,
+                   metrics_path: Path | None = None) -> list[dict]:
+    """Train `model` in place on windows of `tokens` [N]; returns one record per step (appended as JSON lines to
+    `metrics_path` when given). The model is left in eval mode."""
+    from tqdm import tqdm
+
+    from moekit.train.balance import LoadRecorder, correction_biases, load_stats, update_biases
+    from moekit.train.trainer import model_type_is_moe
+
+    settings.check()
+    if tokens.numel() <= settings.seq_len:
+        raise ConfigError(f"training text: {tokens.numel()} tokens; expected more than seq_len={settings.seq_len}")
+    moe = model_type_is_moe(model.config)
+    recorder = LoadRecorder(model) if moe else None
+    biases = []
+    if moe and settings.bias_update_rate and all(hasattr(b.router, "e_score_correction_bias") for b in recorder.blocks):
+        biases = correction_biases(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    records: list[dict] = []
+    start = time.perf_counter()
+    total = settings.steps
+    bar = tqdm(total=total, desc="make finetune", unit="step", disable=not progress)
+    model.train()
+    try:
+        step = 0
+        while (total is None or step < total) and (
+                settings.minutes is None or time.perf_counter() - start < settings.minutes * 60):
+            t0 = time.perf_counter()
+            lr = settings.lr * min(1.0, (step + 1) / max(1, settings.warmup))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if recorder is not None:
+                recorder.reset()
+            batch = _batch(tokens, settings, step)
+            loss = model(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise ConfigError(f"step {step + 1}: the loss is {float(loss)}; expected finite losses (lower --lr)")
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            rec = {"step": step + 1, "lr": lr, "loss": round(float(loss.detach()), 6), "grad_norm": round(grad_norm, 4)}
+            if recorder is not None:
+                rec["load_cv"] = [round(c, 4) for c in load_stats(recorder.counts)["load_cv"]]
+                if biases:
+                    rec["bias_spread"] = [round(s, 6) for s in
+                                          update_biases(biases, recorder.counts, settings.bias_update_rate)]
+            seconds = time.perf_counter() - t0
+            rec.update(tokens_per_s=round(batch.numel() / seconds, 1),
+                       elapsed_s=round(time.perf_counter() - start, 2))
+            records.append(rec)
+            if metrics_path is not None:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.update()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            step += 1
+    finally:
+        bar.close()
+        if recorder is not None:
+            recorder.close()
+        model.eval()
+    return records
+
+
+def finetune_checkpoint(model_path: str, out: str, settings: Finetune, data: list[str] | None = None,
+                        force: bool = False, progress: bool = True) -> dict:
+    """`moekit make finetune`: the checkpoint in `model_path` (with its tokenizer) trained by `settings` on `data`
+    (None: the trainer's corpus), written to `out`. Returns a summary (first and last loss, steps, seconds)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.compress.run import TOKENIZER_FILES, check_out
+    from moekit.files import atomic_write, swap_in, temp_dir
+    from moekit.hf.checkpoint import CheckpointError
+    from moekit.make.run import dense_config
+
+    settings.check()
+    source = Path(model_path)
+    dense_config(source)  # a decoder of a known family, dense or MoE, with safetensors
+    out_dir = check_out(out, source, data or [], force)
+    if not any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(f"{source}: no tokenizer.json; expected the checkpoint's tokenizer next to it")
+    texts = training_texts(data, seed=settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokens = token_stream(tokenizer, texts)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{source}: could not load the model ({str(err).splitlines()[0]})") from None
+    with temp_dir(out_dir, "finetune") as tmp:
+        records = finetune_model(model, tokens, settings, progress, metrics_path=tmp / "metrics.jsonl")
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+        for name in ("plan.json",):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+        summary = {"source": str(source), "out": str(out_dir), "model_type": model.config.model_type,
+                   "steps": len(records), "seconds": records[-1]["elapsed_s"] if records else 0.0,
+                   "first_loss": records[0]["loss"] if records else None,
+                   "last_loss": records[-1]["loss"] if records else None,
+                   "tokens": len(records) * settings.batch_size * settings.seq_len,
+                   "settings": settings.__dict__}
+        atomic_write(tmp / "finetune.json", json.dumps(summary, indent=1))
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        swap_in(tmp, out_dir)
+    return summary

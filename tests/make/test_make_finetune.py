@@ -1,0 +1,87 @@
+"""Continued training of a made MoE (`moekit.make.finetune`, `moekit make finetune`): the loss falls on a fixed
+batch, DeepSeek-V3's balancing bias moves by the sign rule, the CLI writes a checkpoint plain transformers loads
+(input untouched) and refuses bad settings with one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from make_families import TEXT, dense_model, save_tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import moekit.hf as mh
+import moekit.make as mk
+from moekit.cli.main import main
+from moekit.errors import ConfigError
+from moekit.make.finetune import Finetune, finetune_model
+
+
+def test_loss_falls_on_a_fixed_batch_and_the_bias_moves():
+    moe, _ = mk.moefy(dense_model("deepseek_v3", vocab=300), experts=8, k=2)
+    tokens = torch.randint(0, 300, (33,), generator=torch.Generator().manual_seed(0))  # one window: a fixed batch
+    records = finetune_model(moe, tokens, Finetune(steps=12, lr=3e-3, warmup=1, batch_size=2, seq_len=32,
+                                                   bias_update_rate=1e-2), progress=False)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert not moe.training
+    bias = mh.view(moe)[0].router.e_score_correction_bias
+    # each step moves every bias by exactly +-rate (or 0 where the load is the mean): a multiple of 1e-2
+    assert float(bias.abs().max()) > 0
+    assert torch.allclose(bias / 1e-2, (bias / 1e-2).round(), atol=1e-4)
+    assert all(len(r["bias_spread"]) == 2 and len(r["load_cv"]) == 2 for r in records)
+
+
+def test_dense_models_train_too_and_minutes_end_the_run():
+    model = dense_model("qwen3", vocab=300)
+    tokens = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(1))
+    records = finetune_model(model, tokens, Finetune(minutes=1e-6, batch_size=2, seq_len=16), progress=False)
+    assert len(records) <= 1 and all("load_cv" not in r for r in records)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (Finetune(), "expected --steps or --minutes"),
+    (Finetune(steps=0), "--steps=0"),
+    (Finetune(minutes=float("nan")), "--minutes=nan"),
+    (Finetune(steps=2, lr=-1.0), "--lr=-1.0"),
+    (Finetune(steps=2, seq_len=64), "expected more than seq_len=64"),
+])
+def test_bad_settings(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        finetune_model(dense_model("qwen3", vocab=300), torch.arange(50) % 300, settings, progress=False)
+
+
+def _digest(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def test_cli_make_then_finetune(tmp_path, capsys):
+    src = tmp_path / "dense"
+    vocab = save_tiny_tokenizer(src)
+    dense_model("deepseek_v3", vocab=vocab).save_pretrained(src)
+    data = tmp_path / "train.txt"
+    data.write_text(TEXT * 20)
+    moe_dir, out = tmp_path / "moe", tmp_path / "ft"
+    assert main(["make", str(src), "--experts", "8", "--k", "2", "--out", str(moe_dir)]) == 0
+    before = _digest(moe_dir)
+    capsys.readouterr()
+    assert main(["make", "finetune", str(moe_dir), "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                 "--data", str(data), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["model_type"] == "deepseek_v3"
+    assert _digest(moe_dir) == before
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert (out / "tokenizer.json").is_file() and (out / "plan.json").is_file()
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(moe_dir)
+    assert not torch.equal(trained.lm_head.weight, original.lm_head.weight)
+    capsys.readouterr()
+    for args, message in ((["--steps", "0"], "--steps=0"), ([], "expected --steps or --minutes")):
+        assert main(["make", "finetune", str(moe_dir), *args, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and not (tmp_path / "bad").exists()
+    assert main(["make", str(src), "--k", "2", "--out", str(tmp_path / "bad")]) == 2
+    assert "--experts: required" in capsys.readouterr().err
