@@ -45,6 +45,20 @@ def dsv3_moe_lm(seed: int = 0, vocab_size: int = 97) -> torch.nn.Module:
     return tiny_model("deepseek_v3", seed=seed, vocab_size=vocab_size)
 
 
+def save_random_adapter(model: torch.nn.Module, out: Path, seed: int, r: int = 4, alpha: float = 8.0,
+                        targets: list[str] | None = None, **lora_options) -> Path:
+    """Save a PEFT LoRA adapter with random (nonzero) A and B on `model` (wrapped in place, then unloaded)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or ["o_proj"], init_lora_weights=False,
+                        **lora_options)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out)
+    peft_model.unload()
+    return out
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """As in tests/hf: one thread for tiny models on a shared 2-core machine; restored after each module."""

@@ -1,0 +1,20 @@
+"""Composing experts from adapters: domains of real text, one PEFT LoRA per domain, and LoRA-MoE layers that
+route among a pool of LoRA experts (MixLoRA top-k, DynMoLE, LoRA-Mixer, MoRA, Hydra, MHR/Poly).
+
+Layout (PEFT's tuners habit: one idea per file): `domains` (text and windows), `lora` (train one adapter),
+`adapters` (read saved adapters, check a pool), `rules` (routing rules as pure functions), `lora_moe` (the layer
+and the `LoraMoE` handle), `mixers` (MoRA, Hydra, Poly/MHR), `loop` (training loop and perplexity).
+"""
+
+from moekit.compose.adapters import LoraWeights, check_pool, read_adapter
+from moekit.compose.domains import DOMAINS, domain_documents, domain_windows, split_documents, token_windows
+from moekit.compose.loop import evaluate_ppl, fit
+from moekit.compose.lora import attention_targets, expert_parameter_targets, load_adapter, train_domain_lora
+from moekit.compose.lora_moe import LoraMoE, LoraMoELinear, LoraPool
+from moekit.compose.mixers import HydraLinear, InputRouting, MoRALinear, poly_model
+from moekit.compose.rules import RULES, Mix, RuleConfig, route
+
+__all__ = ["DOMAINS", "RULES", "HydraLinear", "InputRouting", "LoraMoE", "LoraMoELinear", "LoraPool", "LoraWeights",
+           "Mix", "MoRALinear", "RuleConfig", "attention_targets", "check_pool", "domain_documents", "domain_windows",
+           "evaluate_ppl", "expert_parameter_targets", "fit", "load_adapter", "poly_model", "read_adapter", "route",
+           "split_documents", "token_windows", "train_domain_lora"]

@@ -1,0 +1,205 @@
+"""LoRA-MoE layers over pools of saved PEFT adapters: forced routing equals PEFT, the variants against hand-written
+formulas, aux losses, attach/detach, save/load, and the one-line errors for bad pools."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import DENSE_TARGETS, QWEN_TARGETS, dense_lm, moe_lm, save_random_adapter
+from moekit.compose import LoraMoE, evaluate_ppl, fit
+from moekit.compose.mixers import HydraLinear, InputRouting, MoRALinear, poly_model
+from moekit.errors import ConfigError, UnknownNameError
+
+IDS = torch.tensor([[5, 9, 17, 3, 44, 2, 8, 61], [1, 7, 7, 30, 12, 90, 4, 4]])
+TARGETS = ["q_a_proj", "o_proj"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [save_random_adapter(dense_lm(), root / f"a{i}", seed=10 + i, targets=TARGETS) for i in range(3)]
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def peft_logits(adapter, build=dense_lm) -> torch.Tensor:
+    return logits(PeftModel.from_pretrained(build(), str(adapter)).eval())
+
+
+@pytest.mark.parametrize("router", ["topk", "dynmole", "mixer", "soft"])
+def test_forced_to_one_expert_equals_that_peft_adapter(adapters, router):
+    moe = LoraMoE.from_adapters(dense_lm(), adapters, router=router, k=2)
+    base = logits(dense_lm())
+    for i, adapter in enumerate(adapters):
+        moe.force(i)
+        expected = peft_logits(adapter)
+        assert not torch.allclose(expected, base, atol=1e-3)  # the adapter does change the output
+        assert torch.allclose(logits(moe.model), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_forced_on_moe_base_with_fused_experts(tmp_path):
+    adapter = save_random_adapter(moe_lm(), tmp_path / "a", seed=3, targets=QWEN_TARGETS)
+    other = save_random_adapter(moe_lm(), tmp_path / "b", seed=4, targets=QWEN_TARGETS)
+    moe = LoraMoE.from_adapters(moe_lm(), [other, adapter], router="topk", k=1)
+    moe.force(1)
+    assert torch.allclose(logits(moe.model), peft_logits(adapter, moe_lm), atol=2e-5, rtol=1e-5)
+
+
+def test_pool_of_one_adapter_twice_equals_it_under_any_rule(adapters):
+    """Weights of every rule sum to 1 per token, so a pool of identical experts is that expert."""
+    expected = peft_logits(adapters[0])
+    for router in ("topk", "dynmole", "mixer", "soft"):
+        moe = LoraMoE.from_adapters(dense_lm(), [adapters[0], adapters[0]], router=router, k=1)
+        assert torch.allclose(logits(moe.model), expected, atol=2e-5, rtol=1e-5), router
+
+
+def test_detach_restores_the_base_model(adapters):
+    model = dense_lm()
+    before = logits(model)
+    moe = LoraMoE.from_adapters(model, adapters, router="topk")
+    assert not torch.allclose(logits(model), before, atol=1e-4)
+    assert moe.detach() is model
+    assert torch.equal(logits(model), before)
+    assert not any("router" in name for name, _ in model.named_parameters())
+
+
+def test_aux_losses_are_returned_and_reach_the_router(adapters):
+    moe = LoraMoE.from_adapters(dense_lm(), adapters, router="dynmole", q=2.0)
+    moe.model(input_ids=IDS)
+    aux = moe.aux_losses()
+    assert set(aux) == {"tsallis", "balance"}
+    n_layers = len(moe.layers)
+    assert n_layers == 4  # q_a_proj and o_proj in two layers
+    assert 0 < aux["tsallis"].item() <= n_layers * (1 - 1 / 3) / (2.0 - 1.0) + 1e-6  # each at most the uniform's
+    moe.aux_loss({"balance": 0.0}).backward()
+    routers = moe.trainable_parameters()
+    assert len(routers) == n_layers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
+
+
+def test_mixer_labels_feed_the_specialisation_loss(adapters):
+    moe = LoraMoE.from_adapters(dense_lm(), adapters, router="mixer", k=1)
+    moe.model(input_ids=IDS)
+    unlabelled = moe.aux_losses()["sbl"].item()
+    moe.set_labels(torch.full(IDS.shape, 2))
+    moe.model(input_ids=IDS)
+    assert moe.aux_losses()["sbl"].item() > unlabelled  # the cross-entropy towards expert 2 is positive
+    moe.set_labels(None)
+
+
+def test_training_moves_routers_only(adapters):
+    model = dense_lm()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    moe = LoraMoE.from_adapters(model, adapters, router="dynmole")
+    routers_before = [p.detach().clone() for p in moe.trainable_parameters()]
+    pools_before = [layer.pool.a.detach().clone() for layer in moe.layers.values()]
+    windows = torch.randint(3, 97, (6, 12), generator=torch.Generator().manual_seed(0))
+    out = fit(model, windows, moe.trainable_parameters(), steps=3, batch_size=2, aux=moe.aux_loss, aux_weight=0.01,
+              progress=False)
+    assert out["steps"] == 3 and len(out["losses"]) == 3
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(routers_before, moe.trainable_parameters(), strict=True))
+    assert all(torch.equal(a, layer.pool.a) for a, layer in zip(pools_before, moe.layers.values(), strict=True))
+    moe.detach()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base_state.items())
+    assert evaluate_ppl(model, windows) > 1.0
+
+
+def test_save_and_load_round_trip(adapters, tmp_path):
+    moe = LoraMoE.from_adapters(dense_lm(), adapters, router="topk", k=2)
+    with torch.no_grad():
+        for p in moe.trainable_parameters():
+            p.normal_()
+    expected = logits(moe.model)
+    moe.save(tmp_path / "mix")
+    again = LoraMoE.load(dense_lm(), tmp_path / "mix")
+    assert torch.allclose(logits(again.model), expected, atol=1e-6)
+    assert again.spec["adapters"] == [str(a) for a in adapters]
+
+
+def test_mora_budget_against_hand_formula(adapters):
+    moe = LoraMoE.from_adapters(dense_lm(), adapters[:2], kind="mora", budget=3)
+    layer = moe.layers["model.layers.0.self_attn.o_proj"]
+    assert isinstance(layer, MoRALinear)
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
+    a, b = layer.pool.a.detach(), layer.pool.b.detach()  # [2, 4, 40], [2, 40, 4]
+    s = layer.pool.scaling
+    expected = []
+    for t in range(5):
+        h = [(e, j, float(a[e, j] @ x[t])) for e in range(2) for j in range(4)]
+        kept = sorted(h, key=lambda v: -abs(v[2]))[:3]
+        expected.append(layer.base(x[t]) + sum(s[e] * v * b[e, :, j] for e, j, v in kept))
+    with torch.no_grad():
+        assert torch.allclose(layer(x), torch.stack(expected), atol=1e-5)
+
+
+def test_mora_full_budget_of_one_adapter_is_that_adapter(adapters):
+    moe = LoraMoE.from_adapters(dense_lm(), adapters[:1], kind="mora", budget=4)
+    assert torch.allclose(logits(moe.model), peft_logits(adapters[0]), atol=2e-5, rtol=1e-5)
+
+
+def test_mora_prune_drops_unused_ranks(adapters):
+    moe = LoraMoE.from_adapters(dense_lm(), adapters[:2], kind="mora", budget=2)
+    layer = moe.layers["model.layers.1.self_attn.o_proj"]
+    layer.train()
+    layer(torch.randn(64, 40, generator=torch.Generator().manual_seed(2)))
+    used = int((layer.usage > 0).sum())
+    dropped = layer.prune(min_share=1e-9)
+    assert dropped == 8 - used and layer.pool.a.shape[1] <= 4
+
+
+def test_hydra_starts_as_its_parallel_branch_and_adds_the_sequential_one(adapters):
+    moe = LoraMoE.from_adapters(dense_lm(), adapters, kind="hydra", router="topk", k=1, seq_rank=2)
+    layer = moe.layers["model.layers.0.self_attn.o_proj"]
+    assert isinstance(layer, HydraLinear)
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.inner(x))  # B_s = 0 at the start
+        layer.seq_b.normal_()
+        expected = layer.inner(x) + layer.seq_scaling * (layer.inner.base(x) @ layer.seq_a.T) @ layer.seq_b.T
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert any(p is layer.seq_b for p in moe.trainable_parameters())
+
+
+def test_poly_input_routing_attach_detach():
+    peft_model = poly_model(dense_lm(), ["o_proj"], n_tasks=2, n_skills=3, n_splits=2, r=4)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "poly_lora_B" in name:
+                p.normal_()
+    peft_model.eval()
+    task = torch.tensor([0, 1])
+    by_task = peft_model.base_model(input_ids=IDS, task_ids=task).logits.detach()  # PolyModel takes task_ids
+    routing = InputRouting.attach(peft_model)
+    assert len(routing.routers) == 2
+    # zero-initialised input routers weigh skills uniformly within each head: the mean of the skills
+    with torch.no_grad():
+        by_input = peft_model(input_ids=IDS).logits
+        for router in routing.routers:
+            router.proj.weight.normal_()
+        moved = peft_model(input_ids=IDS).logits
+    assert not torch.allclose(by_input, by_task, atol=1e-5) and not torch.allclose(moved, by_input, atol=1e-5)
+    routing.detach()
+    assert torch.allclose(peft_model.base_model(input_ids=IDS, task_ids=task).logits, by_task)
+
+
+def test_bad_pools_are_one_line_errors(adapters, tmp_path):
+    with pytest.raises(ConfigError, match="adapter pool is empty"):
+        LoraMoE.from_adapters(dense_lm(), [])
+    with pytest.raises(UnknownNameError, match="router 'nope' does not exist"):
+        LoraMoE.from_adapters(dense_lm(), adapters, router="nope")
+    other_rank = save_random_adapter(dense_lm(), tmp_path / "r8", seed=1, r=8, targets=TARGETS)
+    with pytest.raises(ConfigError, match="rank r=8.*expected one rank in a pool"):
+        LoraMoE.from_adapters(dense_lm(), [adapters[0], other_rank])
+    with pytest.raises(ConfigError, match="q_a_proj' does not exist in the base model"):
+        LoraMoE.from_adapters(moe_lm(), adapters)  # adapters of the dense DeepSeek-V3 on a Qwen3-MoE
+    wide = save_random_adapter(dense_lm(), tmp_path / "wide", seed=1, targets=DENSE_TARGETS)
+    with pytest.raises(ConfigError, match="adapts other modules"):
+        LoraMoE.from_adapters(dense_lm(), [adapters[0], wide])
+    with pytest.raises(ConfigError, match="expected a PEFT adapter directory"):
+        LoraMoE.from_adapters(dense_lm(), [tmp_path])
+    for err in (ConfigError, UnknownNameError):
+        assert "\n" not in str(err("x"))
