@@ -41,9 +41,20 @@ def _missing(package: str, path: str, domain: str) -> MissingPackageError:
                                f"(apt-get install {package}) or pass its directory")
 
 
+# WordNet's lexicographer files by number (lexnames(5WN)); a `lexnames` file in the data directory overrides it.
+LEXNAMES = ("adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+            "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
+            "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
+            "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
+            "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
+            "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation",
+            "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
+            "verb.weather", "adj.ppl")
+
+
 def _lexnames(root: Path) -> dict[int, str]:
-    """lexicographer file number -> name ("03" -> "noun.animal"), from WordNet's lexnames file if present."""
-    names = {}
+    """lexicographer file number -> name (5 -> "noun.animal")."""
+    names = dict(enumerate(LEXNAMES))
     path = root / "lexnames"
     if path.is_file():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
