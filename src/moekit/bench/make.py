@@ -167,3 +167,35 @@ def bench_make(quick: bool = False, repeats: int = 5, pairs: int = 1000, progres
         records.append({**base, "setting": "speed", "experts": experts, "k": k, "active": k / experts, "batch": 32,
                         "tokens": 32, "repeats": repeats, **_speed(model, tok, experts, k, rows, repeats)})
     return records
+
+
+LM_COLUMNS = ["setting", "active", "experts", "shared", "k", "partition", "router", "ppl", "ppl_over_dense",
+              "train_steps"]
+ENCODER_COLUMNS = ["setting", "experts", "k", "partition", "router", "cos_mean", "cos_p5", "overlap_at_10",
+                   "mrr_over_dense", "ffn_speedup", "encoder_speedup"]
+
+
+def add_arguments(p) -> None:
+    """`moekit bench make`'s options (the MiniLM encoder bench, or the language side with --lm)."""
+    p.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    p.add_argument("--quick", action="store_true", help="E=8, 25/50%%, k-means only, 200 sentences: a smoke run "
+                   "(with --lm: two routers, 2 training steps, 2,000 evaluation tokens)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of the speed records (median; default 5)")
+    p.add_argument("--lm", metavar="MODEL", help="bench a dense causal LM instead (e.g. the default model's dense "
+                   "twin): MoEfied at 50%%/25%% active, perplexity against dense, before and after continued training")
+    p.add_argument("--minutes", type=float, help="--lm: continued training per model (default 20; --quick: 2 steps)")
+    p.add_argument("--data", action="append", metavar="FILE", help="--lm: text for calibration and training, every "
+                   "fifth document held out for evaluation (default: moekit's corpus and held-out split)")
+    p.add_argument("--scratch", metavar="MODEL", help="--lm: an MoE trained from scratch to compare on the same text")
+
+
+def run(args) -> tuple[list[dict], list[str]]:
+    """The records of `moekit bench make` and the columns of their table."""
+    if args.lm:
+        from moekit.bench.make_lm import bench_make_lm
+
+        return bench_make_lm(args.lm, args.quick, args.minutes, args.data, args.scratch), LM_COLUMNS
+    for flag in ("minutes", "data", "scratch"):
+        if getattr(args, flag) is not None:
+            raise MoekitError(f"--{flag}: only with --lm MODEL; expected --lm or no --{flag}")
+    return bench_make(args.quick, args.repeats), ENCODER_COLUMNS

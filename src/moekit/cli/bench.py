@@ -91,9 +91,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     add_serve_parser(sub)
     mk = sub.add_parser("make", help="MoEfication of the real all-MiniLM-L6-v2 (E 8/16/32, 12.5-50%% active, each "
                         "partition and router): embedding cosine, overlap@10, gloss retrieval, speed, vs dense")
-    mk.add_argument("--json", action="store_true", help="print the records as a JSON list")
-    mk.add_argument("--quick", action="store_true", help="E=8, 25/50%%, k-means only, 200 sentences: a smoke run")
-    mk.add_argument("--repeats", type=int, default=5, help="timed rounds of the speed records (median; default 5)")
+    from moekit.bench.make import add_arguments as add_make_arguments
+
+    add_make_arguments(mk)
     of = sub.add_parser("offload", help="experts on disk: budgets x cache policies x prefetch modes against the "
                         "resident model and the physical bound; trace replay with Belady; --large-gb under a cgroup")
     of.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint directory (default: moekit-tiny)")
@@ -138,11 +138,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(records, indent=1) if args.json else format_table(rows, OFFLOAD_COLUMNS))
         return 0
     if args.what == "make":
-        from moekit.bench.make import bench_make
+        from moekit.bench.make import run as run_make
 
-        records = bench_make(args.quick, args.repeats)
-        cols = ["setting", "experts", "k", "partition", "router", "cos_mean", "cos_p5", "overlap_at_10",
-                "mrr_over_dense", "ffn_speedup", "encoder_speedup"]
+        records, cols = run_make(args)
         print(json.dumps(records, indent=1) if args.json else format_table(records, cols))
         return 0
     if args.what == "decode":

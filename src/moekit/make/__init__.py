@@ -34,7 +34,7 @@ from moekit.make.partition import PARTITIONS, partition_neurons, shared_neurons
 from moekit.make.routers import ROUTERS, activations, input_rows, make_router
 
 __all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "UPCYCLE_ROUTERS", "capture_inputs", "check", "convert", "moefy",
-           "needs_data", "upcycle"]
+           "needs_data", "token_domains", "upcycle"]
 
 
 def check(config, experts: int, k: int, layers: Sequence[int] | None, copies: bool = False,
@@ -69,6 +69,16 @@ def capture_inputs(model: nn.Module, windows: Sequence[Tensor], layers: Sequence
     if not total:
         raise ConfigError("data: no token windows; expected calibration text of at least 2 tokens")
     return {i: torch.cat(x)[:max_tokens] for i, x in seen.items()}
+
+
+def token_domains(windows: Sequence[tuple[Tensor, str | None]], max_tokens: int = 4096) -> Tensor | None:
+    """A domain id per token that `capture_inputs` keeps from these (ids, domain) windows (the same cap), or None
+    when they hold fewer than two domains (then the shared expert is chosen by overall mass)."""
+    names = sorted({str(d) for _, d in windows})
+    if len(names) < 2:
+        return None
+    ids = torch.cat([torch.full((w.numel(),), names.index(str(d))) for w, d in windows])
+    return ids[:max_tokens]
 
 
 def moefy(model: nn.Module, experts: int, k: int, partition: str = "kmeans", router: str = "centroid",

@@ -132,6 +132,23 @@ def moe_config(config, experts: int, k: int, layers: list[int], upcycle: bool = 
     return AutoConfig.for_model(target.moe_type, **kw)
 
 
+def runnable(model: nn.Module) -> nn.Module:
+    """`model` switched to transformers' eager experts where its default grouped_mm cannot run them: float64, or
+    an expert width whose rows are not a multiple of 16 bytes (e.g. 9 fp32 neurons). The choice is not saved; a
+    checkpoint with such widths loads in transformers with `experts_implementation="eager"`."""
+    import moekit.hf as mh
+
+    blocks = mh.view(model) if mh.FAMILIES.get(model.config.model_type) and \
+        mh.FAMILIES[model.config.model_type].moe_layers(model.config) else []
+    if not blocks:
+        return model
+    weight = blocks[0].experts.module.down_proj
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) or \
+            (weight.shape[-1] * weight.element_size()) % 16:
+        model.set_experts_implementation("eager")
+    return model
+
+
 def routed_scale(config, k: int) -> float:
     """What each split expert's down projection is multiplied by so that its chosen weight acts as 1 (see the
     module docstring): k for softmax families, k / routed_scaling_factor for DeepSeek-V3."""
@@ -193,9 +210,7 @@ def convert(model: nn.Module, experts: dict[int, tuple[Tensor, Tensor]], routers
     n_shared = shared[layers[0]][0].shape[0] // (gate_up0.shape[1] // 2) if shared else 0
     config = moe_config(model.config, gate_up0.shape[0], k, layers, upcycle=upcycle, shared=n_shared)
     dtype = next(model.parameters()).dtype
-    moe = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    if dtype == torch.float64:  # transformers' grouped_mm experts take fp32 / bf16 / fp16 only
-        moe.set_experts_implementation("eager")
+    moe = runnable(AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
     state = model.state_dict()
     dense_ffn = {f"model.layers.{i}.mlp.{name}.weight" for i in layers
                  for name in ("gate_proj", "up_proj", "down_proj")}

@@ -164,6 +164,7 @@ def finetune_checkpoint(model_path: str, out: str, settings: Finetune, data: lis
     from moekit.compress.run import TOKENIZER_FILES, check_out
     from moekit.files import atomic_write, swap_in, temp_dir
     from moekit.hf.checkpoint import CheckpointError
+    from moekit.make.convert import runnable
     from moekit.make.run import dense_config
 
     settings.check()
@@ -176,7 +177,7 @@ def finetune_checkpoint(model_path: str, out: str, settings: Finetune, data: lis
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokens = token_stream(tokenizer, texts)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+        model = runnable(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True))
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{source}: could not load the model ({str(err).splitlines()[0]})") from None
     with temp_dir(out_dir, "finetune") as tmp:

@@ -13,7 +13,7 @@ import torch
 from moekit.errors import ConfigError
 from moekit.files import read_bounded, swap_in, temp_dir
 from moekit.hf.checkpoint import CheckpointError
-from moekit.make import TARGETS, capture_inputs, check, moefy, needs_data, upcycle
+from moekit.make import TARGETS, capture_inputs, check, moefy, needs_data, token_domains, upcycle
 
 
 def dense_config(path: str | os.PathLike):
@@ -73,16 +73,18 @@ def make_checkpoint(model_path: str, out: str, experts: int, k: int, partition: 
     out_dir = check_out(out, source, data or [], force)
     docs = read_documents(data) if data else []
     model = load_dense(source)
-    inputs = None
+    inputs = domains = None
     if docs:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        windows = [ids for ids, _ in token_windows(tokenizer, docs, model, max_tokens)]
+        windows = token_windows(tokenizer, docs, model, max_tokens)
         layer_ids = list(range(model.config.num_hidden_layers)) if layers is None else layers
-        inputs = capture_inputs(model, windows, layer_ids, max_tokens)
+        inputs = capture_inputs(model, [ids for ids, _ in windows], layer_ids, max_tokens)
+        domains = token_domains(windows, max_tokens)
     if copies:
         moe, plan = upcycle(model, experts, k, router, layers, inputs, seed, shared=shared)
     else:
-        moe, plan = moefy(model, experts, k, partition, router, layers, inputs, seed, shared=shared)
+        moe, plan = moefy(model, experts, k, partition, router, layers, inputs, seed, shared=shared,
+                          domains=domains)
     with temp_dir(out_dir, "make") as tmp:
         save(moe, tmp, force=True)
         for name in TOKENIZER_FILES:

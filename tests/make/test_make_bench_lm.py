@@ -1,0 +1,53 @@
+"""`moekit bench make --lm MODEL --quick` on a tiny random dense DeepSeek-V3 with its own tokenizer: every record
+is there, the ratios are the perplexities' ratios, upcycling starts equal to dense, and the expert plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from make_families import TEXT, dense_config, dense_model, save_tiny_tokenizer
+
+import moekit.make as mk
+from moekit.bench.make_lm import split_plan
+from moekit.cli.main import main
+
+
+def test_split_plan_counts_the_shared_part():
+    assert split_plan(dense_config("deepseek_v3", width=448), 0.5) == (15, 1, 7)  # the dense twin's width 7 x 64
+    assert split_plan(dense_config("deepseek_v3", width=448), 0.25) == (15, 1, 3)
+    assert split_plan(dense_config("qwen3", width=64), 0.25) == (16, 0, 4)
+    assert split_plan(dense_config("qwen2", width=72), 0.5) == (7, 1, 3)
+
+
+def test_quick_lm_bench(tmp_path, capsys):
+    src = tmp_path / "dense"
+    vocab = save_tiny_tokenizer(src)
+    dense_model("deepseek_v3", vocab=vocab, ffn_std=0.05).save_pretrained(src)
+    data = tmp_path / "docs.jsonl"
+    words = TEXT.split()
+    data.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i]) * 3}) + "\n" for i in range(12)))
+    assert main(["bench", "make", "--lm", str(src), "--quick", "--data", str(data), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    settings = [r["setting"] for r in records]
+    assert settings == ["dense"] + (["moefied"] * 2 + ["moefied+finetune"]) * 2 + \
+        ["upcycled", "upcycled+finetune", "dense+finetune"]
+    dense_ppl = records[0]["ppl"]
+    for r in records[1:]:
+        assert r["ppl_over_dense"] == pytest.approx(r["ppl"] / dense_ppl, rel=1e-3)
+    assert records[1]["active"] == 0.5 and (records[1]["experts"], records[1]["shared"], records[1]["k"]) == (7, 1, 3)
+    assert records[4]["active"] == 0.25 and records[4]["k"] == 1
+    assert [r["train_steps"] for r in records if "finetune" in r["setting"]] == [2, 2, 2, 2]
+    upcycled = next(r for r in records if r["setting"] == "upcycled")
+    assert upcycled["ppl_over_dense"] == pytest.approx(1.0, abs=1e-3)  # copies: the dense model at step 0
+
+
+def test_lm_bench_refusals(tmp_path, capsys):
+    assert main(["bench", "make", "--minutes", "3"]) == 2
+    assert "--minutes: only with --lm" in capsys.readouterr().err
+    moe_dir = tmp_path / "moe"
+    mk.moefy(dense_model("deepseek_v3"), experts=8, k=2)[0].save_pretrained(moe_dir)
+    capsys.readouterr()
+    assert main(["bench", "make", "--lm", str(moe_dir), "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already an MoE" in err[0]
