@@ -25,8 +25,8 @@ def saved_lora(path, seed: int = 0, r: int = 4, model=None):
     """A PEFT LoRA adapter on the tiny dense model with random (non-zero) A and B, saved at `path`."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
     peft_model = get_peft_model(model or dense_lm(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=DENSE_TARGETS))
+    torch.manual_seed(seed)  # after building the model (tiny_model seeds the global generator)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:

@@ -72,8 +72,8 @@ class LoraAdapter:
 
 
 def _pattern(patterns: dict, module: str, default):
-    for key, value in patterns.items():
-        if re.search(rf"(^|\.){re.escape(key)}$", module) or re.fullmatch(key, module):
+    for key, value in patterns.items():  # PEFT's rule (peft.utils.other.get_pattern_key)
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
@@ -173,3 +173,25 @@ def lora_tensors(modules: dict[str, tuple[Tensor, Tensor]], dtype: torch.dtype =
         out[f"{m}.lora_A.weight"] = a.to(dtype).contiguous()
         out[f"{m}.lora_B.weight"] = b.to(dtype).contiguous()
     return out
+
+
+def load_base(path: str | os.PathLike | None) -> tuple[Path, nn.Module, object | None]:
+    """(directory, causal LM in float32 eval mode, tokenizer or None) of a local checkpoint, MoE or dense (the
+    default model's dense twin is a base for adapters too); None: the default model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.default import default_model_path
+
+    p = Path(path) if path is not None else default_model_path()
+    if not (p / "config.json").is_file():
+        raise AdapterError(f"--model {p}: no config.json; expected a checkpoint directory")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise AdapterError(f"--model {p}: cannot load ({reason}); expected a transformers causal LM") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise AdapterError(f"--model {p}: {missing[0]} missing from the weights; expected a complete checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer.json").is_file() else None
+    return p, model.eval(), tokenizer
