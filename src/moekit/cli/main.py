@@ -7,12 +7,13 @@ import signal
 import sys
 import threading
 
-from moekit.cli import bench, compress, generate, info, inspect, make, place, serve, tour, train
+from moekit.cli import bench, compress, generate, info, inspect, lora, make, place, route, serve, tour, train
 from moekit.cli import eval as eval_verb
 from moekit.errors import MoekitError
 
 VERBS = {"bench": bench, "compress": compress, "eval": eval_verb, "generate": generate, "info": info,
-         "inspect": inspect, "make": make, "place": place, "serve": serve, "tour": tour, "train": train}
+         "inspect": inspect, "lora": lora, "make": make, "place": place, "route": route, "serve": serve, "tour": tour,
+         "train": train}
 
 
 def build_parser() -> argparse.ArgumentParser:

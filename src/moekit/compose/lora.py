@@ -45,13 +45,34 @@ def expert_parameter_targets(model: nn.Module) -> list[str]:
     return sorted(found)
 
 
+def load_base(path: str | os.PathLike) -> tuple[Path, nn.Module, object | None]:
+    """(directory, causal LM in float32 eval mode, tokenizer or None) of a local checkpoint, dense or MoE
+    (safetensors only; moekit.hf.checkpoint.load takes MoE families only, and LoRAs go on dense twins too)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.hf.headers import CheckpointError
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file() or not any(directory.glob("*.safetensors")):
+        raise CheckpointError(f"{path}: expected a checkpoint directory with config.json and .safetensors weights")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{path}: could not load the model ({str(err).splitlines()[0][:200]})") from None
+    tokenizer = None
+    if (directory / "tokenizer.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except Exception as err:  # noqa: BLE001 (json, tokenizers and transformers errors share no base class)
+            raise CheckpointError(f"{path}: the tokenizer files cannot be read ({str(err)[:200]})") from None
+    return directory, model, tokenizer
+
+
 def _load_base(base: str | os.PathLike | nn.Module):
     """(model, tokenizer or None, path or None)."""
     if isinstance(base, nn.Module):
         return base, None, None
-    from moekit.eval import load_model_and_tokenizer
-
-    path, model, tokenizer, _ = load_model_and_tokenizer(base)
+    path, model, tokenizer = load_base(base)
     return model, tokenizer, path
 
 
@@ -70,6 +91,12 @@ def train_domain_lora(base: str | os.PathLike | nn.Module, domain: str, out_dir:
 
     if rank < 1 or not alpha > 0:
         raise ConfigError(f"rank={rank}, alpha={alpha}; expected a positive rank and alpha")
+    if windows is None:
+        from moekit.compose.domains import DOMAINS
+        from moekit.errors import UnknownNameError
+
+        if domain not in DOMAINS:
+            raise UnknownNameError(f"domain {domain!r} does not exist; expected one of {', '.join(DOMAINS)}")
     model, loaded_tok, path = _load_base(base)
     final = check_output(out_dir, [path] if path is not None else [])
     tokenizer = tokenizer or loaded_tok

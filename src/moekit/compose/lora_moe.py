@@ -136,7 +136,7 @@ class LoraMoE:
             if not isinstance(base, nn.Linear):
                 raise ConfigError(f"module {name!r}: expected an nn.Linear of the model, found "
                                   f"{type(base).__name__}")
-            pool = pool.to(base.weight.device)
+            pool = pool.to(base.weight.device).requires_grad_(False)  # trainable_parameters(experts=True) thaws
             if kind == "moe":
                 layer = LoraMoELinear(base, pool, rule, generator)
             elif kind == "mora":
