@@ -83,3 +83,79 @@ def make_router(kind: str, rows: Tensor, partition: Tensor, x: Tensor | None = N
             raise ConfigError("router=learned: needs calibration text (--data)")
         return learned_router(rows, partition, x, acts, seed=seed, square=square)
     raise ConfigError(f"router={kind!r}: expected one of {', '.join(ROUTERS)}")
+
+
+# D2DMoE: a router that regresses each expert's output norm, and a dynamic number of experts per token.
+
+def expert_output_norms(mlp: nn.Module, partition: Tensor, x: Tensor) -> Tensor:
+    """[N, E]: the L2 norm of each expert's output ||W_down[:, S_e] a_{S_e}(x)|| for inputs x [N, H] (a gated
+    FFN with gate_proj / up_proj / down_proj)."""
+    with torch.no_grad():
+        a = activations(mlp, x)  # [N, I]
+        down = mlp.down_proj.weight  # [H, I]
+        return torch.stack([(a[:, s] @ down[:, s].t()).norm(dim=-1) for s in partition], dim=-1)
+
+
+class NormRouter(nn.Module):
+    """D2DMoE's router: a small MLP x [T, H] -> predicted output norm of every expert [T, E]."""
+
+    def __init__(self, hidden: int, experts: int, dim: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, dim), nn.ReLU(), nn.Linear(dim, experts))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def fit_norm_router(x: Tensor, norms: Tensor, steps: int = 500, lr: float = 1e-2, dim: int = 64,
+                    seed: int = 0) -> NormRouter:
+    """A NormRouter fitted by mean squared error to the experts' output norms `norms [N, E]` on inputs x [N, H]
+    (targets divided by their mean, so the fit does not depend on the FFN's scale; predictions are scaled back)."""
+    if x.dim() != 2 or x.shape[0] < 2 or norms.shape != (x.shape[0], norms.shape[-1]):
+        raise ConfigError(f"router=norm: expected inputs [N >= 2, H] and norms [N, E]; got {tuple(x.shape)} and "
+                          f"{tuple(norms.shape)}")
+    torch.manual_seed(seed)
+    x, norms = x.detach().float(), norms.detach().float()
+    scale = norms.mean().clamp_min(1e-12)
+    router = NormRouter(x.shape[1], norms.shape[1], dim)
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            F.mse_loss(router(x), norms / scale).backward()
+            opt.step()
+    with torch.no_grad():
+        last = router.net[-1]
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+    return router.eval()
+
+
+def dynamic_k(predicted: Tensor, tau: float, rule: str = "mass") -> Tensor:
+    """Which experts each token uses [T, E] (bool) from predicted output norms [T, E]. `mass`: the fewest experts,
+    largest first, whose predicted norms reach a fraction tau of the token's total; `max` (the D2DMoE paper's
+    rule): every expert whose predicted norm is at least tau x the token's largest. At least one per token."""
+    if not 0.0 <= tau <= 1.0:
+        raise ConfigError(f"tau={tau}: expected a fraction in [0, 1]")
+    norms = predicted.clamp_min(0)
+    if rule == "max":
+        mask = norms >= tau * norms.max(dim=-1, keepdim=True).values
+    elif rule == "mass":
+        values, order = norms.sort(dim=-1, descending=True)
+        before = values.cumsum(-1) - values  # mass of the experts ranked above
+        keep = before < tau * values.sum(-1, keepdim=True)
+        mask = torch.zeros_like(keep).scatter(-1, order, keep)
+    else:
+        raise ConfigError(f"rule={rule!r}: expected mass or max")
+    mask[torch.arange(mask.shape[0]), norms.argmax(-1)] = True
+    return mask
+
+
+def dynamic_ffn(mlp: nn.Module, partition: Tensor, mask: Tensor, x: Tensor) -> Tensor:
+    """The FFN's output [N, H] from only the experts `mask [N, E]` selects, each at weight 1 (the reference a
+    runtime with dynamic k computes)."""
+    a = activations(mlp, x)
+    keep = torch.zeros_like(a)
+    for e, s in enumerate(partition):
+        keep[:, s] = mask[:, e:e + 1].to(a.dtype)
+    return (a * keep) @ mlp.down_proj.weight.t()
