@@ -114,3 +114,20 @@ def test_cli_train_bad_input_is_one_line_exit_2(dense_dir, tmp_path, capsys):
     assert "domain 'poetry' does not exist" in _error_line(capsys.readouterr().err)
     assert main(["lora", "train", str(dense_dir), "--domain", "code", "--out", str(dense_dir)]) == 2
     assert _error_line(capsys.readouterr().err).startswith("moekit lora: error: ")
+
+
+def test_subcommands_register_into_the_lora_group(capsys):
+    import moekit.cli.lora as lora_cli
+
+    calls = []
+    lora_cli.register("echo-test", "test only", lambda p: p.add_argument("--word"),
+                      lambda args: calls.append(args.word) or 0)
+    try:
+        assert main(["lora", "echo-test", "--word", "hi"]) == 0
+    finally:
+        del lora_cli._SUBCOMMANDS["echo-test"]
+    assert calls == ["hi"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lora", "echo-test"])
+    assert exit_info.value.code == 2  # gone again: argparse refuses the unknown subcommand
+    capsys.readouterr()

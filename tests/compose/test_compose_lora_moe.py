@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import DENSE_TARGETS, QWEN_TARGETS, dense_lm, moe_lm, save_random_adapter
+from conftest import DENSE_TARGETS, QWEN_TARGETS, dense_lm, dsv3_moe_lm, moe_lm, save_random_adapter
 from moekit.compose import LoraMoE, evaluate_ppl, fit
 from moekit.compose.mixers import HydraLinear, InputRouting, MoRALinear, poly_model
 from moekit.errors import ConfigError, UnknownNameError
@@ -48,6 +48,22 @@ def test_forced_on_moe_base_with_fused_experts(tmp_path):
     moe = LoraMoE.from_adapters(moe_lm(), [other, adapter], router="topk", k=1)
     moe.force(1)
     assert torch.allclose(logits(moe.model), peft_logits(adapter, moe_lm), atol=2e-5, rtol=1e-5)
+
+
+def test_forced_on_deepseek_v3_moe_base(tmp_path):
+    adapter = save_random_adapter(dsv3_moe_lm(), tmp_path / "a", seed=5, targets=DENSE_TARGETS)
+    other = save_random_adapter(dsv3_moe_lm(), tmp_path / "b", seed=6, targets=DENSE_TARGETS)
+    moe = LoraMoE.from_adapters(dsv3_moe_lm(), [adapter, other], router="mixer", k=1)
+    assert len(moe.layers) == 3 * len(DENSE_TARGETS)
+    moe.force(0)
+    assert torch.allclose(logits(moe.model), peft_logits(adapter, dsv3_moe_lm), atol=2e-5, rtol=1e-5)
+
+
+def test_modules_keeps_the_named_layers_only(adapters):
+    moe = LoraMoE.from_adapters(dense_lm(), adapters, router="mixer", modules=["o_proj"])
+    assert sorted(moe.layers) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    with pytest.raises(ConfigError, match=r"none of the adapters' layers.*expected some of \['o_proj', 'q_a_proj'\]"):
+        LoraMoE.from_adapters(dense_lm(), adapters, modules=["gate_proj"])
 
 
 def test_pool_of_one_adapter_twice_equals_it_under_any_rule(adapters):

@@ -152,10 +152,13 @@ class LoraMoE:
 
     @classmethod
     def from_adapters(cls, model: nn.Module, adapters: Sequence[str | os.PathLike], router: str = "topk",
-                      kind: str = "moe", seed: int = 0, **options) -> LoraMoE:
+                      kind: str = "moe", seed: int = 0, modules: Sequence[str] | None = None,
+                      **options) -> LoraMoE:
         """A mixture whose experts are saved PEFT LoRA adapters (one expert per adapter, in order), attached to
         `model` in place. router is a rule name (topk, dynmole, mixer, soft, fixed); options go to RuleConfig
-        (k, top_p, min_k, q, threshold, expert) or to the kind (budget; seq_rank, seq_alpha)."""
+        (k, top_p, min_k, q, threshold, expert) or to the kind (budget; seq_rank, seq_alpha). modules, if given,
+        keeps only the adapted layers with these leaf names (e.g. LoRA-Mixer's attention input/output
+        projections: ["q_proj", "k_proj", "v_proj", "o_proj"]); the adapters' other layers are left out."""
         if not adapters:
             raise ConfigError("adapter pool is empty; expected at least one PEFT LoRA adapter directory")
         rule_fields = set(RuleConfig.__dataclass_fields__) - {"name"}
@@ -165,8 +168,14 @@ class LoraMoE:
         if kind != "mora":  # MoRA's rank-1 experts activate themselves: no router
             rule.check(len(adapters))
         weights = [read_adapter(path) for path in adapters]
-        modules = check_pool(model, weights)
-        pools = {name: LoraPool.from_weights(weights, name) for name in modules}
+        names = check_pool(model, weights)
+        if modules is not None:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            names = [n for n in names if n.rsplit(".", 1)[-1] in set(modules)]
+            if not names:
+                raise ConfigError(f"modules={list(modules)}: none of the adapters' layers has one of these names; "
+                                  f"expected some of {leaves}")
+        pools = {name: LoraPool.from_weights(weights, name) for name in names}
         kind_options = {k: v for k, v in options.items() if k not in rule_fields}
         moe = cls.attach(model, pools, kind, rule, seed, **kind_options)
         moe.spec["adapters"] = [str(Path(p)) for p in adapters]
