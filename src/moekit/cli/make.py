@@ -15,12 +15,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", metavar="[finetune] MODEL", nargs="+",
                    help="a checkpoint directory (config.json + safetensors); `finetune MODEL` trains MODEL further")
-    p.add_argument("--method", choices=(*PARTITIONS, "upcycle"), default="kmeans",
-                   help="how neurons are grouped into experts, or upcycle: every expert a copy (default kmeans)")
+    p.add_argument("--method", choices=(*PARTITIONS, "upcycle", "btx"), default="kmeans",
+                   help="how neurons are grouped into experts; upcycle: every expert a copy; btx: one branch per "
+                        "--data domain trained --steps / --minutes, their FFNs the experts (default kmeans)")
     p.add_argument("--router", choices=tuple(dict.fromkeys((*ROUTERS, *UPCYCLE_ROUTERS))),
                    help=f"split experts: {', '.join(ROUTERS)} (default centroid); upcycle: "
-                        f"{', '.join(UPCYCLE_ROUTERS)} (default random)")
-    p.add_argument("--experts", type=int, help="experts per FFN (converting: required)")
+                        f"{', '.join(UPCYCLE_ROUTERS)} (default random); btx: hidden (default) or random")
+    p.add_argument("--experts", type=int, help="experts per FFN (converting: required; btx: the domains)")
     p.add_argument("--k", type=int, help="experts per token (converting: required)")
     p.add_argument("--shared", type=int, help="shared experts of the routed width (default: 1 for Qwen2 and "
                    "DeepSeek-V3, whose MoE families have one; 0 otherwise); split experts: I / (E + shared) wide")
@@ -30,8 +31,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--seed", type=int, default=0)
     ft = p.add_argument_group("finetune")
-    ft.add_argument("--steps", type=int, help="finetune: optimiser steps (with --minutes, whichever ends first)")
-    ft.add_argument("--minutes", type=float, help="finetune: wall-clock budget in minutes")
+    ft.add_argument("--steps", type=int, help="finetune (and each btx branch, default 50): optimiser steps (with "
+                    "--minutes, whichever ends first)")
+    ft.add_argument("--minutes", type=float, help="finetune / each btx branch: wall-clock budget in minutes")
     ft.add_argument("--lr", type=float, default=3e-4, help="finetune: learning rate after warmup (default 3e-4)")
     ft.add_argument("--batch-size", type=int, default=8, help="finetune: sequences per step (default 8)")
     ft.add_argument("--seq-len", type=int, default=256, help="finetune: tokens per sequence (default 256)")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if len(args.model) != 1:
         raise ConfigError(f"MODEL {' '.join(args.model)!r}: expected one checkpoint directory, or `finetune MODEL`")
-    for flag in ("experts", "k"):
+    for flag in ("k",) if args.method == "btx" else ("experts", "k"):
         if getattr(args, flag) is None:
             raise ConfigError(f"--{flag}: required to convert a model; expected an integer")
     layers = None
@@ -73,9 +75,16 @@ def run(args: argparse.Namespace) -> int:
             layers = [int(x) for x in args.layers.split(",")]
         except ValueError:
             raise ConfigError(f"--layers {args.layers!r}: expected comma-separated integers") from None
-    router = args.router or ("random" if args.method == "upcycle" else "centroid")
+    router = args.router or {"upcycle": "random", "btx": "hidden"}.get(args.method, "centroid")
+    branch = None
+    if args.method == "btx":
+        from moekit.make.finetune import Finetune
+
+        branch = Finetune(steps=args.steps if args.steps is not None or args.minutes else 50, minutes=args.minutes,
+                          lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
+        branch.check()
     summary = make_checkpoint(args.model[0], args.out, args.experts, args.k, args.method, router, layers,
-                              args.data, args.max_tokens, args.seed, args.force, shared=args.shared)
+                              args.data, args.max_tokens, args.seed, args.force, shared=args.shared, branch=branch)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

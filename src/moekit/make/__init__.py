@@ -46,7 +46,7 @@ def check(config, experts: int, k: int, layers: Sequence[int] | None, copies: bo
 
 
 def needs_data(partition: str, router: str) -> bool:
-    return partition == "coactivation" or router in ("learned", "hidden")
+    return partition in ("coactivation", "btx") or router in ("learned", "hidden")
 
 
 @torch.no_grad()

@@ -53,9 +53,11 @@ def load_dense(path: str | os.PathLike):
         raise CheckpointError(f"{path}: could not load the dense model ({str(err).splitlines()[0]})") from None
 
 
-def make_checkpoint(model_path: str, out: str, experts: int, k: int, partition: str, router: str,
+def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, partition: str, router: str,
                     layers: list[int] | None, data: list[str] | None, max_tokens: int, seed: int,
-                    force: bool, shared: int | None = None) -> dict:
+                    force: bool, shared: int | None = None, branch=None) -> dict:
+    """`moekit make`: partition in PARTITIONS, `upcycle` or `btx` (one branch per domain of `data`, trained with
+    `branch`, a `make.finetune.Finetune`)."""
     from transformers import AutoTokenizer
 
     from moekit.compress.calibrate import token_windows
@@ -67,20 +69,38 @@ def make_checkpoint(model_path: str, out: str, experts: int, k: int, partition: 
         raise ConfigError(f"--max-tokens={max_tokens}: expected at least 2 calibration tokens")
     if needs_data(partition, router) and not data:
         raise ConfigError(f"--method {partition} / --router {router}: needs calibration text; expected --data FILE")
-    copies = partition == "upcycle"
+    copies = partition in ("upcycle", "btx")
     source = Path(model_path)
+    docs = read_documents(data) if data else []
+    names = list(dict.fromkeys(str(d.domain) for d in docs))
+    if partition == "btx":
+        if len(names) < 2 or layers is not None:
+            raise ConfigError(f"--method btx: {len(names)} domain(s){' and --layers' if layers else ''}; expected "
+                              "--data with at least 2 domains (one file each, or .jsonl 'domain' labels) and every "
+                              "layer")
+        if experts is not None and experts != len(names):
+            raise ConfigError(f"--experts={experts}: BTX has one expert per domain; expected {len(names)} or none")
+        experts = len(names)
     check(dense_config(source), experts, k, layers, copies=copies, shared=shared)
     out_dir = check_out(out, source, data or [], force)
-    docs = read_documents(data) if data else []
     model = load_dense(source)
     inputs = domains = None
-    if docs:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source) if docs else None
+    if docs and partition != "btx":
         windows = token_windows(tokenizer, docs, model, max_tokens)
         layer_ids = list(range(model.config.num_hidden_layers)) if layers is None else layers
         inputs = capture_inputs(model, [ids for ids, _ in windows], layer_ids, max_tokens)
         domains = token_domains(windows, max_tokens)
-    if copies:
+    if partition == "btx":
+        from moekit.make.btx import btx
+        from moekit.make.finetune import Finetune, token_stream
+
+        by_domain = [[d for d in docs if str(d.domain) == name] for name in names]
+        tokens = [token_stream(tokenizer, [d.text for d in ds]) for ds in by_domain]
+        cal = [[ids for ids, _ in token_windows(tokenizer, ds, model, max_tokens // len(names))] for ds in by_domain]
+        moe, plan = btx(model, tokens, k, branch or Finetune(steps=50), router, cal, seed)
+        plan["domains"] = names
+    elif copies:
         moe, plan = upcycle(model, experts, k, router, layers, inputs, seed, shared=shared)
     else:
         moe, plan = moefy(model, experts, k, partition, router, layers, inputs, seed, shared=shared,
