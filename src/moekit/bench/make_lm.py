@@ -1,9 +1,11 @@
 """`moekit bench make --lm MODEL`: the language side of issue 17. A dense causal LM (the default model's dense twin,
 passed explicitly) MoEfied at 50% and 25% of its FFN neurons active with each partition and router, perplexity
-against the dense model without training and after a short continued training (`--minutes`, `make.finetune`), and
-sparse-upcycled (step 0 and after the same training). Since continued training on the corpus may help the dense
-model too, the dense model trained for the same time is the control (`dense+finetune`). `--scratch MODEL` adds an
-MoE trained from scratch (the default model) on the same evaluation text when it shares the tokenizer.
+against the dense model without training and after a short continued training (`--minutes`, `make.finetune`);
+sparse-upcycled (step 0 and after the same training); and BTX (one branch per domain of the training text, each
+trained 1/D of the same budget, mixed with a hidden-state router, no training after mixing). Since continued
+training on the corpus may help the dense model too, the dense model trained for the same time is the control
+(`dense+finetune`). `--scratch MODEL` adds an MoE trained from scratch (the default model) on the same evaluation
+text when it shares the tokenizer.
 
 Data: calibration and training from `--data` files (every fifth document held out for evaluation) or, without
 them, moekit's training corpus (train split) with the default model's held-out test split for evaluation.
@@ -39,9 +41,9 @@ def split_plan(config, fraction: float) -> tuple[int, int, int]:
 
 
 def _data(data: list[str] | None, quick: bool):
-    """(training texts, evaluation documents, calibration documents)."""
+    """(training documents, evaluation documents, calibration documents), with their domains."""
     from moekit.data import TextDoc, default_documents, read_documents
-    from moekit.make.finetune import training_texts
+    from moekit.train.corpus import build_corpus
 
     if data:
         docs = read_documents(data)
@@ -49,9 +51,10 @@ def _data(data: list[str] | None, quick: bool):
             raise ConfigError("--data: one document; expected several (every fifth is held out for evaluation)")
         held = [i for i in range(len(docs)) if i % 5 == 4] or [len(docs) - 1]
         train = [d for i, d in enumerate(docs) if i not in held]
-        return [d.text for d in train], [docs[i] for i in held], train
-    texts = training_texts(None, max_docs_per_domain=60 if quick else 400)
-    return texts, default_documents(), [TextDoc(t, None, "") for t in texts[:200]]
+        return train, [docs[i] for i in held], train
+    corpus = build_corpus(None, None, 60 if quick else 400, 0)
+    train = [TextDoc(d.text, d.domain, d.source) for d in corpus.split("train")]
+    return train, default_documents(), train[::max(1, len(train) // 200)]
 
 
 def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = None, data: list[str] | None = None,
@@ -75,8 +78,8 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
         Finetune(minutes=minutes, batch_size=8, seq_len=256)
     tok = AutoTokenizer.from_pretrained(source)
     dense = load_dense(source)
-    texts, eval_docs, cal_docs = _data(data, quick)
-    tokens = token_stream(tok, texts)
+    train_docs, eval_docs, cal_docs = _data(data, quick)
+    tokens = token_stream(tok, [d.text for d in train_docs])
     eval_tokens = eval_tokens or (2000 if quick else 30000)
     seq_len = min(256, int(config.max_position_embeddings))
 
@@ -123,9 +126,35 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
     add("upcycled+finetune", value, experts=copies, k=2, train_steps=steps, train_minutes=minutes)
     value, steps = trained(copy.deepcopy(dense))
     add("dense+finetune", value, train_steps=steps, train_minutes=minutes)
+    fields = _btx(dense, tok, train_docs, train_settings, minutes, quick, ppl)
+    if "ppl" in fields:
+        add("btx", fields.pop("ppl"), **fields)
+    else:
+        records.append({**base, "setting": "btx", **fields})
     if scratch:
         records.append(_scratch(scratch, tok, base, ppl, dense_ppl))
     return records
+
+
+def _btx(dense, tok, train_docs, settings, minutes: float | None, quick: bool, ppl) -> dict:
+    """BTX over the training text's domains, each branch trained 1/D of the budget (2 steps in --quick): the
+    record's fields, or a note when the text has a single domain."""
+    from dataclasses import replace
+
+    from moekit.compress.calibrate import token_windows
+    from moekit.make.btx import btx
+    from moekit.make.finetune import token_stream
+
+    names = list(dict.fromkeys(str(d.domain) for d in train_docs))
+    if len(names) < 2:
+        return {"note": f"{len(names)} domain in the training text; expected 2 or more"}
+    by_domain = [[d for d in train_docs if str(d.domain) == n] for n in names]
+    tokens = [token_stream(tok, [d.text for d in ds]) for ds in by_domain]
+    windows = [[w for w, _ in token_windows(tok, ds, dense, 512 if quick else 2048)] for ds in by_domain]
+    branch = settings if minutes is None else replace(settings, minutes=minutes / len(names))
+    moe, plan = btx(dense, tokens, 2 if len(names) > 2 else 1, branch, "hidden", windows)
+    return {"ppl": ppl(moe), "experts": len(names), "k": plan["k"], "domains": names,
+            "train_steps": sum(plan["branch_steps"]), "train_minutes": minutes}
 
 
 def _scratch(path: str, tok, base: dict, ppl, dense_ppl: float) -> dict:
