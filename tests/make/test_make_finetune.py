@@ -85,3 +85,18 @@ def test_cli_make_then_finetune(tmp_path, capsys):
         assert len(err) == 1 and message in err[0] and not (tmp_path / "bad").exists()
     assert main(["make", str(src), "--k", "2", "--out", str(tmp_path / "bad")]) == 2
     assert "--experts: required" in capsys.readouterr().err
+
+
+def test_default_bias_rate_keeps_a_moefied_models_choice():
+    """A MoEfied DeepSeek-V3's router scores differ by ~1e-4 (logits bounded by 1e-3): the default bias step is a
+    tenth of their spread, not the recipe's 1e-3, which an upcycled model (router std 0.02) keeps."""
+    tokens = torch.randint(0, 300, (33,), generator=torch.Generator().manual_seed(0))
+    settings = Finetune(steps=1, lr=1e-4, batch_size=2, seq_len=32)
+    dense = dense_model("deepseek_v3", vocab=300)
+    moefied, _ = mk.moefy(dense, experts=8, k=2)
+    rate = finetune_model(moefied, tokens, settings, progress=False)[0]["bias_rate"]
+    assert 0 < rate < 1e-4
+    bias = mh.view(moefied)[0].router.e_score_correction_bias
+    assert float(bias.abs().max()) == pytest.approx(rate, rel=1e-4)
+    upcycled, _ = mk.upcycle(dense, experts=4, k=2)
+    assert finetune_model(upcycled, tokens, settings, progress=False)[0]["bias_rate"] == 1e-3

@@ -37,8 +37,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ft.add_argument("--lr", type=float, default=3e-4, help="finetune: learning rate after warmup (default 3e-4)")
     ft.add_argument("--batch-size", type=int, default=8, help="finetune: sequences per step (default 8)")
     ft.add_argument("--seq-len", type=int, default=256, help="finetune: tokens per sequence (default 256)")
-    ft.add_argument("--bias-update-rate", type=float, default=1e-3,
-                    help="finetune: DeepSeek-V3 balancing bias step per step (default 1e-3; 0: off)")
+    ft.add_argument("--bias-update-rate", type=float,
+                    help="finetune: DeepSeek-V3 balancing bias step per step (default: 1e-3 capped at a tenth of the "
+                         "router scores' spread, which keeps a MoEfied model's choice; 0: off)")
     p.add_argument("--out", required=True, help="output directory (new or empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -7,7 +7,11 @@ and DeepSeek-V3's bias rule from `moekit.train.balance`) around the checkpoint's
 AdamW (weight decay 0.1, clipping 1.0), linear warmup then a constant learning rate (a time budget has no known
 end for a cosine), tokens from `--data` files or the trainer's corpus (train split), progress bar, one JSON line of
 metrics per step. For a family with `e_score_correction_bias` (DeepSeek-V3) the bias moves after each step by
-DeepSeek-V3's sign rule (`bias_update_rate`, 0 to switch off). The result is written like `moekit make` writes:
+DeepSeek-V3's sign rule (`bias_update_rate`, 0 to switch off). By default (None) the rate is 1e-3 (the default
+recipe's) capped at a tenth of the spread of the router's scores on the first batch (the mean over tokens and
+layers of the std of the sigmoid scores over the experts): a MoEfied model's router logits are bounded by 1e-3 so
+that its gates stay at 1, its scores differ by about 1e-4, and a bias step of 1e-3 would override its choice of
+experts at the first step. The result is written like `moekit make` writes:
 model, tokenizer, metrics.jsonl and finetune.json, through a temporary sibling renamed into place.
 """
 
@@ -39,7 +43,7 @@ class Finetune:
     seq_len: int = 256
     weight_decay: float = 0.1
     clip: float = 1.0
-    bias_update_rate: float = 1e-3
+    bias_update_rate: float | None = None  # None: min(1e-3, score spread / 10), see the module docstring
     seed: int = 0
 
     def check(self) -> None:
@@ -58,7 +62,8 @@ class Finetune:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={value!r}: expected a positive integer")
-        if not (math.isfinite(self.bias_update_rate) and self.bias_update_rate >= 0):
+        if self.bias_update_rate is not None and not (math.isfinite(self.bias_update_rate)
+                                                      and self.bias_update_rate >= 0):
             raise ConfigError(f"--bias-update-rate={self.bias_update_rate!r}: expected a finite number >= 0")
 
 
@@ -90,6 +95,14 @@ def _batch(tokens: Tensor, settings: Finetune, step: int) -> Tensor:
     return batch_at(tokens, recipe, step, 0)
 
 
+def score_spread(recorder) -> float:
+    """The mean over tokens and layers of the std over the experts of the sigmoid router scores of the last forward
+    (a LoadRecorder made with keep_routing=True)."""
+    spreads = [float(torch.sigmoid(entry[0].detach().float()).std(dim=-1).mean()) for entry in recorder.last
+               if entry is not None]
+    return sum(spreads) / len(spreads) if spreads else 0.0
+
+
 def finetune_model(model: nn.Module, tokens: Tensor, settings: Finetune, progress: bool = True,
                    metrics_path: Path | None = None) -> list[dict]:
     """Train `model` in place on windows of `tokens` [N]; returns one record per step (appended as JSON lines to
@@ -103,9 +116,11 @@ def finetune_model(model: nn.Module, tokens: Tensor, settings: Finetune, progres
     if tokens.numel() <= settings.seq_len:
         raise ConfigError(f"training text: {tokens.numel()} tokens; expected more than seq_len={settings.seq_len}")
     moe = model_type_is_moe(model.config)
-    recorder = LoadRecorder(model) if moe else None
+    auto = settings.bias_update_rate is None
+    recorder = LoadRecorder(model, keep_routing=auto) if moe else None
     biases = []
-    if moe and settings.bias_update_rate and all(hasattr(b.router, "e_score_correction_bias") for b in recorder.blocks):
+    rate = 1e-3 if auto else settings.bias_update_rate
+    if moe and rate and all(hasattr(b.router, "e_score_correction_bias") for b in recorder.blocks):
         biases = correction_biases(model)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     records: list[dict] = []
@@ -135,8 +150,10 @@ def finetune_model(model: nn.Module, tokens: Tensor, settings: Finetune, progres
             if recorder is not None:
                 rec["load_cv"] = [round(c, 4) for c in load_stats(recorder.counts)["load_cv"]]
                 if biases:
-                    rec["bias_spread"] = [round(s, 6) for s in
-                                          update_biases(biases, recorder.counts, settings.bias_update_rate)]
+                    if auto and step == 0:
+                        rate = min(rate, 0.1 * score_spread(recorder))
+                    rec["bias_rate"] = rate
+                    rec["bias_spread"] = [round(s, 6) for s in update_biases(biases, recorder.counts, rate)]
             seconds = time.perf_counter() - t0
             rec.update(tokens_per_s=round(batch.numel() / seconds, 1),
                        elapsed_s=round(time.perf_counter() - start, 2))
