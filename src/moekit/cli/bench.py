@@ -5,7 +5,8 @@
 `moekit bench compress [MODEL] [--data FILE] [--json] [--quick]`,
 `moekit bench drift [--json] [--quick] [--length N] [--stream NAME ...] [--model NAME ...] [--seed N]`,
 `moekit bench decode [MODEL] [--json] [--quick] [--large] [--repeats N] [--threads N ...] [--dtype D ...]`,
-`moekit bench serve [--json] [--clients N] [--seconds S] [--quick]`."""
+`moekit bench serve [--json] [--clients N] [--seconds S] [--quick]`,
+`moekit bench compose [--json] [--model PATH] [--adapters DIR] [--quick]`."""
 
 from __future__ import annotations
 
@@ -89,6 +90,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     add_seeds_arguments(sub.add_parser("seeds", help="issue 20's seed systems against their baselines on small "
                                        "offline tasks, the paper's claim beside each"))
     add_serve_parser(sub)
+    from moekit.bench.compose import add_arguments as add_compose_arguments
+
+    add_compose_arguments(sub.add_parser("compose", help="domain LoRAs routed (LoRA-MoE, CoE, Glider, K-shot, "
+                                         "P-Adapters) and merged (sum, PEFT, orthogonal, sparse FT, ComPEFT): "
+                                         "per-domain perplexity, routing accuracy, the issue's targets"))
     mk = sub.add_parser("make", help="MoEfication of the real all-MiniLM-L6-v2 (E 8/16/32, 12.5-50%% active, each "
                         "partition and router): embedding cosine, overlap@10, gloss retrieval, speed, vs dense")
     from moekit.bench.make import add_arguments as add_make_arguments
@@ -113,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     repeats = getattr(args, "repeats", None)
     if repeats is not None and repeats < 1:  # a median of no rounds: refused before anything runs
         raise ConfigError(f"--repeats={repeats}: expected a positive integer")
+    if args.what == "compose":
+        from moekit.bench.compose import run as run_compose
+
+        return run_compose(args)
     if args.what == "seeds":
         from moekit.bench.seeds import run as run_seeds
 

@@ -171,7 +171,7 @@ def merge_adapters(paths: list[str | os.PathLike], method: str, out: str | os.Pa
     if method == "sum":
         config, tensors = sum_adapters(adapters, weights)
     else:
-        config, tensors = _peft_merged(base, adapters, method, weights, density, svd_rank)
+        config, tensors = peft_merged(base, adapters, method, weights, density, svd_rank)
     config = {**config, "base_model_name_or_path": str(model_path)}
     final = write_adapter(out, config, tensors, paths)
     return {"method": method, "adapters": [str(p) for p in paths], "weights": weights, "out": str(final),
@@ -179,7 +179,7 @@ def merge_adapters(paths: list[str | os.PathLike], method: str, out: str | os.Pa
             "parameters": sum(t.numel() for t in tensors.values())}
 
 
-def _peft_merged(base: nn.Module, adapters: list[LoraAdapter], method: str, weights: list[float], density: float,
+def peft_merged(base: nn.Module, adapters: list[LoraAdapter], method: str, weights: list[float], density: float,
                  svd_rank: int | None) -> tuple[dict, dict[str, Tensor]]:
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
@@ -188,11 +188,14 @@ def _peft_merged(base: nn.Module, adapters: list[LoraAdapter], method: str, weig
     peft_model = PeftModel.from_pretrained(base, adapters[0].path, adapter_name=names[0])
     for name, a in zip(names[1:], adapters[1:], strict=True):
         peft_model.load_adapter(a.path, adapter_name=name)
-    peft_merge(peft_model, names, method, weights, density, svd_rank)
-    config = peft_model.peft_config["merged"].to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    tensors = get_peft_model_state_dict(peft_model, adapter_name="merged")
-    return config, {k: v.detach().float().contiguous() for k, v in tensors.items()}
+    try:
+        peft_merge(peft_model, names, method, weights, density, svd_rank)
+        config = peft_model.peft_config["merged"].to_dict()
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        tensors = get_peft_model_state_dict(peft_model, adapter_name="merged")
+        return config, {k: v.detach().float().clone() for k, v in tensors.items()}
+    finally:
+        peft_model.unload()  # `base` gets its plain layers back
 
 
 def merged_delta(config: dict, tensors: dict[str, Tensor], module: str) -> Tensor:

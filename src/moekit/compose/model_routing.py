@@ -224,14 +224,16 @@ class GliderLinear(nn.Module):
                       for e in range(pool.n_experts)]
         self.register_buffer("protos", torch.stack(protos))  # [E, in]
         self.register_buffer("global_scores", torch.zeros(pool.n_experts))  # set per input by Glider.set_global
+        self.last_weights: Tensor | None = None
 
     def weights(self, x: Tensor) -> Tensor:
         """Routing weights [T, E] for tokens x [T, in] (zero outside each token's top-k)."""
         local = (F.normalize(x.float(), dim=-1) @ self.protos.T).abs()
         score = local + self.alpha * self.global_scores
         top = torch.topk(score, self.k, dim=-1)
-        w = torch.zeros_like(score)
-        return w.scatter(-1, top.indices, torch.softmax(top.values / self.temperature, dim=-1))
+        w = torch.zeros_like(score).scatter(-1, top.indices, torch.softmax(top.values / self.temperature, dim=-1))
+        self.last_weights = w.detach()  # [T, E] of the last forward (routing accuracy in bench compose)
+        return w
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])

@@ -41,10 +41,10 @@ def default_params(model: nn.Module, targets: Iterable[str]) -> list[str]:
 
 def _train(model: nn.Module, params: dict[str, nn.Parameter], batches: list[Tensor], steps: int, lr: float,
            masks: dict[str, Tensor] | None, start: dict[str, Tensor], desc: str,
-           loss_fn: Callable[[nn.Module, Tensor], Tensor]) -> None:
+           loss_fn: Callable[[nn.Module, Tensor], Tensor], progress: bool = True) -> None:
     opt = torch.optim.Adam(params.values(), lr=lr)  # no weight decay: untouched entries stay exactly at θ0
     model.train()
-    for step in tqdm(range(steps), desc=desc, unit="step", leave=False):
+    for step in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=not progress):
         opt.zero_grad(set_to_none=True)
         loss_fn(model, batches[step % len(batches)]).backward()
         if masks is not None:
@@ -59,7 +59,8 @@ def _train(model: nn.Module, params: dict[str, nn.Parameter], batches: list[Tens
 
 
 def sparse_fine_tune(model: nn.Module, batches: list[Tensor], param_names: list[str], density: float,
-                     steps: int = 50, lr: float = 1e-3, loss_fn: Callable = lm_loss) -> SparseDiff:
+                     steps: int = 50, lr: float = 1e-3, loss_fn: Callable = lm_loss, progress: bool = True
+                     ) -> SparseDiff:
     """LT-SFT on `param_names` of `model`; the model is left as it was (θ0) and the sparse difference returned."""
     if not 0 < density <= 1:
         raise AdapterError(f"density={density}: expected a fraction in (0, 1]")
@@ -75,7 +76,7 @@ def sparse_fine_tune(model: nn.Module, batches: list[Tensor], param_names: list[
         p.requires_grad_(n in params)
     theta0 = {n: p.detach().clone() for n, p in params.items()}
     try:
-        _train(model, params, batches, steps, lr, None, theta0, "sft: full", loss_fn)
+        _train(model, params, batches, steps, lr, None, theta0, "sft: full", loss_fn, progress)
         masks = {}
         for n, p in params.items():
             moved = (p.detach() - theta0[n]).abs().reshape(-1)
@@ -86,7 +87,7 @@ def sparse_fine_tune(model: nn.Module, batches: list[Tensor], param_names: list[
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(theta0[n])
-        _train(model, params, batches, steps, lr, masks, theta0, "sft: on mask", loss_fn)
+        _train(model, params, batches, steps, lr, masks, theta0, "sft: on mask", loss_fn, progress)
         diff = {}
         with torch.no_grad():
             for n, p in params.items():
