@@ -74,8 +74,9 @@ def test_cli_train_then_mix(dense_dir, tmp_path, capsys):
     mix = tmp_path / "mix"
     assert main(["lora", "mix", str(dense_dir), "--adapters", str(out), str(other), "--router", "dynmole",
                  "--domains", "fortunes,code", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
-                 "--out", str(mix), "--json"]) == 0
+                 "--modules", "o_proj,q_a_proj", "--out", str(mix), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert summary["layers"] == 4  # two of the five attention projections, in two layers
     assert set(summary["valid_ppl"]) == {"fortunes", "code"} and 0.0 <= summary["routing_accuracy"] <= 1.0
     from moekit.compose.lora import load_base
 

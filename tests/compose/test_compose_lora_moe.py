@@ -8,7 +8,9 @@ import torch
 from peft import PeftModel
 
 from conftest import DENSE_TARGETS, QWEN_TARGETS, dense_lm, dsv3_moe_lm, moe_lm, save_random_adapter
-from moekit.compose import LoraMoE, evaluate_ppl, fit
+from hf.tiny import tiny_model
+from moekit.compose import LoraMoE, RuleConfig, evaluate_ppl, fit
+from moekit.compose.expert_lora import ExpertsLoraMoE
 from moekit.compose.mixers import HydraLinear, InputRouting, MoRALinear, poly_model
 from moekit.errors import ConfigError, UnknownNameError
 
@@ -219,3 +221,46 @@ def test_bad_pools_are_one_line_errors(adapters, tmp_path):
         LoraMoE.from_adapters(dense_lm(), [tmp_path])
     for err in (ConfigError, UnknownNameError):
         assert "\n" not in str(err("x"))
+
+
+EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+@pytest.mark.parametrize("build, targets", [(moe_lm, ["q_proj"]), (dsv3_moe_lm, ["o_proj"])])
+def test_forced_on_expert_parameters_equals_peft_target_parameters(tmp_path, build, targets):
+    """LoRA-MoE over PEFT adapters on the fused 3D experts (target_parameters) plus an attention layer: forced to
+    one adapter, the rewritten expert computation equals PEFT's ParamWrapper."""
+    adapters = [save_random_adapter(build(), tmp_path / f"e{i}", seed=20 + i, targets=targets,
+                                    target_parameters=EXPERT_PARAMS) for i in range(2)]
+    base = logits(build())
+    moe = LoraMoE.from_adapters(build(), adapters, router="dynmole")
+    experts = [name for name in moe.layers if name.endswith(".experts")]
+    assert experts and all(isinstance(moe.layers[n], ExpertsLoraMoE) for n in experts)
+    for i, adapter in enumerate(adapters):
+        moe.force(i)
+        expected = peft_logits(adapter, build)
+        assert not torch.allclose(expected, base, atol=1e-3)
+        assert torch.allclose(logits(moe.model), expected, atol=2e-5, rtol=1e-5)
+    moe.set_rule(RuleConfig("soft"))
+    mixed = logits(moe.model)
+    assert set(moe.aux_losses()) == set() and len(moe.routing()) == len(moe.layers)
+    moe.save(tmp_path / "mix")
+    again = LoraMoE.load(build(), tmp_path / "mix")
+    assert torch.allclose(logits(again.model), mixed, atol=1e-6)
+    assert moe.detach() is moe.model and torch.equal(logits(moe.model), base)
+
+
+def test_expert_parameter_pool_errors(tmp_path):
+    only_experts = save_random_adapter(moe_lm(), tmp_path / "x", seed=1, targets=["q_proj"],
+                                       target_parameters=EXPERT_PARAMS)
+    with pytest.raises(ConfigError, match="expert-parameter LoRAs are mixed by kind 'moe' only"):
+        LoraMoE.from_adapters(moe_lm(), [only_experts], kind="hydra")
+    down_only = save_random_adapter(moe_lm(), tmp_path / "d", seed=2, targets=["q_proj"],
+                                    target_parameters=["experts.down_proj"])
+    with pytest.raises(ConfigError, match="adapts other modules|same target parameters"):
+        LoraMoE.from_adapters(moe_lm(), [only_experts, down_only])
+    other_base = save_random_adapter(moe_lm(), tmp_path / "o", seed=3, targets=["q_proj"],
+                                     target_parameters=EXPERT_PARAMS)
+    wider = tiny_model("qwen3_moe", moe_intermediate_size=24)  # experts of another width: shapes differ
+    with pytest.raises(ConfigError, match="fit no expert parameter"):
+        LoraMoE.from_adapters(wider, [other_base])

@@ -77,6 +77,8 @@ def _add_mix(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q", type=float, default=1.1, help="dynmole: Tsallis index (default 1.1)")
     p.add_argument("--budget", type=int, help="mora: rank-1 experts per token (default: one adapter's rank)")
     p.add_argument("--seq-rank", type=int, default=4, help="hydra: rank of the sequential branch (default 4)")
+    p.add_argument("--modules", help="comma-separated leaf names of the adapted layers to mix (default: all), e.g. "
+                   "q_proj,k_proj,v_proj,o_proj for LoRA-Mixer's attention input/output projections")
     p.add_argument("--domains", help="comma-separated training domains, one per adapter in order (the domain "
                    "of adapter i is expert i's label); without it the routers are not trained")
     p.add_argument("--steps", type=int, default=100, help="router training steps (default 100; 0: none)")
@@ -101,6 +103,8 @@ def _run_mix(args: argparse.Namespace) -> int:
     if args.kind == "hydra":
         options["seq_rank"] = args.seq_rank
     domains = [d for d in args.domains.split(",") if d] if args.domains else None
+    if args.modules:
+        options["modules"] = [m for m in args.modules.split(",") if m]
     summary = mix_checkpoint(args.model, args.adapters, args.out, router=args.router, kind=args.kind,
                              domains=domains, steps=args.steps, train_experts=args.train_experts,
                              aux_weight=args.aux_weight, lr=args.lr, batch_size=args.batch_size,

@@ -74,9 +74,11 @@ def read_adapter(path: str | os.PathLike) -> LoraWeights:
 
 
 def check_pool(model: nn.Module, adapters: list[LoraWeights]) -> list[str]:
-    """The module paths the pool adapts; ConfigError when the pool is empty, its adapters disagree (rank, targets,
-    base model) or a target is not a linear layer of `model` with the adapter's shapes (an adapter for another
-    base model)."""
+    """The linear layers the pool adapts (expert-parameter LoRAs are checked by moekit.compose.expert_lora);
+    ConfigError when the pool is empty, its adapters disagree (rank, targets, base model) or a target is not a
+    linear layer of `model` with the adapter's shapes (an adapter for another base model)."""
+    from moekit.compose.expert_lora import experts_path
+
     if not adapters:
         raise ConfigError("adapter pool is empty; expected at least one PEFT LoRA adapter directory")
     first = adapters[0]
@@ -92,15 +94,17 @@ def check_pool(model: nn.Module, adapters: list[LoraWeights]) -> list[str]:
             raise ConfigError(f"adapter {adapter.path}: adapts other modules than {first.path}; expected the same "
                               f"target modules in every adapter of a pool")
         for name, (a, b) in adapter.modules.items():
+            if experts_path(named, name) is not None:
+                continue  # an expert-parameter LoRA (PEFT target_parameters): moekit.compose.expert_lora
             module = named.get(name)
             if module is None:
                 raise ConfigError(f"adapter {adapter.path}: module {name!r} does not exist in the base model; "
                                   f"expected an adapter trained on this base model")
             if not isinstance(module, nn.Linear):
                 raise ConfigError(f"adapter {adapter.path}: module {name!r} is a {type(module).__name__}; expected "
-                                  f"LoRA on nn.Linear layers (adapters on expert parameters cannot be mixed)")
+                                  f"LoRA on nn.Linear layers or on fused expert parameters")
             if (module.in_features, module.out_features) != (a.shape[1], b.shape[0]):
                 raise ConfigError(f"adapter {adapter.path}: module {name!r} is {module.in_features}->"
                                   f"{module.out_features} in the base model but {a.shape[1]}->{b.shape[0]} in the "
                                   f"adapter; expected an adapter trained on this base model")
-    return sorted(first.modules)
+    return sorted(name for name in first.modules if experts_path(named, name) is None)

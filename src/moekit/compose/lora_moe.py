@@ -95,6 +95,12 @@ class LoraMoELinear(nn.Module):
         return self.mix(x)[0]
 
 
+def is_routed(module: nn.Module) -> bool:
+    """A layer with a router and a rule (LoraMoELinear, ExpertsLoraMoE)."""
+    return isinstance(getattr(module, "router", None), nn.Linear) and isinstance(getattr(module, "rule", None),
+                                                                                  RuleConfig)
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -112,18 +118,26 @@ class LoraMoE:
 
     @classmethod
     def attach(cls, model: nn.Module, pools: dict[str, LoraPool], kind: str = "moe",
-               rule: RuleConfig | None = None, seed: int = 0, **options) -> LoraMoE:
+               rule: RuleConfig | None = None, seed: int = 0, experts: dict[str, tuple] | None = None,
+               **options) -> LoraMoE:
         """Replace each linear `model.<name>` for name in pools by a mixture over pools[name]; in place. kind "moe"
         routes by `rule`; "mora" (options: budget) and "hydra" (options: seq_rank, seq_alpha) are the variants of
-        moekit.compose.mixers. The base weights are frozen; routers (and pools) are trainable."""
+        moekit.compose.mixers. experts: {experts module path: (a, b, scaling)} of expert-parameter LoRAs
+        (moekit.compose.expert_lora; kind "moe" only). The base weights are frozen; routers are trainable, the
+        pools after trainable_parameters(experts=True)."""
         from moekit.compose import mixers
+        from moekit.compose.expert_lora import ExpertsLoraMoE
 
         if kind not in KINDS:
             from moekit.errors import UnknownNameError
 
             raise UnknownNameError(f"mixture kind {kind!r} does not exist; expected one of {', '.join(KINDS)}")
-        if not pools:
+        experts = experts or {}
+        if not pools and not experts:
             raise ConfigError("adapter pool is empty; expected at least one LoRA expert per adapted module")
+        if experts and kind != "moe":
+            raise ConfigError(f"kind {kind!r}: expert-parameter LoRAs are mixed by kind 'moe' only; expected "
+                              f"adapters on linear layers for {kind}")
         rule = rule or RuleConfig()
         generator = torch.Generator().manual_seed(seed)
         named = dict(model.named_modules())
@@ -147,6 +161,13 @@ class LoraMoE:
             originals[name] = base
             layers[name] = layer.to(base.weight.device)
             _set_module(model, name, layer)
+        for name, (a, b, scaling) in experts.items():
+            base = named[name]
+            device = base.gate_up_proj.device
+            layer = ExpertsLoraMoE(base, a, b, scaling, rule, generator).to(device)
+            originals[name] = base
+            layers[name] = layer
+            _set_module(model, name, layer)
         spec = {"kind": kind, "rule": asdict(rule), "options": options, "seed": seed}
         return cls(model, layers, originals, spec)
 
@@ -168,16 +189,20 @@ class LoraMoE:
         if kind != "mora":  # MoRA's rank-1 experts activate themselves: no router
             rule.check(len(adapters))
         weights = [read_adapter(path) for path in adapters]
+        from moekit.compose.expert_lora import expert_pools
+
         names = check_pool(model, weights)
+        experts = expert_pools(model, weights)
         if modules is not None:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in [*names, *experts]})
             names = [n for n in names if n.rsplit(".", 1)[-1] in set(modules)]
-            if not names:
+            experts = {n: v for n, v in experts.items() if n.rsplit(".", 1)[-1] in set(modules)}
+            if not names and not experts:
                 raise ConfigError(f"modules={list(modules)}: none of the adapters' layers has one of these names; "
                                   f"expected some of {leaves}")
         pools = {name: LoraPool.from_weights(weights, name) for name in names}
         kind_options = {k: v for k, v in options.items() if k not in rule_fields}
-        moe = cls.attach(model, pools, kind, rule, seed, **kind_options)
+        moe = cls.attach(model, pools, kind, rule, seed, experts=experts, **kind_options)
         moe.spec["adapters"] = [str(Path(p)) for p in adapters]
         return moe
 
@@ -188,13 +213,14 @@ class LoraMoE:
         self._originals = {}
         return self.model
 
-    def _moe_layers(self) -> list[LoraMoELinear]:
-        return [m for layer in self.layers.values() for m in layer.modules() if isinstance(m, LoraMoELinear)]
+    def _moe_layers(self) -> list[nn.Module]:
+        """The routed layers (LoraMoELinear, also inside Hydra, and ExpertsLoraMoE)."""
+        return [m for layer in self.layers.values() for m in layer.modules() if is_routed(m)]
 
     def set_rule(self, rule: RuleConfig) -> None:
         """Route every layer by `rule` from now on (e.g. RuleConfig("fixed", expert=i) to use one expert)."""
         for layer in self._moe_layers():
-            rule.check(layer.pool.n_experts)
+            rule.check(layer.router.out_features)
             layer.rule = rule
 
     def force(self, expert: int) -> None:
@@ -229,7 +255,7 @@ class LoraMoE:
     def routing(self) -> dict[str, Tensor]:
         """Per layer, the mean weight [E] each expert received in the last forward pass."""
         return {name: m.weights.mean(0) for name, layer in self.layers.items() for m in layer.modules()
-                if isinstance(m, LoraMoELinear) and m.weights is not None}
+                if is_routed(m) and m.weights is not None}
 
     def trainable_parameters(self, experts: bool = False) -> list[nn.Parameter]:
         """The trainable parameters: routers and the variants' own weights, plus the pools when experts=True."""
@@ -265,9 +291,21 @@ class LoraMoE:
             state = load_file(str(root / "mixture.safetensors"))
         except (OSError, ValueError) as err:
             raise ConfigError(f"mixture {root}: expected mixture.json and mixture.safetensors ({err})") from None
+        from moekit.compose.expert_lora import EXPERT_PARAMS, is_experts
+
         named = dict(model.named_modules())
-        pools = {}
+        pools, experts = {}, {}
         for name in spec["modules"]:
+            if f"{name}.scaling" in state:  # an ExpertsLoraMoE: pool.a.<param>, pool.b.<param>, scaling
+                base = named.get(name)
+                a = {p: state[f"{name}.pool.a.{p}"] for p in EXPERT_PARAMS if f"{name}.pool.a.{p}" in state}
+                b = {p: state[f"{name}.pool.b.{p}"] for p in a if f"{name}.pool.b.{p}" in state}
+                if base is None or not is_experts(base) or not a or a.keys() != b.keys() or any(
+                        tuple(getattr(base, p).shape) != (a[p].shape[1], b[p].shape[2], a[p].shape[3]) for p in a):
+                    raise ConfigError(f"mixture {root}: experts {name!r} do not match the base model; expected the "
+                                      f"base model the mixture was trained on")
+                experts[name] = (a, b, state[f"{name}.scaling"])
+                continue
             prefix = next((p for p in (f"{name}.pool.", f"{name}.inner.pool.") if f"{p}a" in state), None)
             if prefix is None:
                 raise ConfigError(f"mixture {root}: no experts for module {name!r} in mixture.safetensors")
@@ -278,7 +316,7 @@ class LoraMoE:
                                   f"base model the mixture was trained on")
             pools[name] = LoraPool(a, b, s)
         moe = cls.attach(model, pools, spec["kind"], RuleConfig(**spec["rule"]), spec.get("seed", 0),
-                         **spec.get("options", {}))
+                         experts=experts, **spec.get("options", {}))
         for name, layer in moe.layers.items():
             own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")}
             missing, unexpected = layer.load_state_dict(own, strict=False)

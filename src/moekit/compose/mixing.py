@@ -13,7 +13,7 @@ from torch import Tensor
 
 from moekit.compose.loop import evaluate_ppl, fit
 from moekit.compose.lora import load_base
-from moekit.compose.lora_moe import LoraMoE, LoraMoELinear
+from moekit.compose.lora_moe import LoraMoE, is_routed
 from moekit.errors import ConfigError
 from moekit.files import check_output
 
@@ -23,7 +23,7 @@ def routing_accuracy(moe: LoraMoE, windows: dict[str, Tensor], expert_of: dict[s
                      batch_size: int = 8) -> float | None:
     """Share of windows whose most-weighted expert (router weights averaged over the window's tokens and over
     layers) is their domain's expert; None for a mixture without routers (MoRA)."""
-    layers = [m for layer in moe.layers.values() for m in layer.modules() if isinstance(m, LoraMoELinear)]
+    layers = [m for layer in moe.layers.values() for m in layer.modules() if is_routed(m)]
     if not layers:
         return None
     model = moe.model
