@@ -14,6 +14,7 @@ from conftest import QWEN_TARGETS, dense_lm, moe_lm, save_random_adapter
 from moekit.cli.main import main
 from moekit.compose import LoraMoE, read_adapter, train_domain_lora
 from moekit.compose.domains import FORTUNES_DIR
+from moekit.files import FileError
 
 IDS = torch.tensor([[5, 9, 17, 3, 44, 2, 8, 61]])
 HAS_FORTUNES = Path(FORTUNES_DIR).is_dir()
@@ -115,6 +116,23 @@ def test_cli_train_bad_input_is_one_line_exit_2(dense_dir, tmp_path, capsys):
     assert "domain 'poetry' does not exist" in _error_line(capsys.readouterr().err)
     assert main(["lora", "train", str(dense_dir), "--domain", "code", "--out", str(dense_dir)]) == 2
     assert _error_line(capsys.readouterr().err).startswith("moekit lora: error: ")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["lora", "train", str(dense_dir), "--domain", "code", "--out", str(busy)]) == 2
+    assert "exists and is not empty" in _error_line(capsys.readouterr().err)
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_force_replaces_a_previous_adapter(tmp_path):
+    windows = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    train_domain_lora(dense_lm(), "toy", tmp_path / "a", steps=1, windows=windows, rank=2, progress=False)
+    with pytest.raises(FileError, match="exists and is not empty"):
+        train_domain_lora(dense_lm(), "toy", tmp_path / "a", steps=1, windows=windows, rank=4, progress=False)
+    train_domain_lora(dense_lm(), "toy", tmp_path / "a", steps=1, windows=windows, rank=4, progress=False,
+                      force=True)
+    assert read_adapter(tmp_path / "a").rank == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary directory left beside it
 
 
 def test_subcommands_register_into_the_lora_group(capsys):

@@ -42,6 +42,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-params", action="store_true",
                    help="also LoRA on the fused 3D expert parameters of an MoE (PEFT target_parameters)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -51,7 +52,7 @@ def _run_train(args: argparse.Namespace) -> int:
     targets = [t for t in args.targets.split(",") if t] if args.targets else None
     summary = train_domain_lora(args.model, args.domain, args.out, args.steps, rank=args.rank, alpha=args.alpha,
                                 lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, target_modules=targets,
-                                expert_params=args.expert_params, seed=args.seed)
+                                expert_params=args.expert_params, seed=args.seed, force=args.force)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -89,6 +90,7 @@ def _add_mix(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="mixture directory to write (mixture.json, mixture.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -108,7 +110,7 @@ def _run_mix(args: argparse.Namespace) -> int:
     summary = mix_checkpoint(args.model, args.adapters, args.out, router=args.router, kind=args.kind,
                              domains=domains, steps=args.steps, train_experts=args.train_experts,
                              aux_weight=args.aux_weight, lr=args.lr, batch_size=args.batch_size,
-                             seq_len=args.seq_len, seed=args.seed, **options)
+                             seq_len=args.seq_len, seed=args.seed, force=args.force, **options)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

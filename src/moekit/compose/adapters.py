@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError
+from moekit.files import FileError, check_output
 
 PREFIX = "base_model.model."
 UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")  # options whose update is not scaling * B @ A
@@ -31,6 +32,15 @@ class LoraWeights:
     scaling: float
     base: str | None  # base_model_name_or_path as PEFT recorded it
     modules: dict[str, tuple[Tensor, Tensor]]
+
+
+def check_out_dir(out: str | os.PathLike, inputs: list, force: bool = False) -> Path:
+    """check_output, and an existing non-empty directory is refused unless force (it would be replaced whole)."""
+    final = check_output(out, inputs)
+    if final.is_dir() and any(final.iterdir()) and not force:
+        raise FileError(f"--out {out}: exists and is not empty; expected a new or empty directory (or --force to "
+                        f"replace it)")
+    return final
 
 
 def read_adapter(path: str | os.PathLike) -> LoraWeights:

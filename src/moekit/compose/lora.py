@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from moekit.compose.loop import evaluate_ppl, fit
 from moekit.errors import ConfigError
-from moekit.files import atomic_write, check_output, swap_in, temp_dir
+from moekit.files import atomic_write, swap_in, temp_dir
 
 ATTENTION_PARENTS = ("self_attn", "attention", "attn")
 
@@ -80,13 +80,15 @@ def train_domain_lora(base: str | os.PathLike | nn.Module, domain: str, out_dir:
                       *, windows: Tensor | None = None, valid: Tensor | None = None, tokenizer=None,
                       rank: int = 8, alpha: float = 16.0, lr: float = 1e-3, batch_size: int = 8, seq_len: int = 128,
                       target_modules: list[str] | None = None, expert_params: bool = False,
-                      target_parameters: list[str] | None = None, seed: int = 0, progress: bool = True) -> dict:
+                      target_parameters: list[str] | None = None, seed: int = 0, progress: bool = True,
+                      force: bool = False) -> dict:
     """Train one LoRA on `domain` and save it as a PEFT adapter in out_dir; returns the JSON summary.
 
     base: a checkpoint directory (its tokenizer is used) or a model (then pass `windows` or `tokenizer`). windows
     [N, L]: training token windows (default: the domain's train split from moekit.compose.domains); valid: held-out
     windows to report perplexity before and after (default: the validation split when the corpus is read here).
-    A model passed in is wrapped by PEFT in place and returned unwrapped (its base weights unchanged)."""
+    A model passed in is wrapped by PEFT in place and returned unwrapped (its base weights unchanged). A non-empty
+    out_dir is refused unless force."""
     from peft import LoraConfig, get_peft_model
 
     if rank < 1 or not alpha > 0:
@@ -98,7 +100,9 @@ def train_domain_lora(base: str | os.PathLike | nn.Module, domain: str, out_dir:
         if domain not in DOMAINS:
             raise UnknownNameError(f"domain {domain!r} does not exist; expected one of {', '.join(DOMAINS)}")
     model, loaded_tok, path = _load_base(base)
-    final = check_output(out_dir, [path] if path is not None else [])
+    from moekit.compose.adapters import check_out_dir
+
+    final = check_out_dir(out_dir, [path] if path is not None else [], force)
     tokenizer = tokenizer or loaded_tok
     if windows is None:
         from moekit.compose.domains import domain_windows

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from moekit.compose.adapters import LoraWeights, check_pool, read_adapter
+from moekit.compose.adapters import LoraWeights, check_out_dir, check_pool, read_adapter
 from moekit.compose.rules import RuleConfig, route
 from moekit.errors import ConfigError
-from moekit.files import atomic_write, check_output, swap_in, temp_dir
+from moekit.files import atomic_write, swap_in, temp_dir
 
 KINDS = ("moe", "mora", "hydra")
 
@@ -271,9 +271,10 @@ class LoraMoE:
         return {f"{name}.{k}": v for name, layer in self.layers.items() for k, v in layer.state_dict().items()
                 if not (k.startswith("base.") or ".base." in k)}
 
-    def save(self, out: str | os.PathLike) -> Path:
-        """Write mixture.json and mixture.safetensors (routers and experts, no base weights) atomically."""
-        final = check_output(out, self.spec.get("adapters", []))
+    def save(self, out: str | os.PathLike, force: bool = False) -> Path:
+        """Write mixture.json and mixture.safetensors (routers and experts, no base weights) atomically; a
+        non-empty `out` is refused unless force."""
+        final = check_out_dir(out, self.spec.get("adapters", []), force)
         with temp_dir(final, "lora-mix") as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                       str(tmp / "mixture.safetensors"))

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from moekit.compose.adapters import check_out_dir
 from moekit.compose.loop import evaluate_ppl, fit
 from moekit.compose.lora import load_base
 from moekit.compose.lora_moe import LoraMoE, is_routed
 from moekit.errors import ConfigError
-from moekit.files import check_output
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def mix_checkpoint(model_path: str | os.PathLike, adapters: Sequence[str | os.Pa
                    router: str = "topk", kind: str = "moe", domains: Sequence[str] | None = None, steps: int = 100,
                    train_experts: bool = False, aux_weight: float = 0.01, lr: float = 1e-3, batch_size: int = 8,
                    seq_len: int = 128, seed: int = 0, eval_windows: int = 16, progress: bool = True,
-                   **options) -> dict:
+                   force: bool = False, **options) -> dict:
     """Build, train (when `domains` names one domain per adapter and steps > 0) and save a mixture; the summary
     has per-domain validation perplexity and routing accuracy when domains are given."""
     from moekit.compose.domains import domain_windows
@@ -61,7 +61,7 @@ def mix_checkpoint(model_path: str | os.PathLike, adapters: Sequence[str | os.Pa
         raise UnknownNameError(f"--router {router!r} does not exist; expected one of {', '.join(RULES)}")
     if kind not in KINDS:
         raise UnknownNameError(f"--kind {kind!r} does not exist; expected one of {', '.join(KINDS)}")
-    final = check_output(out, [model_path, *adapters])
+    final = check_out_dir(out, [model_path, *adapters], force)
     if domains is not None and len(domains) != len(adapters):
         raise ConfigError(f"--domains: {len(domains)} domains for {len(adapters)} adapters; expected one domain per "
                           f"adapter, in the same order")
@@ -93,5 +93,5 @@ def mix_checkpoint(model_path: str | os.PathLike, adapters: Sequence[str | os.Pa
         valid = domain_windows(tokenizer, list(expert_of), "validation", seq_len, max_windows=eval_windows, seed=seed)
         summary["valid_ppl"] = evaluate_ppl(model, valid)
         summary["routing_accuracy"] = routing_accuracy(moe, valid, expert_of)
-    moe.save(final)
+    moe.save(final, force)
     return summary
