@@ -85,6 +85,22 @@ def test_cli_train_then_mix(dense_dir, tmp_path, capsys):
     assert LoraMoE.load(model, mix).spec["rule"]["name"] == "dynmole"
 
 
+@pytest.mark.skipif(not HAS_FORTUNES, reason="Debian fortunes not installed (apt-get install fortunes)")
+def test_cli_expert_params_on_an_moe_checkpoint(moe_dir, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["lora", "train", str(moe_dir), "--domain", "fortunes", "--expert-params", "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "16", "--rank", "2", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    assert main(["lora", "mix", str(moe_dir), "--adapters", str(out), str(out), "--router", "soft",
+                 "--out", str(tmp_path / "mix"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layers"] == 2 * (len(QWEN_TARGETS) + 1)  # attention projections and the experts, 2 layers
+    from moekit.compose.lora import load_base
+
+    mix = LoraMoE.load(load_base(moe_dir)[1], tmp_path / "mix")
+    assert sum(name.endswith(".experts") for name in mix.layers) == 2
+
+
 @pytest.fixture(scope="module")
 def pools(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("pools")
