@@ -189,6 +189,19 @@ def test_cli_merge(tmp_path, dense_dir, capsys):
                  "--out", str(tmp_path / "n")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown merge method" in err and "Traceback" not in err
+    from peft import LoraConfig, get_peft_model
+
+    small = saved_lora(tmp_path / "small", r=2)
+    get_peft_model(moe_lm(), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "q")
+    capsys.readouterr()
+    for argv, message in [([str(a), str(small), "--method", "ties"], "rank r=2"),
+                          (["--method", "sum"], "empty adapter pool"),
+                          ([str(a), str(tmp_path / "q"), "--method", "sum"], "q_proj does not exist in"),
+                          ([str(a), str(b), "--method", "sum", "--weight", "1"], "2 adapters; expected one per")]:
+        assert main(["lora", "merge", *argv, "--model", str(dense_dir), "--out", str(tmp_path / "n")]) == 2
+        lines = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+        assert len(lines) == 1 and message in lines[0], (argv, lines)
+    assert not (tmp_path / "n").exists()
     assert main(["lora", "compress", str(a), "--density", "0.1", "--out", str(tmp_path / "c"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["compression_ratio"] > 8
     assert main(["lora", "compress", str(a), "--density", "2", "--out", str(tmp_path / "d")]) == 2
