@@ -188,20 +188,27 @@ def test_poly_input_routing_attach_detach():
         for name, p in peft_model.named_parameters():
             if "poly_lora_B" in name:
                 p.normal_()
+            if "module_logits" in name:
+                p.zero_()  # PEFT's router then weighs the skills of each head equally
     peft_model.eval()
     task = torch.tensor([0, 1])
-    by_task = peft_model.base_model(input_ids=IDS, task_ids=task).logits.detach()  # PolyModel takes task_ids
+    uniform = peft_model.base_model(input_ids=IDS, task_ids=task).logits.detach()  # PolyModel takes task_ids
     routing = InputRouting.attach(peft_model)
     assert len(routing.routers) == 2
-    # zero-initialised input routers weigh skills uniformly within each head: the mean of the skills
     with torch.no_grad():
-        by_input = peft_model(input_ids=IDS).logits
+        by_input = peft_model(input_ids=IDS).logits  # zero-initialised input routers: equal weights too
+        assert torch.allclose(by_input, uniform, atol=1e-6)
         for router in routing.routers:
             router.proj.weight.normal_()
         moved = peft_model(input_ids=IDS).logits
-    assert not torch.allclose(by_input, by_task, atol=1e-5) and not torch.allclose(moved, by_input, atol=1e-5)
+    assert not torch.allclose(moved, by_input, atol=1e-4)
     routing.detach()
-    assert torch.allclose(peft_model.base_model(input_ids=IDS, task_ids=task).logits, by_task)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "module_logits" in name:
+                p.normal_()
+        by_task = peft_model.base_model(input_ids=IDS, task_ids=task).logits
+    assert not torch.allclose(by_task, uniform, atol=1e-4)  # PEFT's task routers are back in charge
 
 
 def test_bad_pools_are_one_line_errors(adapters, tmp_path):
