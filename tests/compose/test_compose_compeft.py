@@ -109,3 +109,22 @@ def test_bad_input(tmp_path):
         compress_adapter_dir(tmp_path / "missing", tmp_path / "c", density=0.1)
     with pytest.raises(AdapterError, match="compeft.safetensors"):
         decompress_adapter(src, tmp_path / "d")
+
+
+def test_fused_expert_adapter_compresses_and_loads_in_peft(tmp_path):
+    """LoRA on Qwen3-MoE's fused 3D expert parameters (PEFT target_parameters): ComPEFT round trip loads in PEFT
+    with the reconstructed tensors; merging such adapters is refused (stacked per-expert factors)."""
+    from peft import PeftModel
+
+    from compose.conftest import moe_lm, save_random_adapter
+    from moekit.compose.merge import merge_adapters
+
+    src = save_random_adapter(moe_lm(), tmp_path / "experts", seed=0, target_parameters=["experts.gate_up_proj"])
+    compress_adapter_dir(src, tmp_path / "c", density=0.2)
+    out = decompress_adapter(tmp_path / "c", tmp_path / "d")
+    restored = read_adapter(out)
+    model = PeftModel.from_pretrained(moe_lm(), out)
+    state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert restored.tensors and all(torch.equal(state[k], t) for k, t in restored.tensors.items())
+    with pytest.raises(AdapterError, match="fused expert parameters"):
+        merge_adapters([src, src], "sum", tmp_path / "m", model=None)

@@ -4,6 +4,10 @@ as one (A, B, scaling) per adapted module, checked against a base model, and wri
 
 A module's update is ΔW = scaling · B @ A with A: [r, in], B: [out, r] and scaling = lora_alpha / r
 (lora_alpha / sqrt(r) under rsLoRA).
+
+`moekit.compose.adapters.read_adapter` reads adapters for mixing (float tensors, one rank, no rank patterns); this
+module keeps what writing an adapter back needs (the config as saved, every tensor in its stored dtype, rank and
+alpha patterns), for merges and ComPEFT.
 """
 
 from __future__ import annotations
@@ -130,6 +134,8 @@ def check_against_model(adapter: LoraAdapter, model: nn.Module, model_name: str 
             raise AdapterError(f"{adapter.path}: module {key} does not exist in {model_name}; expected an adapter "
                                f"trained on this base model")
         weight = getattr(module, "weight", None)
+        if adapter.config.get("target_parameters") and not isinstance(weight, Tensor):
+            continue  # LoRA on a fused expert parameter (PEFT target_parameters): the module exists, PEFT checks it
         if not isinstance(weight, Tensor) or weight.dim() != 2 or tuple(weight.shape) != (b.shape[0], a.shape[1]):
             shape = tuple(weight.shape) if isinstance(weight, Tensor) else None
             raise AdapterError(f"{adapter.path}: module {key} adapts a [{b.shape[0]}, {a.shape[1]}] weight, "

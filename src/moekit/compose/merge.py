@@ -163,6 +163,10 @@ def merge_adapters(paths: list[str | os.PathLike], method: str, out: str | os.Pa
         raise AdapterError(f"--weight: {len(weights)} weights for {len(adapters)} adapters; expected one per adapter")
     if not 0 < density <= 1:
         raise AdapterError(f"--density={density}: expected a fraction in (0, 1]")
+    fused = [a.path for a in adapters if a.config.get("target_parameters")]
+    if fused:
+        raise AdapterError(f"{fused[0]}: LoRA on fused expert parameters (target_parameters); expected adapters on "
+                           f"linear layers (a merge of per-expert stacked factors is not a LoRA of them)")
     check_same_shapes(adapters, same_rank=method in SAME_RANK)
     model_path, base, _ = load_base(model)
     for a in adapters:
