@@ -102,6 +102,9 @@ def moefy_encoder(model: nn.Module, experts: int, k: int, partition: str = "kmea
     and `centred`, experts left out add their mean output and the learned router predicts each expert's squared
     deviation from its mean (G-MoEfication). `partitions[layer]`, when given, is used instead of computing one."""
     blocks = bert_layers(model)
+    act = getattr(model.config, "hidden_act", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"model: hidden_act={act!r}; the experts compute the exact (erf) gelu, expected 'gelu'")
     layers = list(range(len(blocks))) if layers is None else list(layers)
     width = blocks[0].intermediate.dense.out_features
     check_split(width, experts)

@@ -43,6 +43,13 @@ def dense_config(path: str | os.PathLike):
         raise CheckpointError(f"{config_path}: not a valid {model_type} config ({str(err).splitlines()[0]})") from None
 
 
+def _model_type(path: str | os.PathLike) -> str | None:
+    try:
+        return json.loads(read_bounded(Path(path) / "config.json", 1 << 20, "config.json")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # dense_config says what is wrong
+
+
 def load_dense(path: str | os.PathLike):
     """The dense decoder in `path` (safetensors only), in float32, eval mode."""
     from transformers import AutoModelForCausalLM
@@ -67,6 +74,13 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
 
     if max_tokens < 2:
         raise ConfigError(f"--max-tokens={max_tokens}: expected at least 2 calibration tokens")
+    if _model_type(model_path) == "bert":
+        from moekit.make.encoder_save import make_encoder_checkpoint
+
+        if experts is None:
+            raise ConfigError("--experts: required to split an encoder; expected an integer")
+        return make_encoder_checkpoint(model_path, out, experts, k, partition, router, layers, data, max_tokens,
+                                       seed, force)
     if needs_data(partition, router) and not data:
         raise ConfigError(f"--method {partition} / --router {router}: needs calibration text; expected --data FILE")
     copies = partition in ("upcycle", "btx")
