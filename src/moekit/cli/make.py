@@ -7,7 +7,8 @@ import argparse
 import json
 
 HELP = ("turn a dense decoder (Qwen3, Qwen2, Llama, Mistral, dense DeepSeek-V3) into a native MoE (Qwen3-MoE, "
-        "Qwen2-MoE, Mixtral, DeepSeek-V3) by splitting its FFNs; `make finetune MODEL` continues training one")
+        "Qwen2-MoE, Mixtral, DeepSeek-V3), or a BERT encoder into a trust_remote_code one, by splitting its FFNs; "
+        "`make finetune MODEL` continues training one")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
