@@ -162,11 +162,16 @@ def test_mora_full_budget_of_one_adapter_is_that_adapter(adapters):
 def test_mora_prune_drops_unused_ranks(adapters):
     moe = LoraMoE.from_adapters(dense_lm(), adapters[:2], kind="mora", budget=2)
     layer = moe.layers["model.layers.1.self_attn.o_proj"]
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))  # 3 tokens keep at most 6 of 8 ranks
     layer.train()
-    layer(torch.randn(64, 40, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        before = layer(x)
     used = int((layer.usage > 0).sum())
+    assert used < 8  # some rank-1 experts were never among a token's top 2
     dropped = layer.prune(min_share=1e-9)
     assert dropped == 8 - used and layer.pool.a.shape[1] <= 4
+    with torch.no_grad():
+        assert torch.allclose(layer(x), before, atol=1e-6)  # the dropped ranks never contributed on these tokens
 
 
 def test_hydra_starts_as_its_parallel_branch_and_adds_the_sequential_one(adapters):

@@ -26,10 +26,17 @@ def register(name: str, help: str, add_parser: Callable[[argparse.ArgumentParser
     _SUBCOMMANDS[name] = (help, add_parser, run)
 
 
+def _model(path: str | None) -> str:
+    from moekit.default import default_model_path
+
+    return path if path is not None else str(default_model_path())
+
+
 def _add_train(p: argparse.ArgumentParser) -> None:
     from moekit.compose.domains import DOMAINS
 
-    p.add_argument("model", metavar="MODEL", help="base checkpoint directory (with tokenizer.json)")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="base checkpoint directory with tokenizer.json "
+                   "(default: the default model; its dense twin is moekit.default.default_dense_model_path())")
     p.add_argument("--domain", required=True, help=f"one of {', '.join(DOMAINS)}")
     p.add_argument("--out", required=True, help="adapter directory to write (loads with PeftModel.from_pretrained)")
     p.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
@@ -50,7 +57,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from moekit.compose.lora import train_domain_lora
 
     targets = [t for t in args.targets.split(",") if t] if args.targets else None
-    summary = train_domain_lora(args.model, args.domain, args.out, args.steps, rank=args.rank, alpha=args.alpha,
+    summary = train_domain_lora(_model(args.model), args.domain, args.out, args.steps, rank=args.rank, alpha=args.alpha,
                                 lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, target_modules=targets,
                                 expert_params=args.expert_params, seed=args.seed, force=args.force)
     if args.json:
@@ -66,7 +73,8 @@ def _add_mix(p: argparse.ArgumentParser) -> None:
     from moekit.compose.lora_moe import KINDS
     from moekit.compose.rules import RULES
 
-    p.add_argument("model", metavar="MODEL", help="base checkpoint directory the adapters were trained on")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="base checkpoint directory the adapters were trained "
+                   "on (default: the default model)")
     p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="PEFT LoRA adapter directories, one "
                    "expert each (same rank and target modules)")
     p.add_argument("--router", default="topk", help=f"routing rule: {', '.join(RULES)} (default topk)")
@@ -107,7 +115,7 @@ def _run_mix(args: argparse.Namespace) -> int:
     domains = [d for d in args.domains.split(",") if d] if args.domains else None
     if args.modules:
         options["modules"] = [m for m in args.modules.split(",") if m]
-    summary = mix_checkpoint(args.model, args.adapters, args.out, router=args.router, kind=args.kind,
+    summary = mix_checkpoint(_model(args.model), args.adapters, args.out, router=args.router, kind=args.kind,
                              domains=domains, steps=args.steps, train_experts=args.train_experts,
                              aux_weight=args.aux_weight, lr=args.lr, batch_size=args.batch_size,
                              seq_len=args.seq_len, seed=args.seed, force=args.force, **options)
