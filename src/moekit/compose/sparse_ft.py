@@ -13,20 +13,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from moekit.compose.adapter_io import AdapterError
+from moekit.compose.loop import lm_loss
 from moekit.files import check_output
 
 SparseDiff = dict[str, tuple[Tensor, Tensor]]  # parameter name -> (flat indices [k], values [k])
-
-
-def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Causal LM loss of a batch of token ids [B, T]."""
-    logits = model(input_ids=ids).logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
 def default_params(model: nn.Module, targets: Iterable[str]) -> list[str]:
