@@ -74,11 +74,10 @@ def mix(branches: Sequence[nn.Module], k: int, router: str = "hidden",
     return moe, plan
 
 
-def btx(model: nn.Module, domain_tokens: Sequence[Tensor], k: int, settings, router: str = "hidden",
-        windows: Sequence[Sequence[Tensor]] | None = None, seed: int = 0, progress: bool = True
-        ) -> tuple[nn.Module, dict]:
-    """Branch `model` once per domain, train branch d on `domain_tokens[d]` ([N_d] token stream) with
-    `settings` (`make.finetune.Finetune`; steps=0 leaves the branches untrained), and `mix` them."""
+def train_branches(model: nn.Module, domain_tokens: Sequence[Tensor], settings, progress: bool = True
+                   ) -> tuple[list[nn.Module], list[int]]:
+    """One copy of `model` per domain, copy d trained on `domain_tokens[d]` ([N_d] token stream) with `settings`
+    (`make.finetune.Finetune`, seed + d; steps=0 leaves the copies untrained); and each copy's steps."""
     from dataclasses import replace
 
     from moekit.make.finetune import finetune_model
@@ -86,9 +85,19 @@ def btx(model: nn.Module, domain_tokens: Sequence[Tensor], k: int, settings, rou
     branches, steps = [], []
     for d, tokens in enumerate(domain_tokens):
         branch = copy.deepcopy(model)
+        trained = 0
         if settings.steps != 0:
-            steps.append(len(finetune_model(branch, tokens, replace(settings, seed=settings.seed + d), progress)))
+            trained = len(finetune_model(branch, tokens, replace(settings, seed=settings.seed + d), progress))
         branches.append(branch.eval())
+        steps.append(trained)
+    return branches, steps
+
+
+def btx(model: nn.Module, domain_tokens: Sequence[Tensor], k: int, settings, router: str = "hidden",
+        windows: Sequence[Sequence[Tensor]] | None = None, seed: int = 0, progress: bool = True
+        ) -> tuple[nn.Module, dict]:
+    """Branch `model` once per domain, train branch d on `domain_tokens[d]` (`train_branches`), and `mix` them."""
+    branches, steps = train_branches(model, domain_tokens, settings, progress)
     moe, plan = mix(branches, k, router, windows, seed)
-    plan["branch_steps"] = steps or [0] * len(branches)
+    plan["branch_steps"] = steps
     return moe, plan
