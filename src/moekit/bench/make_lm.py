@@ -1,11 +1,11 @@
 """`moekit bench make --lm MODEL`: the language side of issue 17. A dense causal LM (the default model's dense twin,
 passed explicitly) MoEfied at 50% and 25% of its FFN neurons active with each partition and router, perplexity
 against the dense model without training and after a short continued training (`--minutes`, `make.finetune`);
-sparse-upcycled (step 0 and after the same training); and BTX (one branch per domain of the training text, each
-trained 1/D of the same budget, mixed with a hidden-state router, no training after mixing). Since continued
-training on the corpus may help the dense model too, the dense model trained for the same time is the control
-(`dense+finetune`). `--scratch MODEL` adds an MoE trained from scratch (the default model) on the same evaluation
-text when it shares the tokenizer.
+sparse-upcycled (step 0 and after the same training); BTX (one branch per domain of the training text, each
+trained 1/D of the same budget, mixed with a hidden-state router, no training after mixing); and BAM (the same
+branches, attention too as their soft mixture). Since continued training on the corpus may help the dense model
+too, the dense model trained for the same time is the control (`dense+finetune`). `--scratch MODEL` adds an MoE
+trained from scratch (the default model) on the same evaluation text when it shares the tokenizer.
 
 Data: calibration and training from `--data` files (every fifth document held out for evaluation) or, without
 them, moekit's training corpus (train split) with the default model's held-out test split for evaluation.
@@ -128,7 +128,9 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
     add("dense+finetune", value, train_steps=steps, train_minutes=minutes)
     fields = _btx(dense, tok, train_docs, train_settings, minutes, quick, ppl)
     if "ppl" in fields:
+        bam_ppl = fields.pop("bam_ppl")
         add("btx", fields.pop("ppl"), **fields)
+        add("bam", bam_ppl, **fields)
     else:
         records.append({**base, "setting": "btx", **fields})
     if scratch:
@@ -142,7 +144,8 @@ def _btx(dense, tok, train_docs, settings, minutes: float | None, quick: bool, p
     from dataclasses import replace
 
     from moekit.compress.calibrate import token_windows
-    from moekit.make.btx import btx
+    from moekit.make.bam import mix_attention
+    from moekit.make.btx import mix, train_branches
     from moekit.make.finetune import token_stream
 
     names = list(dict.fromkeys(str(d.domain) for d in train_docs))
@@ -152,9 +155,13 @@ def _btx(dense, tok, train_docs, settings, minutes: float | None, quick: bool, p
     tokens = [token_stream(tok, [d.text for d in ds]) for ds in by_domain]
     windows = [[w for w, _ in token_windows(tok, ds, dense, 512 if quick else 2048)] for ds in by_domain]
     branch = settings if minutes is None else replace(settings, minutes=minutes / len(names))
-    moe, plan = btx(dense, tokens, 2 if len(names) > 2 else 1, branch, "hidden", windows)
-    return {"ppl": ppl(moe), "experts": len(names), "k": plan["k"], "domains": names,
-            "train_steps": sum(plan["branch_steps"]), "train_minutes": minutes}
+    branches, steps = train_branches(dense, tokens, branch, progress=False)
+    k = 2 if len(names) > 2 else 1
+    moe, _ = mix(branches, k, "hidden", windows)
+    bam_moe, _ = mix(branches, k, "hidden", windows)
+    mix_attention(bam_moe, branches)
+    return {"ppl": ppl(moe), "bam_ppl": ppl(bam_moe), "experts": len(names), "k": k, "domains": names,
+            "train_steps": sum(steps), "train_minutes": minutes}
 
 
 def _scratch(path: str, tok, base: dict, ppl, dense_ppl: float) -> dict:
