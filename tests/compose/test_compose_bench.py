@@ -17,7 +17,7 @@ def test_bench_compose_quick(capsys, dense_dir):
     assert domains == ["code", "fortunes", "glosses", "prose"]
     expected = {"base", *(f"lora:{d}" for d in domains), *(f"lora-moe:{r}" for r in ("topk", "dynmole", "mixer",
                                                                                       "soft")),
-                *(f"route:{r}" for r in ("coe-tfidf", "coe-hidden", "glider-global", "glider", "kshot",
+                *(f"route:{r}" for r in ("coe-tfidf", "coe-hidden", "glider-global", "glider-arrow", "glider", "kshot",
                                          "p-adapters")),
                 *(f"merge:{m}" for m in ("sum", "linear", "ties", "dare_linear", "svd", "orthogonal",
                                          "sft-composed")), "compeft:0.1", "compeft:0.05", "targets"}

@@ -12,9 +12,9 @@ import torch
 from compose.conftest import dense_lm
 from compose.test_compose_compeft import saved_lora
 from moekit.compose.adapters import read_adapter
+from moekit.compose.glider import Glider
 from moekit.compose.model_routing import (
     CompositionOfExperts,
-    Glider,
     GliderGlobal,
     PromptedLM,
     RouterError,
@@ -133,6 +133,37 @@ def test_glider_forced_to_one_expert_equals_that_peft_adapter(tmp_path):
     assert torch.equal(layer.weights(x).argmax(-1), expected)
     glider.detach()
     assert all(type(m).__name__ != "GliderLinear" for m in model.modules())
+
+
+def test_glider_gates_formula_and_training(tmp_path):
+    paths = [saved_lora(tmp_path / f"a{i}", seed=i) for i in range(3)]
+    adapters = [read_adapter(p) for p in paths]
+    model = dense_lm()
+    glider = Glider(model, adapters, k=1)
+    name, layer = next(iter(glider.layers.items()))
+    x = torch.randn(5, layer.base.in_features)
+    with torch.no_grad():
+        layer.protos.normal_()
+    layer.gate_expert = 1  # training form: W x + sigmoid(v_1 . x) s_1 B_1 A_1 x
+    a, b = adapters[1].modules[name]
+    expected = layer.base(x) + torch.sigmoid(x @ layer.protos[1]).unsqueeze(1) * adapters[1].scaling * (x @ a.T @ b.T)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+    layer.gate_expert = None
+    pool_before = {n: t.clone() for n, t in model.state_dict().items() if "protos" not in n}
+    losses = glider.train_gates({2: torch.randint(3, 90, (8, 12))}, steps=3, lr=0.1, batch_size=4, progress=False)
+    assert set(losses) == {2}
+    after = model.state_dict()
+    assert all(torch.equal(after[n], t) for n, t in pool_before.items())  # base, experts, buffers unchanged
+    for layer in glider.layers.values():
+        assert layer.local == "gates" and not layer.protos.requires_grad
+        assert float(layer.protos[2].abs().sum()) > 0 and float(layer.protos[[0, 1]].abs().sum()) == 0
+    glider.set_global(np.zeros(3))
+    xs = torch.randn(4, layer.base.in_features)
+    expected = (torch.nn.functional.normalize(xs, dim=-1) @ torch.nn.functional.normalize(layer.protos, dim=-1).T)
+    assert torch.equal(layer.weights(xs).argmax(-1), expected.argmax(-1))  # gates: signed cosine
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".pool." in n)
+    glider.detach()
 
 
 def test_prompt_expert_trains_the_prompt_only():

@@ -20,9 +20,9 @@ def _rec(setting: str, scores, acc, active, extra_seconds: float = 0.0, **more) 
 def model_level_routers(model, tokenizer, adapters, single, split, evald: EvalDocs, train, domains, cfg,
                         seed, progress, base_active, lora_size) -> list[dict]:
     from moekit.compose.adapters import read_adapter as read_weights
+    from moekit.compose.glider import Glider
     from moekit.compose.model_routing import (
         CompositionOfExperts,
-        Glider,
         GliderGlobal,
         PromptedLM,
         adapter_similarity,
@@ -54,20 +54,29 @@ def model_level_routers(model, tokenizer, adapters, single, split, evald: EvalDo
     recs.append(_rec("route:glider-global", routed(single, choice), accuracy(choice, ident), base_active + lora_size,
                      global_s))
     glider = Glider(model, [read_weights(adapters[d]) for d in domains], alpha=1.0, k=1)
-    picks: dict[str, list[str]] = {d: [] for d in domains}
     try:
         def before(d: str, i: int) -> None:
             glider.set_global(gscores[d][i])
 
-        def after(d: str, _i: int) -> None:
-            w = torch.stack([layer.last_weights.mean(0) for layer in glider.layers.values()]).mean(0)
-            picks[d].append(domains[int(w.argmax())])
+        for local in ("arrow", "gates"):
+            if local == "gates":
+                started = time.perf_counter()
+                glider.train_gates({i: train[d] for i, d in enumerate(domains)}, cfg["router_steps"],
+                                   batch_size=cfg["batch_size"], seed=seed, progress=progress)
+                gate_seconds = time.perf_counter() - started
+            picks: dict[str, list[str]] = {d: [] for d in domains}
 
-        scores = score_docs(model, evald, "glider", progress, before_doc=before, after_doc=after)
+            def after(d: str, _i: int, picks=picks) -> None:
+                w = torch.stack([layer.last_weights.mean(0) for layer in glider.layers.values()]).mean(0)
+                picks[d].append(domains[int(w.argmax())])
+
+            scores = score_docs(model, evald, f"glider {local}", progress, before_doc=before, after_doc=after)
+            more = {"gate_train_seconds": round(gate_seconds, 2)} if local == "gates" else {}
+            recs.append(_rec("route:glider" if local == "gates" else "route:glider-arrow", scores,
+                             accuracy(picks, ident), base_active + lora_size, global_s,
+                             note=f"per token and layer: local ({local}) + global cosine, top-1", **more))
     finally:
         glider.detach()
-    recs.append(_rec("route:glider", scores, accuracy(picks, ident), base_active + lora_size, global_s,
-                     note="per token and layer: local |cos(x, v_e)| + global cosine, top-1"))
     kdocs = EvalDocs.build(tokenizer, {d: [x.text for x in (split["validation"][d] or split["train"][d][-4:])
                                            [:cfg["kshot"]]] for d in domains}, cfg["seq_len"], cfg["eval_windows"])
     from moekit.bench.compose import _with_adapter

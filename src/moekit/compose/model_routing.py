@@ -5,8 +5,7 @@
   of the base model. Saved as JSON (coefficients, vocabulary, idf): no pickle.
 - Glider (Li et al.): a global semantic router (cosine between the input's embedding and each expert's task
   embedding, here the centroid of its training documents' embeddings, where the paper embeds an LLM-written task
-  description) plus a per-layer, per-token local router over the LoRA experts (here, Arrow-style, the top right
-  singular vector of each expert's ΔW, |cos(x, v_e)|); score = local + alpha · global, top-k, softmax weights.
+  description); its per-layer local router is in moekit.compose.glider.
 - K-shot selection (Open-knowledge MoE, Yang et al.): from a pool, pick experts by K-shot performance and
   diversity: greedily, the best performer first, then the one maximising performance - λ · max similarity to those
   already picked (performance min-max normalised; similarity: cosine of the flattened LoRA updates).
@@ -209,69 +208,6 @@ def _embed(texts: list[str], model, tokenizer, tfidf: TfidfFeatures | None) -> n
     if model is None or tokenizer is None:
         raise RouterError("a hidden-state router needs the base model and its tokenizer (--model)")
     return _standardise(hidden_features(model, tokenizer, texts))
-
-
-class GliderLinear(nn.Module):
-    """One linear layer with Glider's local router over a pool of LoRA experts (moekit.compose.lora_moe.LoraPool):
-    per token, score_e = |cos(x, v_e)| + alpha · global_e, top-k, softmax(score / temperature) over the chosen."""
-
-    def __init__(self, base: nn.Linear, pool, alpha: float = 1.0, k: int = 1, temperature: float = 0.1) -> None:
-        super().__init__()
-        self.base, self.pool, self.alpha, self.k, self.temperature = base, pool, alpha, min(k, pool.n_experts), \
-            temperature
-        with torch.no_grad():  # v_e: top right singular vector of B_e A_e (Arrow's prototype)
-            protos = [torch.linalg.svd(pool.b[e].float() @ pool.a[e].float(), full_matrices=False)[2][0]
-                      for e in range(pool.n_experts)]
-        self.register_buffer("protos", torch.stack(protos))  # [E, in]
-        self.register_buffer("global_scores", torch.zeros(pool.n_experts))  # set per input by Glider.set_global
-        self.last_weights: Tensor | None = None
-
-    def weights(self, x: Tensor) -> Tensor:
-        """Routing weights [T, E] for tokens x [T, in] (zero outside each token's top-k)."""
-        local = (F.normalize(x.float(), dim=-1) @ self.protos.T).abs()
-        score = local + self.alpha * self.global_scores
-        top = torch.topk(score, self.k, dim=-1)
-        w = torch.zeros_like(score).scatter(-1, top.indices, torch.softmax(top.values / self.temperature, dim=-1))
-        self.last_weights = w.detach()  # [T, E] of the last forward (routing accuracy in bench compose)
-        return w
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        delta = self.pool.delta(flat, self.weights(flat)).reshape(*x.shape[:-1], -1)
-        return self.base(x) + delta.to(x.dtype)
-
-
-class Glider:
-    """Glider attached to a model in place: `set_global(scores)` before each input; `detach()` restores it."""
-
-    def __init__(self, model: nn.Module, adapters: list, global_router: GliderGlobal | None = None,
-                 alpha: float = 1.0, k: int = 1, temperature: float = 0.1) -> None:
-        from moekit.compose.adapters import check_pool
-        from moekit.compose.lora_moe import LoraPool
-
-        modules = check_pool(model, adapters)
-        self.model, self.global_router, self.originals, self.layers = model, global_router, {}, {}
-        for name in modules:
-            base = model.get_submodule(name)
-            layer = GliderLinear(base, LoraPool.from_weights(adapters, name), alpha, k, temperature)
-            self.originals[name], self.layers[name] = base, layer
-            _set(model, name, layer)
-
-    def set_global(self, scores) -> None:
-        s = torch.as_tensor(np.asarray(scores), dtype=torch.float32).reshape(-1)
-        for layer in self.layers.values():
-            layer.global_scores.copy_(s)
-
-    def detach(self) -> nn.Module:
-        for name, base in self.originals.items():
-            _set(self.model, name, base)
-        self.layers = {}
-        return self.model
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 # --- K-shot selection --------------------------------------------------------------------------------------------
