@@ -77,15 +77,16 @@ def token_stream(tokenizer, texts: Sequence[str]) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def training_texts(data: list[str] | None, max_docs_per_domain: int | None = 300, seed: int = 0) -> list[str]:
-    """`data` files' texts, else the trainer's corpus (train split; `max_docs_per_domain` per domain)."""
+def training_texts(data: list[str] | None, max_docs_per_domain: int | None = 300) -> list[str]:
+    """`data` files' texts, else the trainer's corpus (train split, split as the default recipes split it: corpus
+    seed 0, so the default model's held-out documents stay out; `max_docs_per_domain` per domain)."""
     if data:
         from moekit.data import read_documents
 
         return [d.text for d in read_documents(data)]
     from moekit.train.corpus import build_corpus
 
-    return list(build_corpus(None, None, max_docs_per_domain, seed).texts("train"))
+    return list(build_corpus(None, None, max_docs_per_domain, 0).texts("train"))
 
 
 def _batch(tokens: Tensor, settings: Finetune, step: int) -> Tensor:
@@ -190,7 +191,7 @@ def finetune_checkpoint(model_path: str, out: str, settings: Finetune, data: lis
     out_dir = check_out(out, source, data or [], force)
     if not any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(f"{source}: no tokenizer.json; expected the checkpoint's tokenizer next to it")
-    texts = training_texts(data, seed=settings.seed)
+    texts = training_texts(data)
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokens = token_stream(tokenizer, texts)
     try:
