@@ -82,3 +82,39 @@ def test_bad_input(tmp_path, capsys, dense_dir):
         lines = [line for line in err.strip().splitlines() if "Loading weights" not in line]  # transformers' bar
         assert len(lines) == 1 and lines[0].startswith("moekit route: error: ") and "Traceback" not in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_kshot_selects_the_adapter_trained_on_the_kshot_text(tmp_path, capsys, dense_dir, tokenizer):
+    """A pool of a random adapter (twice) and one trained on the K-shot text: the trained one has the lower K-shot
+    loss and is picked first; the similarity of the duplicate pair is 1."""
+    from moekit.compose.lora import train_domain_lora
+    from moekit.data import encode
+
+    text = "the cat sat on the mat and the dog sat on the log. " * 6
+    kshot = write_jsonl(tmp_path / "k.jsonl", [text], ["k"])
+    model = dense_lm_for(dense_dir)
+    windows = __import__("torch").tensor([encode(tokenizer, text)[:24]] * 4)
+    train_domain_lora(model, "k", tmp_path / "good", steps=15, windows=windows, rank=4, alpha=8, lr=5e-3,
+                      batch_size=4, target_modules=["o_proj"], progress=False)
+    from compose.conftest import save_random_adapter
+
+    save_random_adapter(dense_lm_for(dense_dir), tmp_path / "rand", seed=1, targets=["o_proj"], alpha=0.5)
+    code, out, err = run(["route", "kshot", str(tmp_path / "rand"), str(tmp_path / "good"), str(tmp_path / "rand"),
+                          "--data", str(kshot), "--model", str(dense_dir), "--m", "2"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    nll = result["nll"]
+    assert nll[str(tmp_path / "good")] < nll[str(tmp_path / "rand")]
+    assert result["selected"][0] == str(tmp_path / "good") and len(set(result["selected"])) == 2
+    assert abs(result["similarity"][0][2] - 1) < 1e-5
+    code, _, err = run(["route", "kshot", "--data", str(kshot), "--model", str(dense_dir)], capsys)
+    assert code == 2 and "empty adapter pool" in err
+    code, _, err = run(["route", "kshot", str(tmp_path / "good"), "--data", str(kshot), "--model", str(dense_dir),
+                        "--m", "3"], capsys)
+    assert code == 2 and "--m 3: expected 1 <= m <= 1" in err
+
+
+def dense_lm_for(path):
+    from compose.conftest import dense_lm
+
+    return dense_lm(vocab_size=json.loads((path / "config.json").read_text())["vocab_size"])

@@ -2,6 +2,8 @@
 and `moekit route apply ROUTER.json --data FILE... [--model PATH]`: a model-level router (Composition of Experts'
 category classifier on TF-IDF or hidden states, or Glider's global router) fitted on labelled documents (.jsonl with
 `text` and `domain`), then applied per document; JSON output with the routing accuracy where documents are labelled.
+`moekit route kshot ADAPTER... --data FILE... [--model PATH] [--m M] [--diversity L]`: K-shot selection of experts
+from a pool by their K-shot performance and diversity.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                      help="category-to-expert map entry (default: each category is its own expert)")
     fit.add_argument("--features", choices=("tfidf", "hidden"), default="hidden",
                      help="glider-global: input embeddings (default hidden)")
+    ks = sub.add_parser("kshot", help="select experts from an adapter pool by K-shot performance and diversity")
+    ks.add_argument("adapters", metavar="ADAPTER", nargs="*", help="PEFT LoRA adapter directories (the pool)")
+    ks.add_argument("--data", action="append", metavar="FILE", required=True, help="the K-shot examples")
+    ks.add_argument("--model", help="base checkpoint the adapters were trained on (default: the default model)")
+    ks.add_argument("--m", type=int, default=1, help="experts to select (default 1)")
+    ks.add_argument("--diversity", type=float, default=0.5,
+                    help="weight of the redundancy penalty (max similarity to those picked; default 0.5)")
     ap = sub.add_parser("apply", help="route documents with a fitted router")
     ap.add_argument("router", metavar="ROUTER", help="router file written by moekit route fit")
     ap.add_argument("--data", action="append", metavar="FILE", required=True, help=".jsonl or text documents")
@@ -71,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from moekit.data import read_documents
     from moekit.files import check_output
 
+    if args.route_command == "kshot":
+        return _kshot(args)
     if args.route_command == "fit":
         check_router(args.router)
         check_output(args.out, args.data, flag="--out", directory=False, error=RouterError)
@@ -112,4 +123,28 @@ def run(args: argparse.Namespace) -> int:
     if labelled:
         result["accuracy"] = sum(r["category"] == r["label"] for r in labelled) / len(labelled)
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def _kshot(args: argparse.Namespace) -> int:
+    from moekit.compose.adapter_io import check_against_model, load_base, read_pool
+    from moekit.compose.adapters import read_adapter
+    from moekit.compose.model_routing import adapter_similarity, kshot_nll, kshot_select
+    from moekit.data import read_documents
+
+    pool = read_pool(args.adapters)
+    if not 1 <= args.m <= len(pool):
+        raise ConfigError(f"--m {args.m}: expected 1 <= m <= {len(pool)} (the pool's size)")
+    docs = read_documents(args.data)
+    path, model, tokenizer = load_base(args.model)
+    if tokenizer is None:
+        raise ConfigError(f"--model {path}: no tokenizer.json; expected a checkpoint with its tokenizer")
+    for adapter in pool:
+        check_against_model(adapter, model, str(path))
+    nll = kshot_nll(model, tokenizer, args.adapters, [d.text for d in docs])
+    sim = adapter_similarity([read_adapter(a) for a in args.adapters])
+    picked = kshot_select([-x for x in nll], sim, args.m, args.diversity)
+    print(json.dumps({"selected": [str(args.adapters[i]) for i in picked], "kshot_examples": len(docs),
+                      "nll": {str(a): x for a, x in zip(args.adapters, nll, strict=True)},
+                      "similarity": sim.tolist()}, indent=1))
     return 0

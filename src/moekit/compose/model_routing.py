@@ -244,6 +244,29 @@ def adapter_similarity(adapters: list) -> Tensor:
     return x @ x.T
 
 
+@torch.no_grad()
+def kshot_nll(model: nn.Module, tokenizer, adapter_dirs: list, texts: list[str], max_tokens: int = 512) -> list[float]:
+    """Mean next-token NLL of each adapter (PEFT, loaded in turn) on the K-shot texts (each cut at max_tokens)."""
+    from peft import PeftModel
+
+    from moekit.data import encode
+
+    ids = [torch.tensor([encode(tokenizer, t)[:max_tokens]]) for t in texts]
+    ids = [x for x in ids if x.shape[1] >= 2]
+    if not ids:
+        raise RouterError("K-shot texts: none of two or more tokens; expected some K-shot examples")
+    out = []
+    for path in adapter_dirs:
+        peft_model = PeftModel.from_pretrained(model, str(path)).eval()
+        try:
+            total = sum(float(F.cross_entropy(peft_model(input_ids=x).logits[0, :-1].float(), x[0, 1:],
+                                              reduction="sum")) for x in ids)
+        finally:
+            peft_model.unload()
+        out.append(total / sum(x.shape[1] - 1 for x in ids))
+    return out
+
+
 # --- P-Adapters' MoE: continuous prompt experts ------------------------------------------------------------------
 
 class PromptedLM(nn.Module):
