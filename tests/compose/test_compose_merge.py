@@ -206,3 +206,23 @@ def test_cli_merge(tmp_path, dense_dir, capsys):
     assert json.loads(capsys.readouterr().out)["compression_ratio"] > 8
     assert main(["lora", "compress", str(a), "--density", "2", "--out", str(tmp_path / "d")]) == 2
     assert "--density=2.0: expected" in capsys.readouterr().err
+
+
+def test_sum_of_adapters_on_different_modules_loads_in_peft(tmp_path, dense_dir):
+    """Union of targets: o_proj in both (ranks 4 + 2), q_a_proj in one (rank 2): per-module ranks in rank_pattern."""
+    from peft import PeftModel
+
+    from compose.conftest import save_random_adapter
+
+    vocab = dense_dir_vocab(dense_dir)
+    a = save_random_adapter(dense_lm(vocab_size=vocab), tmp_path / "a", seed=0, r=4, targets=["o_proj"])
+    b = save_random_adapter(dense_lm(vocab_size=vocab), tmp_path / "b", seed=1, r=2, targets=["o_proj", "q_a_proj"])
+    report = merge_adapters([a, b], "sum", tmp_path / "m", model=dense_dir)
+    merged = read_adapter(tmp_path / "m")
+    ranks = {m: t[0].shape[0] for m, t in merged.modules().items()}
+    assert sorted(set(ranks.values())) == [2, 6] and report["rank"] == 6
+    ids = torch.tensor([[3, 5, 7, 11, 13]])
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(dense_lm(vocab_size=vocab), tmp_path / "m")(input_ids=ids).logits
+        want = _with_delta(dense_lm(vocab_size=vocab), [read_adapter(a), read_adapter(b)])(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4)
