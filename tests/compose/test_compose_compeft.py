@@ -18,6 +18,7 @@ from moekit.compose.compeft import (
     decompress_tensor,
     golomb_bits,
     load_compressed,
+    update_errors,
 )
 
 
@@ -128,3 +129,12 @@ def test_fused_expert_adapter_compresses_and_loads_in_peft(tmp_path):
     assert restored.tensors and all(torch.equal(state[k], t) for k, t in restored.tensors.items())
     with pytest.raises(AdapterError, match="fused expert parameters"):
         merge_adapters([src, src], "sum", tmp_path / "m", model=None)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3])
+def test_update_error_within_bound(tmp_path, density):
+    adapter = read_adapter(saved_lora(tmp_path / "lora", seed=2))
+    errors = update_errors(adapter, compress_adapter(adapter, density))
+    assert len(errors) == len(adapter.modules())
+    for error, bound in errors.values():
+        assert 0 < error <= bound * (1 + 1e-5)

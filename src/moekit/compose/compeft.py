@@ -10,8 +10,9 @@ Size: a tensor of n entries with k kept is stored as an n-bit mask, k sign bits 
 format); `golomb_bits` is what Golomb-Rice coding of the kept positions would take instead (the paper's accounting).
 The ratio is the original tensors' bits (at their stored dtype) over the compressed bits.
 
-Applied to a LoRA adapter, lora_A and lora_B are compressed each with its own scale; `decompress_adapter` writes a
-plain PEFT adapter again.
+Applied to a LoRA adapter, lora_A and lora_B are compressed each with its own scale; the update's error is then
+bounded by ||ΔW - ΔŴ||_F <= s·(||B||_2 ||A - Â||_F + ||B - B̂||_F ||Â||_2) (`update_errors`). `decompress_adapter`
+writes a plain PEFT adapter again.
 """
 
 from __future__ import annotations
@@ -132,6 +133,27 @@ def compress_adapter(adapter: LoraAdapter, density: float) -> CompressedAdapter:
 
 def decompressed_tensors(c: CompressedAdapter) -> dict[str, Tensor]:
     return {k: decompress_tensor(t, c.dtypes[k]) for k, t in c.tensors.items()}
+
+
+def update_errors(adapter: LoraAdapter, c: CompressedAdapter) -> dict[str, tuple[float, float]]:
+    """{module: (||ΔW - ΔŴ||_F, its bound)} where ΔW = s·B A: since BA - B̂Â = B(A - Â) + (B - B̂)Â,
+    ||ΔW - ΔŴ||_F <= s·(||B||_2 ||A - Â||_F + ||B - B̂||_F ||Â||_2), the tensors' errors from the identity above."""
+    from moekit.compose.adapter_io import _KEY
+
+    keys = {}
+    for key in c.tensors:
+        m = _KEY.match(key)
+        if m:
+            keys.setdefault(m["module"], {})[m["part"]] = key
+    out = {}
+    for module, (a, b, scale) in adapter.modules().items():
+        ka, kb = keys[module]["A"], keys[module]["B"]
+        a_hat, b_hat = decompress_tensor(c.tensors[ka]), decompress_tensor(c.tensors[kb])
+        error = scale * float(torch.linalg.matrix_norm(b.float() @ a.float() - b_hat @ a_hat))
+        bound = scale * (float(torch.linalg.matrix_norm(b.float(), ord=2)) * c.tensors[ka].error_fro
+                         + c.tensors[kb].error_fro * float(torch.linalg.matrix_norm(a_hat, ord=2)))
+        out[module] = (error, bound)
+    return out
 
 
 def _pack(bits: Tensor) -> Tensor:
