@@ -49,3 +49,22 @@ def save_tiny_tokenizer(directory, vocab: int = 300) -> int:
     tok.train_from_iterator([TEXT] * 4, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(directory)
     return tok.get_vocab_size()
+
+
+WORDS = ["the", "a", "fox", "dog", "cat", "runs", "jumps", "over", "under", "quick", "lazy", "brown", "red", "code",
+         "python", "list", "of", "experts", "token"]
+
+
+def tiny_bert_dir(directory, seed: int = 0):
+    """A tiny BertModel and a WordPiece tokenizer over WORDS, saved in `directory`."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True)
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    tok.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    BertModel(config).eval().save_pretrained(directory)
+    return tok

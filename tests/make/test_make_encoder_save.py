@@ -8,28 +8,13 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from make_families import tiny_bert_dir
+from transformers import BertModel, BertTokenizerFast
 
 from moekit.cli.main import main
 from moekit.errors import ConfigError
 from moekit.make.encoder import moefy_encoder
 from moekit.make.encoder_save import load_encoder, save_encoder
-
-WORDS = ["the", "a", "fox", "dog", "cat", "runs", "jumps", "over", "under", "quick", "lazy", "brown", "red", "code",
-         "python", "list", "of", "experts", "token"]
-
-
-def tiny_bert_dir(directory, seed: int = 0):
-    """A tiny BertModel and a WordPiece tokenizer over WORDS, saved in `directory`."""
-    directory.mkdir(parents=True)
-    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
-    tok.save_pretrained(directory)
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
-    BertModel(config).eval().save_pretrained(directory)
-    return tok
 
 
 def test_saved_encoder_loads_in_transformers_and_matches(tmp_path):

