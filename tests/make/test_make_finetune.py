@@ -100,3 +100,20 @@ def test_default_bias_rate_keeps_a_moefied_models_choice():
     assert float(bias.abs().max()) == pytest.approx(rate, rel=1e-4)
     upcycled, _ = mk.upcycle(dense, experts=4, k=2)
     assert finetune_model(upcycled, tokens, settings, progress=False)[0]["bias_rate"] == 1e-3
+
+
+def test_tokenizer_of_the_dense_twin_and_a_checkpoint_without_one(tmp_path, monkeypatch, capsys):
+    import moekit.default
+    from moekit.make.run import tokenizer_dir
+
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    monkeypatch.setattr(moekit.default, "DEFAULT_DENSE_DIR", twin)
+    assert tokenizer_dir(twin) == moekit.default.DEFAULT_MODEL_DIR  # the twin shares the default's tokenizer
+    bare = tmp_path / "bare"
+    dense_model("qwen3", vocab=300).save_pretrained(bare)
+    assert tokenizer_dir(bare, required=False) is None
+    capsys.readouterr()
+    assert main(["make", "finetune", str(bare), "--steps", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tokenizer files" in err[0] and not (tmp_path / "out").exists()

@@ -66,7 +66,7 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
     from moekit.eval import perplexity
     from moekit.make.convert import target_of
     from moekit.make.finetune import Finetune, finetune_model, token_stream
-    from moekit.make.run import dense_config, load_dense
+    from moekit.make.run import dense_config, load_dense, tokenizer_dir
 
     source = Path(model_path)
     config = dense_config(source)
@@ -76,7 +76,7 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
     minutes = (None if quick else 20.0) if minutes is None else minutes
     train_settings = Finetune(steps=2, batch_size=2, seq_len=32, warmup=1) if quick and minutes is None else \
         Finetune(minutes=minutes, batch_size=8, seq_len=256)
-    tok = AutoTokenizer.from_pretrained(source)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(source))
     dense = load_dense(source)
     train_docs, eval_docs, cal_docs = _data(data, quick)
     tokens = token_stream(tok, [d.text for d in train_docs])
@@ -169,9 +169,10 @@ def _scratch(path: str, tok, base: dict, ppl, dense_ppl: float) -> dict:
     from transformers import AutoTokenizer
 
     from moekit.eval import load_model_and_tokenizer
+    from moekit.make.run import tokenizer_dir
 
     _, model, _, _ = load_model_and_tokenizer(path)
-    other = AutoTokenizer.from_pretrained(path)
+    other = AutoTokenizer.from_pretrained(tokenizer_dir(path))
     if other.get_vocab() != tok.get_vocab():
         return {**base, "setting": "scratch", "scratch": path, "note": "different tokenizer; not comparable"}
     value = ppl(model)

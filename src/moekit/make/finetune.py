@@ -179,20 +179,19 @@ def finetune_checkpoint(model_path: str, out: str, settings: Finetune, data: lis
     (None: the trainer's corpus), written to `out`. Returns a summary (first and last loss, steps, seconds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moekit.compress.run import TOKENIZER_FILES, check_out
+    from moekit.compress.run import check_out
     from moekit.files import atomic_write, swap_in, temp_dir
     from moekit.hf.checkpoint import CheckpointError
     from moekit.make.convert import runnable
-    from moekit.make.run import dense_config
+    from moekit.make.run import copy_tokenizer, dense_config, tokenizer_dir
 
     settings.check()
     source = Path(model_path)
     dense_config(source)  # a decoder of a known family, dense or MoE, with safetensors
     out_dir = check_out(out, source, data or [], force)
-    if not any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        raise CheckpointError(f"{source}: no tokenizer.json; expected the checkpoint's tokenizer next to it")
+    tok_dir = tokenizer_dir(source)
     texts = training_texts(data)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     tokens = token_stream(tokenizer, texts)
     try:
         model = runnable(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True))
@@ -201,12 +200,9 @@ def finetune_checkpoint(model_path: str, out: str, settings: Finetune, data: lis
     with temp_dir(out_dir, "finetune") as tmp:
         records = finetune_model(model, tokens, settings, progress, metrics_path=tmp / "metrics.jsonl")
         model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
-        for name in ("plan.json",):
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
+        copy_tokenizer(source, tmp)
+        if (source / "plan.json").is_file():
+            shutil.copyfile(source / "plan.json", tmp / "plan.json")
         summary = {"source": str(source), "out": str(out_dir), "model_type": model.config.model_type,
                    "steps": len(records), "seconds": records[-1]["elapsed_s"] if records else 0.0,
                    "first_loss": records[0]["loss"] if records else None,

@@ -43,6 +43,35 @@ def dense_config(path: str | os.PathLike):
         raise CheckpointError(f"{config_path}: not a valid {model_type} config ({str(err).splitlines()[0]})") from None
 
 
+_TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer.model", "vocab.txt")
+
+
+def tokenizer_dir(source: str | os.PathLike, required: bool = True) -> Path | None:
+    """Where the checkpoint's tokenizer lives: `source` itself, or for the embedded dense twin (which shares the
+    default model's tokenizer) the default model's directory. CheckpointError when there is none and `required`."""
+    from moekit.default import DEFAULT_DENSE_DIR, DEFAULT_MODEL_DIR
+
+    source = Path(source)
+    if any((source / name).is_file() for name in _TOKENIZER_VOCAB):
+        return source
+    if source.resolve() == DEFAULT_DENSE_DIR.resolve():
+        return DEFAULT_MODEL_DIR
+    if required:
+        raise CheckpointError(f"{source}: no tokenizer files ({', '.join(_TOKENIZER_VOCAB)}); expected the "
+                              "checkpoint's tokenizer next to its weights")
+    return None
+
+
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """The tokenizer files of `source` (see `tokenizer_dir`) copied into `out`, if it has any."""
+    from moekit.compress.run import TOKENIZER_FILES
+
+    where = tokenizer_dir(source, required=False)
+    for name in TOKENIZER_FILES if where is not None else ():
+        if (where / name).is_file():
+            shutil.copyfile(where / name, out / name)
+
+
 def _model_type(path: str | os.PathLike) -> str | None:
     try:
         return json.loads(read_bounded(Path(path) / "config.json", 1 << 20, "config.json")).get("model_type")
@@ -68,7 +97,7 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
     from transformers import AutoTokenizer
 
     from moekit.compress.calibrate import token_windows
-    from moekit.compress.run import TOKENIZER_FILES, check_out
+    from moekit.compress.run import check_out
     from moekit.data import read_documents
     from moekit.hf import save
 
@@ -99,7 +128,7 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
     out_dir = check_out(out, source, data or [], force)
     model = load_dense(source)
     inputs = domains = None
-    tokenizer = AutoTokenizer.from_pretrained(source) if docs else None
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(source)) if docs else None
     if docs and partition != "btx":
         windows = token_windows(tokenizer, docs, model, max_tokens)
         layer_ids = list(range(model.config.num_hidden_layers)) if layers is None else layers
@@ -121,9 +150,7 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
                           domains=domains)
     with temp_dir(out_dir, "make") as tmp:
         save(moe, tmp, force=True)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
+        copy_tokenizer(source, tmp)
         (tmp / "plan.json").write_text(json.dumps(plan))
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
