@@ -46,7 +46,8 @@ def test_dense_models_train_too_and_minutes_end_the_run():
     (Finetune(steps=0), "--steps=0"),
     (Finetune(minutes=float("nan")), "--minutes=nan"),
     (Finetune(steps=2, lr=-1.0), "--lr=-1.0"),
-    (Finetune(steps=2, seq_len=64), "expected more than seq_len=64"),
+    (Finetune(steps=2, seq_len=50), "expected more than seq_len=50"),
+    (Finetune(steps=2, seq_len=65), "expected at most the model's context of 64"),
 ])
 def test_bad_settings(settings, message):
     with pytest.raises(ConfigError, match=message):

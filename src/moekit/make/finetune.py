@@ -110,10 +110,14 @@ def finetune_model(model: nn.Module, tokens: Tensor, settings: Finetune, progres
     `metrics_path` when given). The model is left in eval mode."""
     from tqdm import tqdm
 
+    from moekit.data import context_length
     from moekit.train.balance import LoadRecorder, correction_biases, load_stats, update_biases
     from moekit.train.trainer import model_type_is_moe
 
     settings.check()
+    if settings.seq_len > context_length(model):
+        raise ConfigError(f"--seq-len={settings.seq_len}: expected at most the model's context of "
+                          f"{context_length(model)} tokens")
     if tokens.numel() <= settings.seq_len:
         raise ConfigError(f"training text: {tokens.numel()} tokens; expected more than seq_len={settings.seq_len}")
     moe = model_type_is_moe(model.config)
