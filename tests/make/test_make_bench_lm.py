@@ -31,13 +31,13 @@ def test_quick_lm_bench(tmp_path, capsys):
     assert main(["bench", "make", "--lm", str(src), "--quick", "--data", str(data), "--json"]) == 0
     records = json.loads(capsys.readouterr().out)
     settings = [r["setting"] for r in records]
-    assert settings == ["dense"] + (["moefied"] * 2 + ["moefied+finetune"]) * 2 + \
+    assert settings == ["dense"] + (["moefied"] * 2 + ["moefied+distill", "moefied+finetune"]) * 2 + \
         ["upcycled", "upcycled+finetune", "dense+finetune", "btx", "bam"]
     dense_ppl = records[0]["ppl"]
     for r in records[1:]:
         assert r["ppl_over_dense"] == pytest.approx(r["ppl"] / dense_ppl, rel=1e-3)
     assert records[1]["active"] == 0.5 and (records[1]["experts"], records[1]["shared"], records[1]["k"]) == (7, 1, 3)
-    assert records[4]["active"] == 0.25 and records[4]["k"] == 1
+    assert records[5]["active"] == 0.25 and records[5]["k"] == 1
     assert [r["train_steps"] for r in records if "finetune" in r["setting"]] == [2, 2, 2, 2]
     assert records[-2]["domains"] == ["a", "b"] and records[-2]["train_steps"] == 4  # 2 branches x 2 steps
     upcycled = next(r for r in records if r["setting"] == "upcycled")

@@ -1,6 +1,7 @@
 """`moekit bench make --lm MODEL`: the language side of issue 17. A dense causal LM (the default model's dense twin,
 passed explicitly) MoEfied at 50% and 25% of its FFN neurons active with each partition and router, perplexity
-against the dense model without training and after a short continued training (`--minutes`, `make.finetune`);
+against the dense model without training, after module-to-module distillation of its MoE blocks from the dense
+FFNs (`make.distill`, 300 steps per layer), and after a short continued training (`--minutes`, `make.finetune`);
 sparse-upcycled (step 0 and after the same training); BTX (one branch per domain of the training text, each
 trained 1/D of the same budget, mixed with a hidden-state router, no training after mixing); and BAM (the same
 branches, attention too as their soft mixture). Since continued training on the corpus may help the dense model
@@ -65,6 +66,7 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
     from moekit.compress.calibrate import token_windows
     from moekit.eval import perplexity
     from moekit.make.convert import target_of
+    from moekit.make.distill import distill_blocks
     from moekit.make.finetune import Finetune, finetune_model, token_stream
     from moekit.make.run import dense_config, load_dense, tokenizer_dir
 
@@ -116,6 +118,10 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
                 router=router, make_s=round(time.perf_counter() - t0, 2))
             if best is None or value < best[0]:
                 best = (value, moe, partition, router)
+        distilled = copy.deepcopy(best[1])
+        distill_blocks(distilled, dense, [w for w, _ in windows], steps=5 if quick else 300, max_tokens=max_cal)
+        add("moefied+distill", ppl(distilled), active=fraction, experts=experts, shared=shared, k=k,
+            partition=best[2], router=best[3], distill_steps=5 if quick else 300)
         value, steps = trained(best[1])
         add("moefied+finetune", value, active=fraction, experts=experts, shared=shared, k=k, partition=best[2],
             router=best[3], train_steps=steps, train_minutes=minutes)

@@ -1,0 +1,77 @@
+"""Module-to-module distillation (m2mKD) of a made MoE from its dense teacher: each MoE block (the student module)
+learns to reproduce the teacher's FFN (the teacher module) on the hidden states the teacher itself produces at that
+layer (the teacher's context, m2mKD's shared meta model), by mean squared error, one layer at a time. Only the MoE
+blocks' parameters move (router, routed and shared experts); attention, norms and embeddings stay as they are.
+
+This is the cheapest repair of a MoEfied model: the per-layer targets need one forward of the teacher, and each
+layer trains on its own. The chosen experts' weights depend on the router's scores, so the router learns through
+them (with top-k selection itself not differentiable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.errors import ConfigError
+
+
+def _mse(block: nn.Module, x: Tensor, target: Tensor, idx: Tensor) -> Tensor:
+    """The MoE block's mean squared error to the teacher's FFN outputs on the tokens `idx` of x [N, H]."""
+    out = block(x[idx].unsqueeze(0))
+    out = out[0] if isinstance(out, tuple) else out
+    return F.mse_loss(out.squeeze(0), target[idx])
+
+
+def distill_blocks(student: nn.Module, teacher: nn.Module, windows: Sequence[Tensor], steps: int = 200,
+                   lr: float = 1e-3, batch: int = 256, max_tokens: int = 4096, seed: int = 0,
+                   held_out: float = 0.1) -> list[dict]:
+    """Train every MoE block of `student` (a model made from `teacher` by `moefy` / `upcycle`) to output what the
+    teacher's FFN of that layer outputs on the teacher's own FFN inputs over the calibration `windows` (ids [L]
+    each). In place. Returns per layer {layer, mse_before, mse_after} on the held-out share of the tokens."""
+    import moekit.hf as mh
+    from moekit.make import capture_inputs, ffn
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps={steps!r}: expected a positive integer")
+    family = mh.FAMILIES.get(getattr(student.config, "model_type", None))
+    blocks = mh.view(student) if family is not None and family.moe_layers(student.config) else []
+    if not blocks:
+        raise ConfigError("student: no MoE block; expected a model made by moefy or upcycle")
+    layers = [b.layer for b in blocks]
+    if teacher.config.num_hidden_layers != student.config.num_hidden_layers:
+        raise ConfigError(f"teacher: {teacher.config.num_hidden_layers} layers; expected the student's "
+                          f"{student.config.num_hidden_layers}")
+    inputs = capture_inputs(teacher, windows, layers, max_tokens)
+    g = torch.Generator().manual_seed(seed)
+    report = []
+    for block in blocks:
+        x = inputs[block.layer]
+        with torch.no_grad():
+            target = ffn(teacher, block.layer)(x)
+        order = torch.randperm(x.shape[0], generator=g)
+        n_test = max(1, int(held_out * x.shape[0]))
+        test, train = order[:n_test], order[n_test:]
+        if train.numel() < 1:
+            raise ConfigError(f"windows: {x.shape[0]} tokens; expected enough to hold some out")
+        module = block.block
+        params = [p for p in module.parameters() if p.is_floating_point()]
+
+        with torch.no_grad():
+            before = float(_mse(module, x, target, test))
+        opt = torch.optim.Adam(params, lr=lr)
+        module.train()
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = train[torch.randint(0, train.numel(), (min(batch, train.numel()),), generator=g)]
+                opt.zero_grad()
+                _mse(module, x, target, idx).backward()
+                opt.step()
+        module.eval()
+        with torch.no_grad():
+            report.append({"layer": block.layer, "mse_before": before,
+                           "mse_after": float(_mse(module, x, target, test))})
+    return report
