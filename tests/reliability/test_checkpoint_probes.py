@@ -1,8 +1,8 @@
-"""Issue 14's checkpoint probes (defects 1, 2, 3, 11, 15, 16): corrupted copies of moekit-tiny, made here at test
-time. Every one is refused before any model is built, as one MoekitError line: `moekit info` and `moekit eval`
-exit 2 with one line on stderr naming the file and field, `moekit.hf.load` raises a MoekitError, the inputs keep
-their bytes and nothing is written. Before the fix each of these loaded, hung, ran out of memory or ended in a
-traceback (the issue lists what each did)."""
+"""Issue 14's checkpoint probes (defects 1, 2, 3, 11, 15, 16): corrupted copies of a checkpoint shaped like
+moekit-tiny v1 (`probe_checkpoint`), made here at test time. Every one is refused before any model is built, as
+one MoekitError line: `moekit info` and `moekit eval` exit 2 with one line on stderr naming the file and field,
+`moekit.hf.load` raises a MoekitError, the inputs keep their bytes and nothing is written. Before the fix each of
+these loaded, hung, ran out of memory or ended in a traceback (the issue lists what each did)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_util import probe_checkpoint
 
 import moekit.hf as mh
 from moekit.cli.main import main
@@ -31,11 +32,11 @@ DOWN = "model.layers.0.mlp.experts.0.down_proj.weight"  # BF16 [256, 384]
 
 @pytest.fixture
 def tiny(tmp_path) -> Path:
-    """A copy of moekit-tiny's checkpoint (config, weights, tokenizer) in tmp_path/model; tmp_path is the cwd."""
+    """A copy of the probe checkpoint (config, weights, tokenizer) in tmp_path/model; tmp_path is the cwd."""
     model = tmp_path / "model"
     model.mkdir()
     for name in FILES:
-        shutil.copyfile(default_model_path() / name, model / name)
+        shutil.copyfile(probe_checkpoint() / name, model / name)
     os.chdir(tmp_path)
     return model
 
@@ -214,10 +215,8 @@ def test_k_outside_one_to_experts(capsys, tmp_path, tiny, k):
 
 @pytest.fixture(scope="module")
 def manifest_checkpoint(tmp_path_factory) -> Path:
-    """moekit-tiny with layer 3 cut to 6 experts: a moekit manifest checkpoint."""
-    from moekit.default import default_model
-
-    model = default_model(torch.bfloat16)
+    """The probe checkpoint with layer 3 cut to 6 experts: a moekit manifest checkpoint."""
+    model = mh.load(probe_checkpoint())
     block = mh.view(model)[3]
     family = mh.family_of(model.config)
     from moekit.hf.manifest import resize_block
@@ -288,7 +287,7 @@ def test_norm_relabelled_as_integer(capsys, tmp_path, tiny):
 def _outside_shard(tmp_path: Path) -> Path:
     """A whole, valid copy of the weights beside the checkpoint: what an escaping index would have read."""
     outside = tmp_path / "outside.safetensors"
-    shutil.copyfile(default_model_path() / SINGLE, outside)
+    shutil.copyfile(probe_checkpoint() / SINGLE, outside)
     return outside
 
 
@@ -324,7 +323,7 @@ def test_hugging_face_cache_layout_loads(tmp_path):
     blobs.mkdir()
     snapshot.mkdir(parents=True)
     for i, name in enumerate(FILES):
-        shutil.copyfile(default_model_path() / name, blobs / f"blob{i}")
+        shutil.copyfile(probe_checkpoint() / name, blobs / f"blob{i}")
         (snapshot / name).symlink_to(Path("../../blobs") / f"blob{i}")
     assert mh.load(snapshot).config.model_type == "qwen3_moe"
 

@@ -21,7 +21,7 @@ PROBES = {
     "serve: port out of range": (["serve", "--port", "70000"], "port"),
     "serve: zero batch": (["serve", "--max-batch", "0"], "max-batch"),
     "place: zero devices": (["place", "--devices", "0", "--out", "OUT/p.json"], "devices"),
-    "place: more devices than experts": (["place", "--devices", "64", "--out", "OUT/p.json"], "devices"),
+    "place: more devices than experts": (["place", "--devices", "4096", "--out", "OUT/p.json"], "devices"),
     "place: nan time limit": (["place", "--devices", "4", "--time-limit", "nan", "--out", "OUT/p.json"],
                               "time-limit"),
     "make: an MoE as input": (["make", TINY, "--experts", "4", "--k", "2", "--out", "OUT/m"], "already an MoE"),

@@ -148,7 +148,8 @@ def test_predicted_experts_follow_the_token(engine):
     ids = engine.tokenizer("The cat sat on the mat").input_ids
     engine.submit(Request(ids, 2, print))
     engine.run_until_idle()
-    assert all(len(engine._by_token[t]) == len(engine.layers) * 2 for t in ids)  # k=2 experts in each layer
+    k = engine.model.config.num_experts_per_tok
+    assert all(len(engine._by_token[t]) == len(engine.layers) * k for t in ids)  # k experts in each layer
     seq = _Seq(Request(ids, 1, print), None, tokens=[ids[2]], experts={999})
     assert engine.predicted(seq) == engine._by_token[ids[2]]
     assert engine.predicted(_Seq(Request(ids, 1, print), None, tokens=[-5], experts={999})) == {999}
