@@ -154,3 +154,18 @@ def test_cli_dense_deepseek_to_moe(tmp_path, capsys):
     assert main(["make", str(src), "--experts", "8", "--k", "2", "--shared", "0", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "shared=0" in err[0] and not (tmp_path / "x").exists()
+
+
+def test_widths_grouped_mm_cannot_run_fall_back_to_eager(tmp_path):
+    """72 / (7 + 1) = 9 fp32 neurons per expert: rows of 36 bytes, which transformers' grouped_mm refuses. The
+    conversion switches the model to eager experts, and the saved checkpoint loads with experts_implementation."""
+    model = dense_model("deepseek_v3")
+    moe, _ = mk.moefy(model, experts=7, k=7)
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        out = moe(ids).logits
+        assert torch.allclose(out, model(ids).logits, atol=1e-4)
+    moe.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", experts_implementation="eager")
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, out, atol=1e-6)
