@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -149,6 +150,7 @@ def package(run_dir: str, dense_dir: str, out_dir: str, dense_out_dir: str, prev
         else:
             dense_params = sum(p.numel() for p in model.parameters())
             model.save_pretrained(dst)
+            (dst / "model.safetensors").chmod(0o644)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(run / "tokenizer" / name, dst / name)
     with (out / "test_split.jsonl").open("w") as f:
@@ -162,13 +164,107 @@ def package(run_dir: str, dense_dir: str, out_dir: str, dense_out_dir: str, prev
                "prose_source": corpus.prose_source, "held_out_perplexity": results, "held_out_balance": balance,
                "params": params, "dense_params": dense_params,
                "final_train_lm_loss": {"moe": sum(r["lm_loss"] for r in last) / len(last),
-                                       "dense": sum(r["lm_loss"] for r in _records(dense_run)[-50:]) / 50},
+                                       "dense": sum(r["lm_loss"] for r in _records(dense_run)[-50:])
+                                       / len(_records(dense_run)[-50:])},
                "median_tokens_per_s": {n: sorted(r["tokens_per_s"] for r in _records(d))[len(_records(d)) // 2]
                                        for n, d in (("moe", run), ("dense", dense_run))},
                "same_tokenizer_as_previous": bool(previous_dir) and (Path(previous_dir) / "tokenizer.json").read_text()
                == (run / "tokenizer" / "tokenizer.json").read_text()}
+    from moekit.core.tune import cpu_info
+
+    info = cpu_info()
+    summary["cpu"] = f"{info['cpu']} ({', '.join(info['cpu_flags']) or 'no bf16/AMX flags'}), {os.cpu_count()} CPUs"
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    config = json.loads((out / "config.json").read_text())
+    (out / "MODEL_CARD.md").write_text(model_card(summary, config, recipe))
     return summary
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def model_card(summary: dict, config: dict, recipe: dict) -> str:
+    """MODEL_CARD.md from the packaged summary: recipe, data, perplexity per domain against the dense twin and the
+    previous default, held-out balance per layer, the issue's targets met or missed, and the plots."""
+    ppl = summary["held_out_perplexity"]
+    domains = sorted(ppl["moe"])
+    bal = summary["held_out_balance"]
+    E, k, width = config["n_routed_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]
+    shared = config["n_shared_experts"]
+    tps = summary["median_tokens_per_s"]
+    lines = [
+        "# moekit-tiny (v2) and its dense twin", "",
+        "The default model every moekit verb uses when no model is given, and the dense model it is compared with. "
+        "Both were trained from scratch on this project's 2-core CPU machine, on real text no one here wrote, and "
+        "both are native transformers checkpoints: `AutoModelForCausalLM.from_pretrained(moekit.default_model_path())`"
+        " and `moekit.default_dense_model_path()` load them as they are.", "",
+        "| | |", "|---|---|",
+        f"| architecture | DeepSeek-V3 (`deepseek_v3`): {config['num_hidden_layers']} decoder layers, hidden "
+        f"{config['hidden_size']}, multi-head latent attention ({config['num_attention_heads']} heads, KV rank "
+        f"{config['kv_lora_rank']}, rope dim {config['qk_rope_head_dim']}); every MLP an MoE of {E} routed SwiGLU "
+        f"experts of width {width}, {k} routed per token (sigmoid scores, the balancing bias, weights renormalised "
+        f"and scaled by {config['routed_scaling_factor']}) plus {shared} shared expert of width {shared * width}; "
+        "tied embeddings |",
+        f"| parameters | {summary['params']:,} (MoE); {summary['dense_params']:,} (dense twin) |",
+        "| dense twin | `moekit-tiny-dense`: the same network with every layer dense "
+        f"(`first_k_dense_replace={config['num_hidden_layers']}`), an MLP of width {(k + shared) * width} = the "
+        f"{k} routed experts plus the shared one: equal active FLOPs per token, the router aside |",
+        "| tokenizer | byte-level BPE, 4096 tokens (`<|endoftext|>` = 0, `<|pad|>` = 1), trained on the training split"
+        + (" (identical to v1's)" if summary.get("same_tokenizer_as_previous") else "") + " |",
+        "| data | prose: the reST sources of the Python 3.11 documentation (Debian `python3.11-doc`); code: the `.py` "
+        "files of Python 3.11's standard library (tests excluded); documents split 90/5/5 by a sha1 hash of their "
+        "path |",
+        "| held-out split | `test_split.jsonl` beside this card |", "",
+        "## Recipe", "",
+        f"`moekit train --recipe tiny --out RUN` and `moekit train --recipe tiny-dense --out DENSE_RUN` (both in "
+        f"`src/moekit/train/trainer.py`): {recipe['steps']:,} steps of {recipe['batch_size']} sequences of "
+        f"{recipe['seq_len']} tokens ({summary['tokens'] / 1e6:.1f}M tokens), AdamW (lr {recipe['lr']:g}, "
+        f"{recipe['warmup']} warmup steps, cosine to {recipe['lr'] * recipe['min_lr_ratio']:g}, weight decay "
+        f"{recipe['weight_decay']:g}), clipping at {recipe['clip']:g}, bf16 autocast with fp32 master weights, seed "
+        f"{recipe['seed']}. Balance: DeepSeek-V3's auxiliary-loss-free bias (step {recipe['bias_update_rate']:g} "
+        f"per optimiser step by the sign of each expert's load against the mean) and its sequence-wise balance loss "
+        f"x {recipe['seq_balance_coef']:g}; no Switch loss, no z-loss. The two runs went side by side, one thread "
+        f"each; median throughput {tps['moe']:,.0f} tokens/s (MoE) and {tps['dense']:,.0f} (dense) on "
+        f"{summary.get('cpu', 'this machine')} (a median over all steps, some of them shared with other work). "
+        "Packaged with `python -m moekit.train.package RUN DENSE_RUN OUT DENSE_OUT [PREVIOUS]`.", "",
+        "## Perplexity on the held-out split", "",
+        f"The first {EVAL_TOKENS_PER_DOMAIN:,} tokens of each domain's test documents, float32, windows of "
+        f"{recipe['seq_len']}:", "",
+        "| domain | moekit-tiny v2 (MoE) | dense twin | v2 / dense | moekit-tiny v1 | v2 / v1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in domains:
+        prev = ppl.get("previous", {}).get(d)
+        lines.append(f"| {d} | {_fmt(ppl['moe'][d])} | {_fmt(ppl['dense'][d])} | {ppl['moe'][d] / ppl['dense'][d]:.3f}"
+                     f" | {_fmt(prev) if prev else '-'} | {ppl['moe'][d] / prev:.3f} |" if prev else
+                     f"| {d} | {_fmt(ppl['moe'][d])} | {_fmt(ppl['dense'][d])} | "
+                     f"{ppl['moe'][d] / ppl['dense'][d]:.3f} | - | - |")
+    lines += ["", "## Expert balance on the held-out split", "",
+              "Counted from the model's own selections (bias included) over the same held-out tokens of both domains:",
+              "", "| layer | load CV | least-loaded expert / uniform share | most loaded / uniform | dead experts |",
+              "|---|---|---|---|---|"]
+    for i, (cv, lo, hi, dead) in enumerate(zip(bal["load_cv"], bal["load_min"], bal["load_max"], bal["dead"],
+                                               strict=True)):
+        lines.append(f"| {i} | {cv:.3f} | {lo:.3f} | {hi:.2f} | {dead} |")
+    targets = [
+        ("every routed expert used: least load >= 0.25 of the uniform share in every layer",
+         min(bal["load_min"]) >= 0.25, f"least {min(bal['load_min']):.3f}"),
+        ("load CV <= 0.3 in every layer", max(bal["load_cv"]) <= 0.3, f"largest {max(bal['load_cv']):.3f}"),
+    ]
+    if "previous" in ppl:
+        worst = max(ppl["moe"][d] / ppl["previous"][d] for d in domains)
+        targets.append(("perplexity per domain at least 15% below v1's", worst <= 0.85,
+                        f"v2 / v1 at most {worst:.3f}"))
+    worst_dense = max(ppl["moe"][d] / ppl["dense"][d] for d in domains)
+    targets.append(("better than the dense twin in every domain", worst_dense < 1.0,
+                    f"MoE / dense at most {worst_dense:.3f}"))
+    lines += ["", "## The targets (issue 13)", "", "| target | met | measured |", "|---|---|---|"]
+    lines += [f"| {t} | {'yes' if ok else 'no'} | {m} |" for t, ok, m in targets]
+    lines += ["", "## Curves", "", "Training loss of both models (the MoE and its dense twin saw the same batches):",
+              "", "![training curve](training_curve.png)", "",
+              "Balance over training, per layer, on each training batch:", "", "![balance](balance_curve.png)", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
