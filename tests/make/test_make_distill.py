@@ -1,7 +1,10 @@
 """m2mKD-style module distillation of a MoEfied model from its dense teacher: each MoE block gets closer to the
-teacher's FFN on held-out teacher hidden states, nothing outside the MoE blocks moves, the teacher is untouched."""
+teacher's FFN on held-out teacher hidden states, nothing outside the MoE blocks moves, the teacher is untouched.
+Multi-teacher distillation: self-paced weights by hand, specialists distilled into their mixed student."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -9,7 +12,9 @@ from make_families import dense_model
 
 import moekit.make as mk
 from moekit.errors import ConfigError
-from moekit.make.distill import distill_blocks
+from moekit.make.btx import mix
+from moekit.make.distill import distill_blocks, distill_teachers, self_paced_weights
+from moekit.make.finetune import Finetune
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen3"])
@@ -33,3 +38,35 @@ def test_refusals():
     student, _ = mk.moefy(teacher, experts=8, k=2)
     with pytest.raises(ConfigError, match="steps=0"):
         distill_blocks(student, teacher, [torch.arange(10)], steps=0)
+
+
+def test_self_paced_weights_by_hand():
+    losses = torch.tensor([3.0, 1.0, 2.0])
+    assert self_paced_weights(losses, 0, 3).tolist() == [0.0, 1.0, 0.0]  # the easiest teacher first
+    assert self_paced_weights(losses, 1, 3).tolist() == [0.0, 1.0, 1.0]
+    assert self_paced_weights(losses, 2, 3).tolist() == [1.0, 1.0, 1.0]
+    assert self_paced_weights(losses, 9, 3).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_specialists_distilled_into_the_mixed_student():
+    """Two specialists (perturbed copies, each with its own domain of tokens) distilled into their BTX mix: on
+    each domain's fixed batch the student's KL to that domain's teacher falls, easiest teacher first."""
+    base = dense_model("qwen3", vocab=100)
+    teachers = []
+    for d in range(2):
+        teacher = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(30 + d)
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        teachers.append(teacher.eval())
+    student, _ = mix(teachers, k=1, router="random")
+    tokens = [torch.randint(0, 50, (33,), generator=torch.Generator().manual_seed(1)),
+              torch.randint(50, 100, (33,), generator=torch.Generator().manual_seed(2))]  # one window each
+    records = distill_teachers(student, teachers, tokens, Finetune(steps=15, lr=3e-3, warmup=1, batch_size=2,
+                                                                   seq_len=32), progress=False)
+    assert sum(records[0]["weights"]) == 1.0 and sum(records[-1]["weights"]) == 2.0
+    first, last = records[0]["teacher_losses"], records[-1]["teacher_losses"]
+    assert all(b < 0.7 * a for a, b in zip(first, last, strict=True))
+    with pytest.raises(ConfigError, match="one per domain"):
+        distill_teachers(student, teachers[:1], tokens, Finetune(steps=1))

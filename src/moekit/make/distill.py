@@ -10,6 +10,7 @@ them (with top-k selection itself not differentiable).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -75,3 +76,61 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, windows: Sequence[Ten
             report.append({"layer": block.layer, "mse_before": before,
                            "mse_after": float(_mse(module, x, target, test))})
     return report
+
+
+def self_paced_weights(losses: Tensor, step: int, pace_steps: int) -> Tensor:
+    """Self-paced weights of D teachers [D] from their current distillation losses: the easiest teachers first (the
+    ceil(D (step + 1) / pace_steps) with the smallest loss get weight 1, the rest 0), every teacher from step
+    pace_steps - 1 on."""
+    d = losses.numel()
+    count = min(d, max(1, math.ceil(d * (step + 1) / max(1, pace_steps))))
+    weights = torch.zeros(d)
+    weights[losses.argsort()[:count]] = 1.0
+    return weights
+
+
+def distill_teachers(student: nn.Module, teachers: Sequence[nn.Module], domain_tokens: Sequence[Tensor], settings,
+                     temperature: float = 1.0, pace_steps: int | None = None, progress: bool = True) -> list[dict]:
+    """Multi-teacher distillation into one student (Knowledge Concentration / DOPE's setting: specialists, e.g. the
+    BTX branches, distilled into the MoE): each step takes one batch per domain d from `domain_tokens[d]`, the
+    loss of teacher d is KL(teacher_d || student) of the next-token distributions at `temperature` (times T^2),
+    and the teachers are weighed by `self_paced_weights` (easiest first, all by `pace_steps`, default half the
+    steps). AdamW on every student parameter, `settings` a `make.finetune.Finetune` with `steps`. In place;
+    returns one record per step (per-teacher losses and weights)."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from moekit.make.finetune import window_batch
+
+    if len(teachers) != len(domain_tokens) or not teachers:
+        raise ConfigError(f"teachers: {len(teachers)} for {len(domain_tokens)} domains; expected one per domain")
+    if not settings.steps:
+        raise ConfigError("distill_teachers: expected settings with steps")
+    if not temperature > 0:
+        raise ConfigError(f"temperature={temperature}: expected a positive number")
+    pace = pace_steps or max(1, settings.steps // 2)
+    opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    records = []
+    student.train()
+    for step in tqdm(range(settings.steps), desc="make distill", disable=not progress):
+        losses = []
+        for d, (teacher, tokens) in enumerate(zip(teachers, domain_tokens, strict=True)):
+            batch = window_batch(tokens, replace(settings, seed=settings.seed + d), step)
+            with torch.no_grad():
+                target = F.log_softmax(teacher(input_ids=batch).logits.float() / temperature, dim=-1)
+            pred = F.log_softmax(student(input_ids=batch).logits.float() / temperature, dim=-1)
+            kl = F.kl_div(pred.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+            losses.append(kl * temperature ** 2)
+        stacked = torch.stack(losses)
+        weights = self_paced_weights(stacked.detach(), step, pace)
+        loss = (weights * stacked).sum() / weights.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), settings.clip)
+        opt.step()
+        records.append({"step": step + 1, "loss": round(float(loss.detach()), 6),
+                        "teacher_losses": [round(float(x), 6) for x in stacked.detach()],
+                        "weights": weights.tolist()})
+    student.eval()
+    return records

@@ -89,7 +89,8 @@ def training_texts(data: list[str] | None, max_docs_per_domain: int | None = 300
     return list(build_corpus(None, None, max_docs_per_domain, 0).texts("train"))
 
 
-def _batch(tokens: Tensor, settings: Finetune, step: int) -> Tensor:
+def window_batch(tokens: Tensor, settings: Finetune, step: int) -> Tensor:
+    """[batch_size, seq_len] windows of `tokens` for `step`, chosen by (seed, step) alone (the trainer's sampler)."""
     from moekit.train.trainer import Recipe, batch_at
 
     recipe = Recipe("finetune", seq_len=settings.seq_len, batch_size=settings.batch_size, seed=settings.seed)
@@ -143,7 +144,7 @@ def finetune_model(model: nn.Module, tokens: Tensor, settings: Finetune, progres
                 group["lr"] = lr
             if recorder is not None:
                 recorder.reset()
-            batch = _batch(tokens, settings, step)
+            batch = window_batch(tokens, settings, step)
             loss = model(input_ids=batch, labels=batch).loss
             if not torch.isfinite(loss):
                 raise ConfigError(f"step {step + 1}: the loss is {float(loss)}; expected finite losses (lower --lr)")
