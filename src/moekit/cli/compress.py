@@ -7,13 +7,15 @@ import json
 import sys
 
 from moekit.compress import METHODS
+from moekit.compress.trained import TRAINED
 
 HELP = "prune, merge or quantize the experts of an MoE checkpoint; writes checkpoint, plan.json and report.json"
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint directory (default: moekit-tiny)")
-    p.add_argument("--method", choices=list(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    p.add_argument("--method", choices=[*METHODS, *TRAINED],
+                   help="; ".join(f"{k}: {v}" for k, v in {**METHODS, **TRAINED}.items()))
     p.add_argument("--ratio", type=float, help="fraction of each layer's experts removed (heapr: of all neurons)")
     p.add_argument("--quant", help="int8, int4, ternary or mixed:<bytes> (routed experts)")
     p.add_argument("--data", action="append", metavar="CAL", help="calibration text (.jsonl or text; repeatable)")
@@ -29,6 +31,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", type=float, metavar="FRACTION",
                    help="dynamic skipping: calibrate per-layer thresholds that skip this fraction of the second and "
                         "later experts (written to skip.json; the perplexity after is measured with them)")
+    p.add_argument("--keep", type=int, help="compressed-experts: experts per token run in full (default 1)")
+    p.add_argument("--rank", type=int, help="compressed-experts: rank of each compressed expert (default 8)")
+    p.add_argument("--steps", type=int,
+                   help="mote: ternary training steps per layer (default 100); compressed-experts: distillation "
+                        "steps (default 200)")
     p.add_argument("--cal-tokens", type=int, default=8192, help="calibration tokens at most (default 8192)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens at most (default 16384)")
     p.add_argument("--out", required=True, help="output directory (new or empty)")
@@ -41,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = compress_checkpoint(args.model, args.out, args.method, args.ratio, args.quant, args.data,
                                  args.eval_data, args.task, args.protect_super, args.force, args.cal_tokens,
-                                 args.eval_tokens, skip=args.skip, lowrank=args.lowrank)
+                                 args.eval_tokens, skip=args.skip, lowrank=args.lowrank,
+                                 keep=args.keep, rank=args.rank, steps=args.steps)
     for message in report["warnings"]:
         print(f"moekit compress: warning: {message}", file=sys.stderr)
     if args.json:

@@ -19,6 +19,7 @@ are the baselines the test and the bench compare against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,59 @@ class CompressedExpertsConfig:
             raise ConfigError(f"lr={self.lr!r}: expected a positive number")
 
 
+def compressed_output(x: Tensor, a: Tensor, b: Tensor, c: Tensor, u: Tensor, d: Tensor) -> Tensor:
+    """C(x) = B A x + c + D gelu(U x) for one compressed expert (a, u [r, H]; b, d [H, r]; c [H])."""
+    return (x @ a.T) @ b.T + c + F.gelu(x @ u.T) @ d.T
+
+
+@torch.no_grad()
+def fit_compressed(x: Tensor, expert: Callable[[Tensor, int], Tensor], num_experts: int,
+                   config: CompressedExpertsConfig, init_u: Tensor | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Compressed forms of experts 0..E-1 (`expert(x, e)` -> [T, H]) fitted on x [T, H] as the module docstring
+    says. Returns float32 {"a", "b", "c", "u", "d", "mean"} stacked over experts ("mean": each expert's mean output,
+    the `mean` baseline)."""
+    x = x.float()
+    h, r = x.shape[-1], config.rank
+    design = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)  # [T, H + 1]
+    out = {"a": torch.zeros(num_experts, r, h), "b": torch.zeros(num_experts, h, r), "c": torch.zeros(num_experts, h),
+           "d": torch.zeros(num_experts, h, r), "mean": torch.zeros(num_experts, h),
+           "u": (init_u.detach().float().clone() if init_u is not None
+                 else torch.randn(num_experts, r, h, generator=generator) / h ** 0.5)}
+    targets = []
+    for e in range(num_experts):
+        y = expert(x, e).double()  # [T, H]
+        targets.append(y.float())
+        w = torch.linalg.lstsq(design, y).solution  # [H + 1, H]
+        fitted = design @ w
+        centre = fitted.mean(0)
+        _, _, vh = torch.linalg.svd(fitted - centre, full_matrices=False)
+        p = vh[:r].T  # [H, r] principal output directions
+        out["a"][e] = (w[:-1] @ p).T.float()  # x -> r coordinates
+        out["b"][e] = p.float()
+        out["c"][e] = (w[-1] @ p @ p.T + centre - centre @ p @ p.T).float()
+        out["mean"][e] = y.mean(0).float()
+    params = {k: nn.Parameter(out[k]) for k in ("a", "b", "c", "u", "d")}
+    opt = torch.optim.Adam(params.values(), lr=config.lr)
+    best = {k: v.detach().clone() for k, v in params.items()}
+    best_loss = torch.full((num_experts,), float("inf"))
+    with torch.enable_grad():
+        for step in range(config.steps + 1):
+            opt.zero_grad()
+            losses = torch.stack([(compressed_output(x, *(params[k][e] for k in "abcud")) - t).square().mean()
+                                  for e, t in enumerate(targets)])
+            with torch.no_grad():  # per expert, the best parameters seen (the least-squares start included)
+                better = losses.detach() < best_loss
+                for k, v in params.items():
+                    best[k][better] = v.detach()[better]
+                best_loss = torch.where(better, losses.detach(), best_loss)
+            if step == config.steps:
+                break
+            losses.sum().backward()
+            opt.step()
+    return {**best, "mean": out["mean"]}
+
+
 class CompressedMoE(nn.Module):
     """A trained `MoE` whose auxiliary experts run compressed (`CompressedExpertsConfig`)."""
 
@@ -76,34 +130,12 @@ class CompressedMoE(nn.Module):
         """Fit every compressed expert to its expert's outputs on the calibration tokens x [T, H]."""
         if x.dim() != 2 or x.shape[-1] != self.moe.hidden_size:
             raise ShapeError(f"x: expected [T, {self.moe.hidden_size}], got {list(x.shape)}")
-        design = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)  # [T, H + 1]
-        r = self.config.rank
-        for e in range(self.moe.num_experts):
-            y = self.moe.experts.expert(x, e).double()  # [T, H]
-            w = torch.linalg.lstsq(design, y).solution  # [H + 1, H]
-            fitted = design @ w
-            centre = fitted.mean(0)
-            _, _, vh = torch.linalg.svd(fitted - centre, full_matrices=False)
-            p = vh[:r].T  # [H, r] principal output directions
-            self.a[e] = (w[:-1] @ p).T.float()  # x -> r coordinates
-            self.b[e] = p.float()
-            self.c[e] = (w[-1] @ p @ p.T + centre - centre @ p @ p.T).float()
-            self.mean[e] = y.mean(0).float()
-        self._distil(x)
-
-    def _distil(self, x: Tensor) -> None:
-        targets = [self.moe.experts.expert(x, e).detach() for e in range(self.moe.num_experts)]
-        params = [self.a, self.b, self.c, self.u, self.d]
-        opt = torch.optim.Adam(params, lr=self.config.lr)
-        with torch.enable_grad():
-            for _ in range(self.config.steps):
-                opt.zero_grad()
-                loss = sum((self.compressed(x, e) - t).square().mean() for e, t in enumerate(targets))
-                loss.backward()
-                opt.step()
+        fitted = fit_compressed(x, self.moe.experts.expert, self.moe.num_experts, self.config, init_u=self.u)
+        for name, t in fitted.items():
+            getattr(self, name).copy_(t)
 
     def compressed(self, x: Tensor, e: int) -> Tensor:
-        return (x @ self.a[e].T) @ self.b[e].T + self.c[e] + F.gelu(x @ self.u[e].T) @ self.d[e].T
+        return compressed_output(x, self.a[e], self.b[e], self.c[e], self.u[e], self.d[e])
 
     def forward(self, x: Tensor, mode: str = "compressed") -> Tensor:
         """x [T, H] -> [T, H]; mode: compressed | drop (auxiliary experts left out) | mean (their mean output)."""

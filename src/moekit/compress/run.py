@@ -95,11 +95,18 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
                         ratio: float | None = None, quant: str | None = None, data: list[str] | None = None,
                         eval_data: list[str] | None = None, task: str | None = None, protect_super: bool = False,
                         force: bool = False, cal_tokens: int = 8192, eval_tokens: int = 16384,
-                        progress: bool = True, skip: float | None = None, lowrank: float | None = None) -> dict:
+                        progress: bool = True, skip: float | None = None, lowrank: float | None = None,
+                        keep: int | None = None, rank: int | None = None, steps: int | None = None) -> dict:
     """Compress the checkpoint at `model_path` (None: moekit-tiny) into `out` (checkpoint, plan.json,
     report.json); returns the report. `skip`: also calibrate dynamic skipping so that fraction of the second and
     later experts is skipped (thresholds in skip.json, applied at inference; perplexity after is measured with it).
-    `lowrank`: afterwards cut every expert to rank round(lowrank * min(H, I)) factors (MC-SMoE's SVD step)."""
+    `lowrank`: afterwards cut every expert to rank round(lowrank * min(H, I)) factors (MC-SMoE's SVD step).
+    `keep` / `rank` / `steps`: options of the trained methods (`moekit.compress.trained`: mote, compressed-experts),
+    which take no ratio."""
+    from moekit.compress.trained import TRAINED, check_options, run_trained
+
+    check_options(method, keep, rank, steps)
+    trained = method in TRAINED
     if method is None and quant is None and skip is None and lowrank is None:
         raise ConfigError("--method / --quant / --lowrank / --skip: expected at least one of them")
     for flag, tokens in (("--cal-tokens", cal_tokens), ("--eval-tokens", eval_tokens)):
@@ -116,9 +123,15 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
             raise ConfigError(f"--skip {skip}: expected a fraction in (0, 1) of second and later experts to skip")
         if not data:
             raise DataError("--data: --skip needs calibration data to set its thresholds; expected --data FILE")
-    if method is not None:
+    if trained:
+        if ratio is not None or quant is not None or skip is not None or lowrank is not None or protect_super:
+            raise ConfigError(f"--method {method}: takes no --ratio, --quant, --skip, --lowrank or --protect-super; "
+                              "expected it alone")
+        if not data:
+            raise DataError(f"--data: method {method} trains on calibration data; expected --data FILE")
+    elif method is not None:
         if method not in METHODS:
-            raise ConfigError(f"--method {method}: expected one of {', '.join(METHODS)}")
+            raise ConfigError(f"--method {method}: expected one of {', '.join([*METHODS, *TRAINED])}")
         if ratio is None:
             raise ConfigError(f"--ratio: method {method} needs a ratio in (0, 1)")
         check_ratio(ratio, "--ratio")
@@ -139,6 +152,10 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
     cal_docs = read_documents(data) if data else []
     path, model, tokenizer, is_default = load_model_and_tokenizer(model_path)
     eval_docs = _held_out(eval_data, is_default, cal_docs)
+    if trained:
+        from moekit.compress.trained import check_model
+
+        check_model(model, method, keep, rank)
     if cal_docs and tokenizer is None:
         raise DataError(f"{path}: no tokenizer files; expected tokenizer.json to read the calibration text")
     dtype = checkpoint_dtype(path)
@@ -156,7 +173,11 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
     p, protect, supers = None, None, None
     if protect_super:
         protect, supers = find_super_experts(model, cal_docs, tokenizer, max_tokens=cal_tokens, progress=progress)
-    if method is not None:
+    summary, quant_plan = None, None
+    if trained:
+        summary = run_trained(model, stats, method, keep, rank, steps, progress=progress)
+        quant_plan = summary.pop("quant_plan", None)
+    elif method is not None:
         p = plan(model, stats, method, ratio, task=task, protect=protect)
         apply(model, p)
     ranks = None
@@ -167,7 +188,10 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         apply_lowrank(model, low)
         ranks = {layer: entry["rank"] for layer, entry in low.layers.items()}
     after = param_counts(model)
-    quant_plan = None
+    if method == "compressed-experts":
+        from moekit.compress.compressed_hf import active_params_saved
+
+        after["active"] = before["active"] - active_params_saved(model, summary["keep"], summary["rank"])
     if quant is not None:
         from moekit.compress.quantize import apply_quant, plan_quant
 
@@ -205,11 +229,19 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         "experts_per_layer_before": experts_before, "experts_per_layer": {b.layer: b.num_experts for b in blocks},
         "experts_per_token": {b.layer: measured[i] if measured else b.k for i, b in enumerate(blocks)},
         "skip_target": skip, "skip_thresholds": thresholds, "lowrank": lowrank, "lowrank_ranks": ranks,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."), "trained": summary,
         "warnings": caught,
     }
     _write(model, out, force, report, p, quant_plan, path, skip_spec)
     return report
+
+
+def _unwrap_compressed(model: nn.Module) -> dict:
+    """Compressed experts: the original experts back in place (the checkpoint stays native); returns the
+    compressed tensors by layer, written beside the checkpoint."""
+    from moekit.compress.compressed_hf import uninstall
+
+    return uninstall(model)
 
 
 # what a tokenizer may be made of in a transformers checkpoint; copied so the output runs on its own
@@ -222,7 +254,12 @@ def _write(model: nn.Module, out: Path, force: bool, report: dict, p, quant_plan
     """Checkpoint (with the source's tokenizer files), plan.json and report.json into a temporary sibling, then
     renamed to `out`."""
     with temp_dir(out, "compress") as tmp:
+        compressed = _unwrap_compressed(model) if report["method"] == "compressed-experts" else None
         save(model, tmp, force=True)
+        if compressed:
+            from moekit.compress.compressed_hf import write_sidecar
+
+            write_sidecar(tmp, compressed, report["trained"]["keep"], report["trained"]["rank"])
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
