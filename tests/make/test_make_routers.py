@@ -115,3 +115,41 @@ def test_a_model_routed_by_its_pregate():
         assert torch.equal(moe(ids).logits, own)
     with pytest.raises(ConfigError, match="3 layers x 8 experts; expected the model's 2 x 8"):
         use_pregate(moe, PreGate(torch.zeros(100, 32), 3, 8, 2))
+
+
+def test_pregate_saved_and_loaded(tmp_path):
+    model = dense_model("deepseek_v3", vocab=100)
+    moe, _ = mk.moefy(model, experts=8, k=2)
+    gate = fit_pregate_for(moe, [torch.randint(0, 100, (40,)) for _ in range(3)], steps=5)
+    gate.save(tmp_path / "g")
+    loaded = PreGate.load(tmp_path / "g", moe)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), gate(ids)) and loaded.k == 2
+    with pytest.raises(ConfigError, match="not a pre-gate for this model"):
+        PreGate.load(tmp_path / "g", dense_model("qwen3", vocab=120))
+    with pytest.raises(ConfigError, match="not a pre-gate"):
+        PreGate.load(tmp_path, moe)
+
+
+def test_cli_make_with_a_pregate(tmp_path, capsys):
+    from make_families import TEXT, save_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from moekit.cli.main import main
+
+    src = tmp_path / "dense"
+    vocab = save_tiny_tokenizer(src)
+    dense_model("deepseek_v3", vocab=vocab).save_pretrained(src)
+    data = tmp_path / "cal.txt"
+    data.write_text(TEXT * 10)
+    out = tmp_path / "moe"
+    assert main(["make", str(src), "--experts", "8", "--k", "2", "--data", str(data), "--pregate", "--out",
+                 str(out)]) == 0
+    moe = AutoModelForCausalLM.from_pretrained(out)
+    gate = PreGate.load(out, moe)
+    assert len(gate.experts(torch.randint(0, vocab, (1, 5)))) == 2
+    capsys.readouterr()
+    assert main(["make", str(src), "--experts", "8", "--k", "2", "--pregate", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pregate" in err[0] and not (tmp_path / "x").exists()

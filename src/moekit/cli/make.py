@@ -29,6 +29,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", help="comma-separated layer indices to convert (default: all)")
     p.add_argument("--data", action="append", metavar="FILE", help="calibration / training text (.jsonl or text; "
                    "repeatable); finetune without it trains on moekit's training corpus")
+    p.add_argument("--pregate", action="store_true", help="also fit Read-ME's pre-gating router (every layer's "
+                   "experts from the token ids) on --data and save it beside the model")
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--seed", type=int, default=0)
     ft = p.add_argument_group("finetune")
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                           lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
         branch.check()
     summary = make_checkpoint(args.model[0], args.out, args.experts, args.k, args.method, router, layers,
-                              args.data, args.max_tokens, args.seed, args.force, shared=args.shared, branch=branch)
+                              args.data, args.max_tokens, args.seed, args.force, shared=args.shared, branch=branch,
+                              pregate=args.pregate)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

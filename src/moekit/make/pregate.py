@@ -15,13 +15,18 @@ weight-1 rule.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError
+
+PREGATE_WEIGHTS, PREGATE_CONFIG = "moekit-pregate.safetensors", "moekit-pregate.json"
 
 
 class PreGate(nn.Module):
@@ -51,6 +56,45 @@ class PreGate(nn.Module):
         """Per MoE layer [B*T, k] expert ids, known before the model runs (the prefetcher's `pregate` callable)."""
         logits = self(input_ids)
         return [logits[:, i].topk(self.k, dim=-1).indices for i in range(self.num_layers)]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """PREGATE_WEIGHTS and PREGATE_CONFIG into `directory` (each written to a temporary name, then renamed). The
+        token embeddings are not stored: `load` takes them from the model."""
+        from safetensors.torch import save_file
+
+        from moekit.files import atomic_write
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "moekit-pregate", "version": 1, "num_layers": self.num_layers,
+                "num_experts": self.num_experts, "k": self.k, "dim": self.inp.out_features,
+                "vocab": self.embeddings.shape[0], "hidden": self.embeddings.shape[1]}
+        weights = {n: t.contiguous() for n, t in self.state_dict().items() if n != "embeddings"}
+        tmp = out / f".{PREGATE_WEIGHTS}.tmp-{os.getpid()}"
+        save_file(weights, tmp)
+        os.replace(tmp, out / PREGATE_WEIGHTS)
+        atomic_write(out / PREGATE_CONFIG, json.dumps(meta))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model: nn.Module) -> PreGate:
+        """The pre-gate saved in `directory`, with `model`'s input embeddings; ConfigError naming the file when it
+        is missing, malformed or made for another model."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        try:
+            meta = json.loads((d / PREGATE_CONFIG).read_text())
+            emb = model.get_input_embeddings().weight
+            if meta.get("format") != "moekit-pregate" or (meta["vocab"], meta["hidden"]) != tuple(emb.shape):
+                raise ValueError(f"made for embeddings {meta.get('vocab')} x {meta.get('hidden')}, the model has "
+                                 f"{tuple(emb.shape)}")
+            gate = cls(emb, meta["num_layers"], meta["num_experts"], meta["k"], meta["dim"])
+            gate.load_state_dict({**load_file(d / PREGATE_WEIGHTS), "embeddings": gate.embeddings})
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            raise ConfigError(f"{d / PREGATE_CONFIG}: not a pre-gate for this model ({str(err).splitlines()[0]})"
+                              ) from None
+        return gate.eval()
 
 
 def fit_pregate(embeddings: Tensor, windows: Sequence[Tensor], masses: Sequence[Tensor], k: int, steps: int = 300,

@@ -91,9 +91,10 @@ def load_dense(path: str | os.PathLike):
 
 def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, partition: str, router: str,
                     layers: list[int] | None, data: list[str] | None, max_tokens: int, seed: int,
-                    force: bool, shared: int | None = None, branch=None) -> dict:
+                    force: bool, shared: int | None = None, branch=None, pregate: bool = False) -> dict:
     """`moekit make`: partition in PARTITIONS, `upcycle` or `btx` (one branch per domain of `data`, trained with
-    `branch`, a `make.finetune.Finetune`)."""
+    `branch`, a `make.finetune.Finetune`); `pregate`: also fit Read-ME's pre-gating router on `data` and save it
+    beside the model (`make.pregate.PreGate.load(out, model)`)."""
     from transformers import AutoTokenizer
 
     from moekit.compress.calibrate import token_windows
@@ -106,10 +107,13 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
     if _model_type(model_path) == "bert":
         from moekit.make.encoder_save import make_encoder_checkpoint
 
-        if experts is None:
-            raise ConfigError("--experts: required to split an encoder; expected an integer")
+        if experts is None or pregate:
+            raise ConfigError("--experts / --pregate: an encoder needs --experts and has no pre-gate; expected "
+                              "--experts and no --pregate")
         return make_encoder_checkpoint(model_path, out, experts, k, partition, router, layers, data, max_tokens,
                                        seed, force)
+    if pregate and not data:
+        raise ConfigError("--pregate: the pre-gate is fitted on calibration text; expected --data FILE")
     if needs_data(partition, router) and not data:
         raise ConfigError(f"--method {partition} / --router {router}: needs calibration text; expected --data FILE")
     copies = partition in ("upcycle", "btx")
@@ -148,8 +152,17 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
     else:
         moe, plan = moefy(model, experts, k, partition, router, layers, inputs, seed, shared=shared,
                           domains=domains)
+    gate = None
+    if pregate:
+        from moekit.make.pregate import PREGATE_CONFIG, fit_pregate_for
+
+        gate = fit_pregate_for(moe, [ids for ids, _ in token_windows(tokenizer, docs, model, max_tokens)],
+                               max_tokens=max_tokens, seed=seed)
+        plan["pregate"] = PREGATE_CONFIG
     with temp_dir(out_dir, "make") as tmp:
         save(moe, tmp, force=True)
+        if gate is not None:
+            gate.save(tmp)
         copy_tokenizer(source, tmp)
         (tmp / "plan.json").write_text(json.dumps(plan))
         if out_dir.is_dir() and not any(out_dir.iterdir()):
