@@ -10,6 +10,9 @@
   The other nodes keep clean features and aggregate k random nodes (a heterophilous neighbourhood that carries
   nothing). Aggregation is the mean over the node and its k neighbours (A = D^-1 (A + I), directed).
   Train / test masks: half the nodes each, seeded.
+
+Models: `MLP`, `MoENet` (an MLP stem and one MoE layer), `ConvMoENet` (AdvMoE's MoE CNN: experts are channel groups
+of every convolution, one image router picks a group per sample), `GCN`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError
@@ -137,3 +141,57 @@ class GCN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sparse.mm(self.adj, self.w2(torch.relu(torch.sparse.mm(self.adj, self.w1(x)))))
+
+
+def select_group(out: Tensor, scores: Tensor, experts: int) -> Tensor:
+    """AdvMoE's channel-group experts: out [B, E * w, H, W] (a conv's output), scores [B, E] -> [B, w, H, W], each
+    sample's channel group of its top-1 expert. Forward: the hard one-hot; backward: the identity to the scores
+    (straight-through, as the authors' GetMask passes the mask's gradient to the scores)."""
+    hard = F.one_hot(scores.argmax(-1), experts).to(out.dtype)
+    gate = hard + (scores - scores.detach())
+    b, c, h, w = out.shape
+    return (gate.view(b, experts, 1, 1, 1) * out.view(b, experts, c // experts, h, w)).sum(1)
+
+
+class ConvMoENet(nn.Module):
+    """A small MoE CNN for the 8x8 digits, built as the AdvMoE authors build theirs (OPTML-Group/Robust-MoE-CNN
+    `models/layers/moe_layer.py`): every MoE convolution has E groups of `width` output channels (the experts); one
+    router, a small CNN on the image, scores E experts per sample, and every MoE convolution keeps the channel group
+    of the sample's top-1 expert, so the next layer sees `width` channels (a router-chosen pathway through the
+    backbone).
+
+        x [B, 1, 8, 8] -> conv 3x3 (E x w1) -> group -> ReLU -> max-pool 2 -> conv 3x3 (E x w2) -> group -> ReLU
+          -> global average pool -> linear head;  router: conv 3x3 (r channels) -> ReLU -> average pool -> linear E
+
+    `experts=1` is the dense CNN of the same active width. Input: flat [B, 64] in [0, 1] (as the other digits
+    models take) or [B, 1, 8, 8]."""
+
+    def __init__(self, experts: int = 4, width1: int = 8, width2: int = 16, router_channels: int = 8,
+                 classes: int = 10):
+        super().__init__()
+        for name, v in (("experts", experts), ("width1", width1), ("width2", width2),
+                        ("router_channels", router_channels)):
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}={v!r}: expected a positive integer")
+        self.experts = experts
+        self.conv1 = nn.Conv2d(1, experts * width1, 3, padding=1)
+        self.conv2 = nn.Conv2d(width1, experts * width2, 3, padding=1)
+        self.head = nn.Linear(width2, classes)
+        self.router = nn.Sequential(nn.Conv2d(1, router_channels, 3, padding=1), nn.ReLU(),
+                                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(router_channels, experts))
+
+    @staticmethod
+    def _image(x: Tensor) -> Tensor:
+        return x.view(-1, 1, 8, 8)
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        """The router's scores [B, E] (one per image)."""
+        return self.router(self._image(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        img = self._image(x)
+        scores = self.router(img)
+        h = torch.relu(select_group(self.conv1(img), scores, self.experts))
+        h = F.max_pool2d(h, 2)
+        h = torch.relu(select_group(self.conv2(h), scores, self.experts))
+        return self.head(h.mean((2, 3)))
