@@ -21,7 +21,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", metavar="CAL", help="calibration text (.jsonl or text; repeatable)")
     p.add_argument("--eval-data", action="append", metavar="FILE",
                    help="held-out text for perplexity (default: moekit-tiny's held-out split for moekit-tiny)")
-    p.add_argument("--task", help="frequency/tcess/reconstruct: score experts on this domain's calibration text")
+    p.add_argument("--task", help="frequency/tcess/reconstruct/uncurl: score or cluster experts on this domain's "
+                                  "calibration text")
     p.add_argument("--protect-super", action="store_true",
                    help="never remove or merge away super experts (found as `moekit inspect` finds them, confirmed "
                         "by ablation on the --data text)")

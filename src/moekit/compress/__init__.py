@@ -3,7 +3,7 @@
 Every method is two steps: `plan(model, stats, method, ratio) -> Plan` (plain data, saved as plan.json) and
 `apply(model, plan)`, which changes the model in memory (pass a copy to keep the original) and returns it. `stats`
 comes from `calibrate(model, windows)` on calibration tokens. Methods: `frequency`, `tcess`, `reconstruct`
-(expert pruning), `heapr` (atomic-expert pruning), `msmoe`, `submoe`, `dern` (merging).
+(expert pruning), `heapr` (atomic-expert pruning), `msmoe`, `submoe`, `dern`, `uncurl` (merging).
 """
 
 from __future__ import annotations
@@ -17,18 +17,21 @@ from moekit.compress.merge import apply_merge, plan_msmoe, plan_submoe
 from moekit.compress.plan import Plan, PlanError
 from moekit.compress.protect import find_super_experts
 from moekit.compress.prune import apply_prune, plan_prune
+from moekit.compress.uncurl import apply_uncurl, plan_uncurl
 from moekit.compress.weights import sync_config
 from moekit.errors import ConfigError, UnknownNameError
 from moekit.hf.view import view
 
 METHODS = {
-    "frequency": "drop the least routed experts (with task: on that domain's tokens, UNCURL)",
+    "frequency": "drop the least routed experts (with task: on that domain's tokens; the pruning variant of UNCURL)",
     "tcess": "drop the experts with the lowest task-conditioned expected selection score (PreMoe)",
     "reconstruct": "drop the experts whose removal changes each block's output least (NAEE)",
     "heapr": "drop atomic experts (neurons) by HEAPr's output-space second-order score, ranked globally",
     "msmoe": "merge experts into the most used ones by router-logit similarity, neurons aligned (M-SMoE)",
     "submoe": "merge experts clustered by output similarity in a shared SVD subspace (Sub-MoE)",
     "dern": "drop the least used experts and recombine their neurons into the kept ones (DERN)",
+    "uncurl": "merge experts spectrally clustered by their router logits on the task's tokens, neurons aligned, "
+              "weighted by task routing counts (UNCURL; --task D: domain D's tokens)",
 }
 NEEDS_GRADS = {"heapr"}
 
@@ -47,14 +50,16 @@ def plan(model: nn.Module, stats: Stats, method: str, ratio: float, task: str | 
     check_ratio(ratio)
     if method not in METHODS:
         raise UnknownNameError(f"method={method!r}: expected one of {', '.join(METHODS)}")
-    if task is not None and method not in ("frequency", "tcess", "reconstruct"):
-        raise ConfigError(f"task={task!r}: only frequency, tcess and reconstruct use a task; not {method}")
+    if task is not None and method not in ("frequency", "tcess", "reconstruct", "uncurl"):
+        raise ConfigError(f"task={task!r}: only frequency, tcess, reconstruct and uncurl use a task; not {method}")
     if method in ("frequency", "tcess", "reconstruct"):
         return plan_prune(model, stats, method, ratio, task, protect)
     if method == "heapr":
         return plan_heapr(model, stats, ratio, protect)
     if method == "dern":
         return plan_dern(model, stats, ratio, protect)
+    if method == "uncurl":
+        return plan_uncurl(model, stats, ratio, task, protect)
     return (plan_msmoe if method == "msmoe" else plan_submoe)(model, stats, ratio, protect)
 
 
@@ -73,6 +78,8 @@ def apply(model: nn.Module, p: Plan) -> nn.Module:
         apply_heapr(model, p)
     elif p.method == "dern":
         apply_dern(model, p)
+    elif p.method == "uncurl":
+        apply_uncurl(model, p)
     elif p.method in ("msmoe", "submoe"):
         apply_merge(model, p)
     else:

@@ -2,7 +2,7 @@
 
 Scores (higher = keep):
 - `frequency`: how often the router picks the expert on the calibration tokens (with `task`, on that domain's
-  tokens only: UNCURL's task-specific pruning);
+  tokens only: the task-specific pruning UNCURL compares against; UNCURL itself merges, `compress/uncurl.py`);
 - `tcess`: PreMoe's task-conditioned expected selection score, the mean over the task's tokens of the router's
   probability for the expert where the expert is in the token's top-k (0 elsewhere);
 - `reconstruct` (Lu et al. / NAEE): the drop set that changes the block's output least on the calibration tokens,
