@@ -50,3 +50,23 @@ def test_linear_modulation_starts_as_the_vector_one_and_trains():
     assert lin.experts.scale_proj.grad.abs().sum() > 0 and lin.experts.shift_proj.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="modulation"):
         MoE(12, 8, 4, router="film", router_options={"modulation": "conv"})
+
+
+def test_uncertainty_aware_routing_on_a_hand_computed_case():
+    """Two router heads on x = (1, 0): head 0 scores the 3 experts (2, 0, 1), head 1 (0, 0, 1). Mean (1, 0, 1),
+    variance (1, 0, 0), calibrated logits mu / sqrt(1 + pi var / 8) = (1 / sqrt(1 + pi / 8), 0, 1) = (0.8476, 0, 1):
+    the heads' disagreement on expert 0 pulls it below expert 2, so top-1 picks expert 2 (the plain mean ties them),
+    and top-2 weights are softmax over (1, 0.8476) = (0.5380, 0.4620)."""
+    moe = MoE(2, 4, 3, k=2, router="film", router_options={"heads": 2}).eval()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.0], [1.0, 0.0],     # head 0, experts 0..2
+                                              [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]))   # head 1
+    x = torch.tensor([[1.0, 0.0]])
+    c = 1 / (1 + torch.pi / 8) ** 0.5
+    torch.testing.assert_close(moe.router.logits(x), torch.tensor([[c, 0.0, 1.0]]))
+    r = moe.router(x, 2)
+    assert r.indices.tolist() == [[2, 0]]
+    w2 = 1 / (1 + torch.exp(torch.tensor(c - 1.0)))
+    torch.testing.assert_close(r.weights, torch.tensor([[w2, 1 - w2]]))
+    assert abs(float(w2) - 0.5380) < 1e-4
+    assert moe.router(x, 1).indices.tolist() == [[2]]

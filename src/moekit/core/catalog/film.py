@@ -7,9 +7,15 @@ The uncertainty-aware router is an ensemble of M linear heads: mu and sigma^2 ar
 logits, and the routing uses the calibrated logits mu / sqrt(1 + pi sigma^2 / 8) (the probit approximation of
 averaging a softmax over a Gaussian), so experts the heads disagree on get flatter weights; top-k, renormalised.
 (This is moekit's reading of "uncertainty-aware". The authors' public code, RoyZry98/MoFME-Pytorch
-models/moe/film.py, routes with a plain linear top-k softmax, and its experts modulate the shared activation with
-per-expert linear maps, E_e(a) = (S_e a + s_e) * a + (H_e a + h_e), then a shared adaptor MLP: `modulation="linear"`
-gives that modulation, with the shared down projection in place of the adaptor.)
+models/moe/film.py, routes at inference with a plain linear top-k softmax, and its experts modulate the shared
+activation with per-expert linear maps, E_e(a) = (S_e a + s_e) * a + (H_e a + h_e), then a shared adaptor MLP:
+`modulation="linear"` gives that modulation, with the shared down projection in place of the adaptor. Its latest
+snapshot (commit 522deb8, "Update film.py") adds a training-only "uncertainty estimation": the router is run 5
+times, the top-k weights averaged, their covariance over the runs inverted and each run's deviation from the mean
+Mahalanobis-whitened and normalised, and the average of those used as the weights. As written that code cannot be
+the paper's rule: the router has no dropout or noise, so the 5 runs are identical, the deviations are zero and the
+weights collapse to 0; its sample list also accumulates across layers. So the paper's UaR (a sampled router whose
+spread calibrates the weights) is not reproduced here; this router's disagreement of M heads is moekit's stand-in.)
 """
 
 from __future__ import annotations
