@@ -169,6 +169,7 @@ def test_cli_compressed_experts_native_plus_sidecar_reproduces_the_model(setup):
 @pytest.mark.parametrize(("args", "needle"), [
     (["--method", "mote", "--ratio", "0.5"], "takes no --ratio"),
     (["--method", "mote", "--keep", "1"], "--keep"),
+    (["--method", "mote", "--task", "code"], "--task"),
     (["--method", "frequency", "--ratio", "0.5", "--steps", "3"], "--steps"),
     (["--method", "compressed-experts", "--keep", "2"], "--keep 2"),
     (["--method", "compressed-experts", "--rank", "0"], "--rank 0"),

@@ -124,9 +124,9 @@ def compress_checkpoint(model_path: str | None, out: str | os.PathLike, method: 
         if not data:
             raise DataError("--data: --skip needs calibration data to set its thresholds; expected --data FILE")
     if trained:
-        if ratio is not None or quant is not None or skip is not None or lowrank is not None or protect_super:
-            raise ConfigError(f"--method {method}: takes no --ratio, --quant, --skip, --lowrank or --protect-super; "
-                              "expected it alone")
+        if any(v is not None for v in (ratio, quant, skip, lowrank, task)) or protect_super:
+            raise ConfigError(f"--method {method}: takes no --ratio, --quant, --skip, --lowrank, --task or "
+                              "--protect-super; expected it alone")
         if not data:
             raise DataError(f"--data: method {method} trains on calibration data; expected --data FILE")
     elif method is not None:

@@ -19,7 +19,9 @@ and router outputs, PGD from x + 0.001 noise):
     router step:  CE(r(x), y mod E) + alpha_r KL(r(x*) || r(x)) (on phi; the code supervises the router with the
                   class index modulo the number of experts)
 
-with r(x) the router's logits (`router_logits`, e.g. the per-sample router scores of a one-layer MoE classifier).
+with r(x) the router's logits (`router_logits`, e.g. the per-sample router scores of a one-layer MoE classifier, or
+of `moekit.bench.seed_tasks.ConvMoENet`, the MoE CNN built as the authors' code builds theirs: channel-group experts
+in every convolution, one image router).
 """
 
 from __future__ import annotations
