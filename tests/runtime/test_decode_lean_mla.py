@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import moekit.hf as mh
-from hf.tiny import tiny_model
+from hf.tiny import tiny_config, tiny_model
+from moekit.bench import decode_llama
 from moekit.runtime.decode import Decoder
 from moekit.runtime.decode_lean import LEAN_FAMILIES, LeanStep
 from runtime.test_decode import hf_greedy
@@ -126,3 +127,34 @@ def test_models_and_caches_the_step_does_not_reproduce_take_the_forward():
     assert not LeanStep.supports(model, DynamicCache(config=model.config))  # transformers' own cache layers
     fewer_kv = _model("deepseek_v3", num_key_value_heads=2)  # key heads below query heads: refused
     assert not LeanStep.supports(fewer_kv, dec.cache)
+
+
+
+@pytest.mark.parametrize(("q_lora_rank", "layers", "refused"), [(None, 3, True), (24, 3, False), (None, 27, False)])
+def test_llama_cpp_peer_knows_the_deepseek_models_it_cannot_load(tmp_path, q_lora_rank, layers, refused):
+    """bench decode's llama.cpp peer: llama.cpp's DeepSeek-2 loader requires q_lora_rank except for 26- or 27-layer
+    models; such a model is reported (the benchmark records why) before any conversion."""
+    tiny_config("deepseek_v3", q_lora_rank=q_lora_rank, num_hidden_layers=layers).save_pretrained(tmp_path)
+    reason = decode_llama.unsupported(tmp_path)
+    assert (reason is not None) == refused
+    assert reason is None or "requires q_lora_rank" in reason
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not decode_llama.available(), reason="llama_cpp or its source tree absent (make bench-peers)")
+def test_llama_cpp_peer_routes_deepseek_v3_with_sigmoid(tmp_path):
+    """transformers' DeepSeek-V3 config has no scoring_func; converted as it is, llama.cpp would gate with softmax.
+    With the converter told "sigmoid", llama.cpp's f32 greedy tokens are transformers'."""
+    import shutil
+
+    from moekit.default import default_model_path
+
+    model = tiny_model("deepseek_v3", eos_token_id=None, initializer_range=0.2, vocab_size=4096,
+                       tie_word_embeddings=True, n_group=1, topk_group=1)
+    model.save_pretrained(tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_path() / name, tmp_path / "m" / name)
+    gguf = decode_llama.convert(tmp_path / "m", tmp_path, "fp32")
+    ids = _ids(4, 9)
+    ref = hf_greedy(model, ids, 12)[0]
+    assert decode_llama.greedy_runner(gguf, 1, 32)(ids[0].tolist(), 12) == ref

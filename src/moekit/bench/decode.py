@@ -164,6 +164,7 @@ def bench_decode(model_path: str | None = None, large: bool = False, quick: bool
         else:
             path = Path(model_path) if model_path is not None else default_model_path()
         name = "large-random" if large else ("moekit-tiny" if model_path is None else str(model_path))
+        peer_note = decode_llama.unsupported(path) if use_llama else None  # why llama.cpp cannot run it
         tokenizer = AutoTokenizer.from_pretrained(path)
         base = load(path, dtype=torch.float32).eval()
         ids = prompt_ids(tokenizer, prompt)
@@ -171,10 +172,15 @@ def bench_decode(model_path: str | None = None, large: bool = False, quick: bool
         params = sum(p.numel() for p in base.parameters())
         for dtype in tqdm(dtypes, desc="bench decode", unit="dtype"):
             model = variant(base, dtype)
-            gguf = decode_llama.convert(path, Path(tmp), dtype) if use_llama else None
+            gguf = decode_llama.convert(path, Path(tmp), dtype) if use_llama and peer_note is None else None
             for t in threads:
                 torch.set_num_threads(t)
-                llama = decode_llama.greedy_runner(gguf, t, n_ctx) if gguf is not None else None
+                llama = None
+                if gguf is not None and peer_note is None:
+                    try:
+                        llama = decode_llama.greedy_runner(gguf, t, n_ctx)
+                    except decode_llama.PeerUnavailable as err:
+                        peer_note = str(err)
                 accelerated = choose_accelerate(model)  # the experts path moekit's decode would pick here
                 fns = _contenders(model, ids, new_tokens, llama, compiled, accelerated)
                 tokens = {c: f() for c, f in fns.items()}
@@ -195,6 +201,8 @@ def bench_decode(model_path: str | None = None, large: bool = False, quick: bool
                 if llama is not None:
                     record |= {"llama_cpp_over_moekit": round(rate["llama_cpp"] / rate["moekit"], 3),
                                "llama_cpp_version": decode_llama.version(), **decode_llama.describe(gguf)}
+                elif peer_note is not None:
+                    record["llama_cpp"] = peer_note
                 records.append(record | {"cpu": info["cpu"], "cpu_flags": info["cpu_flags"],
                                          "cpu_capability": info["cpu_capability"], "torch": torch.__version__})
             restore(model)

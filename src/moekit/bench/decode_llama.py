@@ -6,6 +6,8 @@ The converter refuses tokenizers whose BPE pre-tokenizer hash it does not know, 
 tokenizers pre-tokenize exactly as GPT-2 does (one ByteLevel step with GPT-2's regex), so at conversion time, in the
 converter's own process, an unrecognised hash of such a tokenizer is mapped to "gpt-2"; nothing on disk is edited.
 The benchmark hands llama.cpp token ids, never text, so the mapping only has to be accepted, not exact.
+transformers 5's DeepSeek-V3 config states no `scoring_func` (its router is always sigmoid), and without it the
+converter leaves llama.cpp's gating at softmax; the converter's process is told "sigmoid" for such configs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def get_vocab_base_pre(self, tokenizer):
         raise
 
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+original_params = base.TextModel.set_gguf_parameters
+
+def set_gguf_parameters(self):
+    if self.hparams.get("model_type") == "deepseek_v3":
+        self.hparams.setdefault("scoring_func", "sigmoid")
+    original_params(self)
+
+base.TextModel.set_gguf_parameters = set_gguf_parameters
 sys.argv = ["convert_hf_to_gguf.py", model_dir, *args]
 conv.main()
 """
@@ -56,6 +66,23 @@ def available() -> bool:
     except ImportError:
         return False
     return converter_dir() is not None
+
+
+class PeerUnavailable(ConfigError):
+    """llama.cpp cannot run this checkpoint (the benchmark goes on without it)."""
+
+
+def unsupported(model_dir: Path) -> str | None:
+    """Why llama.cpp cannot load `model_dir` once converted, when known beforehand; else None. Its DeepSeek-2
+    loader requires q_lora_rank except for the "lite" layer counts it knows (26, 27)."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("model_type") in ("deepseek_v2", "deepseek_v3") and config.get("q_lora_rank") is None \
+            and config.get("num_hidden_layers") not in (26, 27):
+        return ("llama.cpp cannot load this model: its DeepSeek-2 loader requires q_lora_rank unless the model has "
+                "26 or 27 layers")
+    return None
 
 
 def converter_dir() -> Path | None:
@@ -106,8 +133,11 @@ def greedy_runner(gguf: Path, threads: int, n_ctx: int) -> Callable[[list[int], 
     each call, so every call prefills the whole prompt)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                          n_batch=n_ctx, logits_all=False, verbose=False)
+    try:
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                              n_batch=n_ctx, logits_all=False, verbose=False)
+    except ValueError as err:
+        raise PeerUnavailable(f"{gguf.name}: llama.cpp could not load it ({err})") from None
 
     def run(prompt: list[int], n: int) -> list[int]:
         llm.reset()
