@@ -96,7 +96,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                                          "P-Adapters) and merged (sum, PEFT, orthogonal, sparse FT, ComPEFT): "
                                          "per-domain perplexity, routing accuracy, the issue's targets"))
     mk = sub.add_parser("make", help="MoEfication of the real all-MiniLM-L6-v2 (E 8/16/32, 12.5-50%% active, each "
-                        "partition and router): embedding cosine, overlap@10, gloss retrieval, speed, vs dense")
+                        "partition and router): embedding cosine, overlap@10, gloss retrieval, speed, vs dense; "
+                        "--lm MODEL: a dense causal LM MoEfied / upcycled / BTX, perplexity vs dense")
     from moekit.bench.make import add_arguments as add_make_arguments
 
     add_make_arguments(mk)
