@@ -104,8 +104,9 @@ class Decoder:
     """Prefill and one-token steps of `model` over a KV cache of `max_len` positions (default: the model's
     context). `compile=True` compiles the model's forward for one-token steps with `torch.compile(dynamic=True)`
     (the first steps take a minute or more; measure before using it: `moekit bench decode --compile` does).
-    `lean`: one-token steps of one unpadded row of a Llama-shaped family call the model's modules directly
-    (`moekit.runtime.decode_lean`; same tensors, same tokens); `self.lean` says whether the model qualified."""
+    `lean`: one-token steps of one unpadded row of a Llama-shaped or DeepSeek-V2/V3 family call the model's modules
+    directly (`moekit.runtime.decode_lean`; same tensors, same tokens); `self.lean` says whether the model
+    qualified."""
 
     def __init__(self, model: nn.Module, max_len: int | None = None, compile: bool = False, lean: bool = True):
         self.model = model
