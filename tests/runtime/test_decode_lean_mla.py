@@ -16,7 +16,8 @@ from runtime.test_decode import hf_greedy
 
 N = 32  # new tokens compared
 # q_lora_rank None (q_proj) and an int (q_a_proj -> q_a_layernorm -> q_b_proj); all layers MoE or the first dense;
-# interleaved rope pairs (DeepSeek-V3's default) or halves; q/k head dim equal to v's (as in moekit-tiny v2)
+# interleaved rope pairs (DeepSeek-V3's default) or halves; q/k head dim equal to v's (as in moekit-tiny v2); no MoE
+# layer at all (first_k_dense_replace = num_hidden_layers)
 CASES = {
     "v3-q_proj-all-moe": ("deepseek_v3", dict(q_lora_rank=None, first_k_dense_replace=0)),
     "v3-q_lora-first-dense": ("deepseek_v3", dict(q_lora_rank=24, first_k_dense_replace=1)),
@@ -24,6 +25,7 @@ CASES = {
                                                               rope_interleave=False)),
     "v3-q_lora-all-moe-qk-eq-v": ("deepseek_v3", dict(q_lora_rank=24, first_k_dense_replace=0, qk_nope_head_dim=6,
                                                       qk_rope_head_dim=4, head_dim=4, v_head_dim=10)),
+    "v3-all-dense": ("deepseek_v3", dict(q_lora_rank=None, first_k_dense_replace=3)),  # the dense twin's shape
     "v2-q_proj": ("deepseek_v2", dict(q_lora_rank=None)),
     "v2-q_lora-all-moe": ("deepseek_v2", dict(q_lora_rank=24, first_k_dense_replace=0)),
 }
