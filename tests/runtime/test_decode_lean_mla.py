@@ -160,3 +160,26 @@ def test_llama_cpp_peer_routes_deepseek_v3_with_sigmoid(tmp_path):
     ids = _ids(4, 9)
     ref = hf_greedy(model, ids, 12)[0]
     assert decode_llama.greedy_runner(gguf, 1, 32)(ids[0].tolist(), 12) == ref
+
+
+def test_serve_engine_batches_deepseek_v3_rows_as_each_alone():
+    """The serving engine over a DeepSeek-V3 model (lean steps for one row, batched forwards with holes and
+    compaction in the compressed-latent cache for several): every request gets the text it gets alone."""
+    from transformers import AutoTokenizer
+
+    from moekit.default import default_model_path
+    from moekit.serve.engine import Engine, Request
+
+    model = _model("deepseek_v3", vocab_size=4096, q_lora_rank=None)
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    engine = Engine(model, tok, max_batch=3, max_running=5, max_len=17, max_wait=2)
+    prompts = ["The cat", "def f(x):", "Once upon a time there", "import numpy", "Hello", "The river flows"]
+    lengths = [9, 4, 7, 12, 3, 6]
+    done: dict[int, dict] = {}
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        engine.submit(Request(tok(p).input_ids, n, lambda ev, i=i: done.__setitem__(i, ev), id=str(i)))
+    engine.run_until_idle()
+    assert engine.decoder.lean and engine.stats["compactions"] > 0
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        alone = Decoder(model).generate(tok(p, return_tensors="pt").input_ids, n).tokens[0]
+        assert done[i]["text"] == tok.decode(alone, skip_special_tokens=True) and len(alone) == n
