@@ -36,7 +36,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="lru", help="expert cache policy with --expert-memory: lru, lfu, lfuda, "
                    "moe-infinity, layer-lru, layer-lfu, layer-lfuda (default lru)")
     p.add_argument("--prefetch", default="none", choices=["none", "next-layer", "predictor", "pregate"],
-                   help="read experts ahead with --expert-memory (default none)")
+                   help="read experts ahead with --expert-memory (default none); pregate: by the Read-ME pre-gate "
+                        "`moekit make --pregate` saved beside the model")
     p.add_argument("--predictor", metavar="DIR", default=None,
                    help="the path predictor for --prefetch predictor (default: MODEL-predictor beside the model)")
 
@@ -49,14 +50,52 @@ def build_model(args: argparse.Namespace):
     if getattr(args, "expert_memory", None) is not None:
         from moekit.runtime.offload import open_for_generate
 
-        args.offloaded, _, tokenizer = open_for_generate(args.model, args.expert_memory, args.policy, args.prefetch,
+        pregate = pregate_dir(args.model) if args.prefetch == "pregate" else None
+        prefetch = "none" if pregate is not None else args.prefetch  # the pre-gate's prefetcher is attached below
+        args.offloaded, _, tokenizer = open_for_generate(args.model, args.expert_memory, args.policy, prefetch,
                                                          DTYPES[args.dtype], args.predictor)
+        if pregate is not None:
+            try:
+                args.prefetcher = attach_pregate(args.offloaded, pregate)
+            except ConfigError:
+                args.offloaded.close()
+                raise
         return args.offloaded.model, tokenizer
     if args.compile and args.experts == "moekit":
         raise ConfigError("--compile with --experts moekit: torch.compile cannot trace moekit's dispatch; expected "
                           "--experts transformers (or auto, which --compile turns into transformers)")
     accelerate = False if args.compile else {"auto": "auto", "moekit": True, "transformers": False}[args.experts]
     return load_for_decode(args.model, dtype=args.dtype, accelerate=accelerate)
+
+
+def pregate_dir(model_path: str | None):
+    """The model's directory, which must hold the Read-ME pre-gate `moekit make --pregate` saved beside it."""
+    from pathlib import Path
+
+    from moekit.default import default_model_path
+    from moekit.make.pregate import PREGATE_CONFIG
+
+    where = Path(default_model_path() if model_path is None else model_path)
+    if not (where / PREGATE_CONFIG).is_file():
+        raise ConfigError(f"--prefetch pregate: no {PREGATE_CONFIG} in {where}: this model has no pre-gating router "
+                          "(Read-ME); expected one saved beside the model by `moekit make --pregate`")
+    return where
+
+
+def attach_pregate(offloaded, where):
+    """`--prefetch pregate`: a Prefetcher driven by `PreGate.load(where, model).experts`; None when every expert is
+    resident (nothing to prefetch)."""
+    from moekit.make.pregate import PREGATE_CONFIG, PreGate
+    from moekit.runtime.prefetch import Prefetcher
+
+    if offloaded.store is None:
+        return None
+    gate = PreGate.load(where, offloaded.model)
+    widths = {e.num_experts for e in offloaded.experts.values()}
+    if gate.num_layers != len(offloaded.experts) or widths != {gate.num_experts}:
+        raise ConfigError(f"{where / PREGATE_CONFIG}: made for {gate.num_layers} MoE layers x {gate.num_experts} "
+                          f"experts; expected the model's {len(offloaded.experts)} x {sorted(widths)}")
+    return Prefetcher(offloaded, "pregate", pregate=gate.experts)
 
 
 def sampling_of(args: argparse.Namespace):

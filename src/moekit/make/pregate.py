@@ -26,7 +26,10 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError
 
-PREGATE_WEIGHTS, PREGATE_CONFIG = "moekit-pregate.safetensors", "moekit-pregate.json"
+# In a folder of their own beside the model: moekit's loaders read every *.safetensors file at a checkpoint's top
+# level as the model's weights, and a pre-gate's tensors there made them refuse the checkpoint.
+PREGATE_DIR = "moekit-pregate"
+PREGATE_WEIGHTS, PREGATE_CONFIG = f"{PREGATE_DIR}/pregate.safetensors", f"{PREGATE_DIR}/pregate.json"
 
 
 class PreGate(nn.Module):
@@ -58,19 +61,19 @@ class PreGate(nn.Module):
         return [logits[:, i].topk(self.k, dim=-1).indices for i in range(self.num_layers)]
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """PREGATE_WEIGHTS and PREGATE_CONFIG into `directory` (each written to a temporary name, then renamed). The
-        token embeddings are not stored: `load` takes them from the model."""
+        """PREGATE_WEIGHTS and PREGATE_CONFIG (in the folder PREGATE_DIR) into `directory` (each written to a
+        temporary name, then renamed). The token embeddings are not stored: `load` takes them from the model."""
         from safetensors.torch import save_file
 
         from moekit.files import atomic_write
 
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        (out / PREGATE_DIR).mkdir(parents=True, exist_ok=True)
         meta = {"format": "moekit-pregate", "version": 1, "num_layers": self.num_layers,
                 "num_experts": self.num_experts, "k": self.k, "dim": self.inp.out_features,
                 "vocab": self.embeddings.shape[0], "hidden": self.embeddings.shape[1]}
         weights = {n: t.contiguous() for n, t in self.state_dict().items() if n != "embeddings"}
-        tmp = out / f".{PREGATE_WEIGHTS}.tmp-{os.getpid()}"
+        tmp = out / PREGATE_DIR / f".pregate.safetensors.tmp-{os.getpid()}"
         save_file(weights, tmp)
         os.replace(tmp, out / PREGATE_WEIGHTS)
         atomic_write(out / PREGATE_CONFIG, json.dumps(meta))
