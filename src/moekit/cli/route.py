@@ -2,6 +2,10 @@
 and `moekit route apply ROUTER.json --data FILE... [--model PATH]`: a model-level router (Composition of Experts'
 category classifier on TF-IDF or hidden states, or Glider's global router) fitted on labelled documents (.jsonl with
 `text` and `domain`), then applied per document; JSON output with the routing accuracy where documents are labelled.
+`moekit route apply ROUTER.json --adapter EXPERT=ADAPTER ... [--alpha A] [--k K] [--temperature T]` with Glider's
+global router also runs Glider's per-token local routing (Arrow's prototypes) over the adapters and reports each
+document's local weights (averaged over tokens and layers); `moekit route apply P_ADAPTER.safetensors --data FILE...
+[--model PATH]` reports a P-Adapter's input-dependent weights over its prompt experts.
 `moekit route kshot ADAPTER... --data FILE... [--model PATH] [--m M] [--diversity L]`: K-shot selection of experts
 from a pool by their K-shot performance and diversity.
 """
@@ -39,9 +43,18 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ks.add_argument("--diversity", type=float, default=0.5,
                     help="weight of the redundancy penalty (max similarity to those picked; default 0.5)")
     ap = sub.add_parser("apply", help="route documents with a fitted router")
-    ap.add_argument("router", metavar="ROUTER", help="router file written by moekit route fit")
+    ap.add_argument("router", metavar="ROUTER", help="router file written by moekit route fit (JSON), or a P-Adapter "
+                    "(.safetensors written by moekit.compose.p_adapters.save_p_adapter)")
     ap.add_argument("--data", action="append", metavar="FILE", required=True, help=".jsonl or text documents")
-    ap.add_argument("--model", help="base checkpoint (needed by hidden-state routers)")
+    ap.add_argument("--model", help="base checkpoint (needed by hidden-state routers, Glider's local routing and "
+                    "P-Adapters)")
+    ap.add_argument("--adapter", action="append", metavar="EXPERT=ADAPTER",
+                    help="glider-global only: run Glider's per-token local routing over these LoRA experts (one per "
+                    "expert of the router)")
+    ap.add_argument("--alpha", type=float, default=1.0, help="Glider: weight of the global prior (default 1)")
+    ap.add_argument("--k", type=int, default=1, help="Glider: experts per token (default 1)")
+    ap.add_argument("--temperature", type=float, default=0.1, help="Glider: softmax temperature (default 0.1)")
+    ap.add_argument("--max-tokens", type=int, default=256, help="tokens per document routed (default 256)")
 
 
 def _expert_map(entries: list[str] | None, model_path: str | None) -> dict[str, str] | None:
@@ -105,7 +118,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"router": args.router, "out": args.out, "documents": len(docs),
                           "categories": sorted(set(labels))}, indent=1))
         return 0
+    from moekit.compose.p_adapters import is_p_adapter_file
+
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens {args.max_tokens}: expected a positive number of tokens")
+    if is_p_adapter_file(args.router):
+        return _apply_p_adapter(args)
     router = load_router(args.router)
+    if args.adapter:
+        return _apply_glider_local(args, router)
     docs = read_documents(args.data)
     model = tokenizer = None
     if getattr(router, "features", "") == "hidden":
@@ -148,3 +169,65 @@ def _kshot(args: argparse.Namespace) -> int:
                       "nll": {str(a): x for a, x in zip(args.adapters, nll, strict=True)},
                       "similarity": sim.tolist()}, indent=1))
     return 0
+
+
+def _print_routes(args: argparse.Namespace, kind: str, docs: list, rows: list[dict], extra: dict) -> int:
+    rows = [{"source": d.source, **r, "label": d.domain} for d, r in zip(docs, rows, strict=True)]
+    labelled = [r for r in rows if r["label"] is not None]
+    result = {"router": args.router, "kind": kind, **extra, "documents": len(rows), "routes": rows}
+    if labelled:
+        result["accuracy"] = sum(r["category"] == r["label"] for r in labelled) / len(labelled)
+        if "local_expert" in rows[0]:
+            result["local_accuracy"] = sum(r["local_expert"] == r["label"] for r in labelled) / len(labelled)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _needs_tokenizer(path, tokenizer) -> None:
+    if tokenizer is None:
+        raise ConfigError(f"--model {path}: no tokenizer.json; expected a checkpoint with its tokenizer")
+
+
+def _apply_p_adapter(args: argparse.Namespace) -> int:
+    from moekit.compose.adapter_io import load_base
+    from moekit.compose.p_adapters import load_p_adapter
+    from moekit.compose.route_apply import p_adapter_rows
+    from moekit.data import read_documents
+
+    if args.adapter:
+        raise ConfigError(f"--adapter: {args.router} is a P-Adapter; expected --adapter only with a glider-global "
+                          f"router")
+    adapter = load_p_adapter(args.router)
+    docs = read_documents(args.data)
+    path, model, tokenizer = load_base(args.model)
+    _needs_tokenizer(path, tokenizer)
+    rows = p_adapter_rows(adapter, model, tokenizer, [d.text for d in docs], args.max_tokens)
+    return _print_routes(args, "p-adapter", docs, rows, {"representation": adapter.representation})
+
+
+def _apply_glider_local(args: argparse.Namespace, router) -> int:
+    from moekit.compose.adapter_io import check_against_model, load_base, read_adapter
+    from moekit.compose.model_routing import GliderGlobal
+    from moekit.compose.route_apply import glider_local_rows
+    from moekit.data import read_documents
+
+    if not isinstance(router, GliderGlobal):
+        raise ConfigError(f"--adapter: {args.router} is a {router.to_json()['router']} router; expected a "
+                          f"glider-global router for Glider's local routing")
+    adapters = {}
+    for entry in args.adapter:
+        expert, sep, adapter = entry.partition("=")
+        if not sep or not expert or not adapter:
+            raise ConfigError(f"--adapter {entry}: expected EXPERT=ADAPTER_DIR")
+        adapters[expert] = adapter
+    docs = read_documents(args.data)
+    path, model, tokenizer = load_base(args.model)
+    _needs_tokenizer(path, tokenizer)
+    for a in adapters.values():
+        check_against_model(read_adapter(a), model, str(path))
+    texts = [d.text for d in docs]
+    # the global router embeds with the unadapted base (as at fit time); Glider then changes the model in place
+    rows = glider_local_rows(router, model, tokenizer, adapters, texts, args.alpha, args.k, args.temperature,
+                             args.max_tokens, model if router.features == "hidden" else None, tokenizer)
+    return _print_routes(args, "glider-local", docs, rows, {"alpha": args.alpha, "k": args.k,
+                                                             "temperature": args.temperature})
