@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_util import probe_checkpoint
 
 import moekit.hf as mh
+from checkpoints import v1_shaped_checkpoint as probe_checkpoint
 from moekit.cli.main import main
 from moekit.default import default_model_path
 from moekit.errors import MoekitError

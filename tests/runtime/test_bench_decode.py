@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from checkpoints import v1_shaped_checkpoint
 from moekit.bench import decode_llama
 from moekit.bench.decode import bench_decode
 from moekit.cli.main import main
@@ -39,9 +40,10 @@ def test_cli_refuses_an_unknown_dtype_and_prints_json(capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not decode_llama.available(), reason="llama_cpp or its source tree absent (make bench-peers)")
 def test_llama_cpp_runs_the_same_weights():
-    """moekit-tiny through llama.cpp's converter (pre-tokenizer mapped) in f32 gives transformers' greedy tokens;
-    q4_0 through llama.cpp's quantizer runs."""
-    records = bench_decode(quick=True, dtypes=("fp32", "int4"))
+    """A Qwen3-MoE shaped like moekit-tiny v1 (random weights, the default's tokenizer) through llama.cpp's converter
+    (pre-tokenizer mapped) in f32 gives transformers' greedy tokens; q4_0 through llama.cpp's quantizer runs. (The
+    v2 default, DeepSeek-V3 with 4 layers and no q_lora_rank, is a shape llama.cpp does not load.)"""
+    records = bench_decode(str(v1_shaped_checkpoint()), quick=True, dtypes=("fp32", "int4"))
     assert records[0]["gguf"] == "model-f32.gguf" and records[0]["llama_cpp_tokens_equal_to_transformers"] == 8
     assert records[1]["gguf"] == "model-q4_0.gguf" and records[1]["llama_cpp_tokens_per_s"] > 0
     assert all("llama_cpp_over_moekit" in r and r["llama_cpp_version"] for r in records)
