@@ -138,3 +138,86 @@ def test_update_error_within_bound(tmp_path, density):
     assert len(errors) == len(adapter.modules())
     for error, bound in errors.values():
         assert 0 < error <= bound * (1 + 1e-5)
+
+
+def test_std_scale_hand_computed_case():
+    t = torch.tensor([[0.5, -0.1, 2.0], [-1.0, 0.05, 0.0]])
+    c = compress_tensor(t, density=0.5, scale="std", alpha=2.0)
+    mean = (0.5 - 0.1 + 2.0 - 1.0 + 0.05) / 6
+    std = math.sqrt(sum((x - mean) ** 2 for x in (0.5, -0.1, 2.0, -1.0, 0.05, 0.0)) / 6)
+    assert c.scale == pytest.approx(2.0 * std)
+    assert c.mask.tolist() == [True, False, True, True, False, False]  # the same mask and signs as lsq
+    s = 2.0 * std
+    assert torch.allclose(decompress_tensor(c), torch.tensor([[s, 0, s], [-s, 0, 0]]))
+
+
+@pytest.mark.parametrize("scale,alpha", [("lsq", 1.0), ("std", 0.5), ("std", 1.0), ("std", 3.0), ("std", 6.0)])
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 1.0])
+def test_error_within_stated_bound_for_both_scales(density, scale, alpha):
+    torch.manual_seed(2)
+    t = torch.randn(40, 30) * torch.rand(40, 1)
+    c = compress_tensor(t, density, scale, alpha)
+    err = t - decompress_tensor(c)
+    assert float(err.norm()) == pytest.approx(c.error_fro, rel=1e-4, abs=1e-6)  # the identity, for any scale
+    assert float(err.abs().max()) <= c.bound_inf + 1e-6
+    lsq = compress_tensor(t, density)
+    assert lsq.error_fro <= c.error_fro + 1e-9  # least squares is the best scale for the Frobenius error
+
+
+def test_tune_alpha_keeps_the_closed_form_unless_an_alpha_is_better():
+    from moekit.compose.adapter_io import LoraAdapter
+    from moekit.compose.compeft import decompressed_tensors, tune_alpha
+
+    torch.manual_seed(3)
+    adapter = LoraAdapter("x", {"r": 2, "lora_alpha": 4}, {"base_model.model.l.lora_A.weight": torch.randn(2, 20),
+                                                           "base_model.model.l.lora_B.weight": torch.randn(20, 2)})
+    original = adapter.tensors
+
+    def fro(tensors):  # the reconstruction error: the closed form is optimal
+        return sum(float((tensors[k] - original[k]).norm() ** 2) for k in original)
+
+    chosen, info = tune_alpha(adapter, 0.25, fro, grid=(0.5, 1.0, 2.0))
+    assert info["scale"] == "lsq" and info["alpha"] is None
+    assert set(info["losses"]) == {"lsq", "std:0.5", "std:1", "std:2"}
+    assert all(info["losses"]["lsq"] <= v for v in info["losses"].values())
+
+    def prefers_large(tensors):  # a planted validation loss that rewards large scales
+        return -sum(float(t.abs().max()) for t in tensors.values())
+
+    chosen, info = tune_alpha(adapter, 0.25, prefers_large, grid=(0.5, 1.0, 2.0))
+    assert info["scale"] == "std" and info["alpha"] == 2.0
+    expected = compress_adapter(adapter, 0.25, "std", 2.0)
+    assert all(torch.equal(a, b) for a, b in zip(decompressed_tensors(chosen).values(),
+                                                 decompressed_tensors(expected).values(), strict=True))
+    with pytest.raises(AdapterError, match="--alpha-grid: empty"):
+        tune_alpha(adapter, 0.25, fro, grid=())
+
+
+def test_validation_loss_is_the_peft_models_loss(tmp_path):
+    from peft import PeftModel
+
+    from moekit.compose.compeft import tune_alpha, validation_loss
+    from moekit.compose.loop import lm_loss
+
+    src = saved_lora(tmp_path / "a")
+    adapter = read_adapter(src)
+    windows = torch.randint(3, 90, (4, 10))
+    model = dense_lm()
+    evaluate = validation_loss(model, adapter.config, windows)
+    with torch.no_grad():
+        want = float(lm_loss(PeftModel.from_pretrained(dense_lm(), src), windows))
+    assert evaluate(adapter.tensors) == pytest.approx(want, rel=1e-5)
+    assert not any("lora" in n for n, _ in model.named_parameters())  # unloaded after each call
+    _, info = tune_alpha(adapter, 0.1, evaluate, grid=(1.0, 3.0))
+    assert all(math.isfinite(v) for v in info["losses"].values())
+    best = info["losses"]["lsq"] if info["scale"] == "lsq" else info["losses"][f"std:{info['alpha']:g}"]
+    assert best == min(info["losses"].values())
+
+
+def test_bad_scale():
+    from moekit.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="--scale mean: unknown"):
+        compress_tensor(torch.ones(4), 0.5, "mean")
+    with pytest.raises(AdapterError, match="--alpha -1: expected a positive"):
+        compress_tensor(torch.ones(4), 0.5, "std", -1)

@@ -1,9 +1,12 @@
 """ComPEFT (Yadav et al.): compress a parameter-efficient update by keeping its top-k% magnitudes, storing only their
 signs and one scale per tensor: τ̂ = s · sign(τ) ⊙ m, m the top-k mask. No retraining.
 
-Scale: ComPEFT sets s = α·std(τ) with α tuned on validation data; here s is the least-squares scale given the mask
-and signs, the mean kept magnitude (s = mean_{i∈m} |τ_i|), which needs no tuning and gives the stated bounds:
-  ||τ - τ̂||_F² = ||τ||_F² - k·s²                       (exact: the kept entries' residuals are orthogonal to s)
+Scale (`scale=`): "lsq" (the default) is the least-squares scale given the mask and signs, the mean kept magnitude
+(s = mean_{i∈m} |τ_i|), which needs no tuning; "std" is the paper's s = α·std(τ) (std over all entries of the
+tensor), α chosen on validation data from a small grid by `tune_alpha`, which keeps the closed form unless an α does
+strictly better on the validation loss. For any s >= 0, with k kept entries:
+  ||τ - τ̂||_F² = ||τ||_F² - 2s·Σ_{i∈m}|τ_i| + k·s²     (exact; with the lsq scale this is ||τ||_F² - k·s², the
+                                                        smallest over s: the lsq error never exceeds the std error)
   ||τ - τ̂||_∞  ≤ max(d, M - s, s - t)                  (d: largest dropped magnitude, t/M: smallest/largest kept)
 
 Size: a tensor of n entries with k kept is stored as an n-bit mask, k sign bits and a 32-bit scale (the saved
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor
 
 from moekit.compose.adapter_io import CONFIG_NAME, AdapterError, LoraAdapter, check_output, read_adapter, write_adapter
+from moekit.errors import UnknownNameError
 from moekit.files import MAX_JSON_BYTES, read_bounded, swap_in, temp_dir
 
 COMPRESSED_NAME = "compeft.safetensors"
@@ -67,9 +72,21 @@ def check_density(density: float, flag: str = "--density") -> None:
         raise AdapterError(f"{flag}={density}: expected a fraction of entries to keep in (0, 1]")
 
 
-def compress_tensor(t: Tensor, density: float) -> Ternary:
-    """Top-`density` magnitudes of `t` as signs and one least-squares scale."""
+SCALES = ("lsq", "std")
+ALPHA_GRID = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)  # α·std; the paper tunes α on validation data
+
+
+def check_scale(scale: str, alpha: float) -> None:
+    if scale not in SCALES:
+        raise UnknownNameError(f"--scale {scale}: unknown; expected one of {', '.join(SCALES)}")
+    if not (isinstance(alpha, int | float) and alpha > 0 and math.isfinite(alpha)):
+        raise AdapterError(f"--alpha {alpha}: expected a positive multiple of the tensor's std")
+
+
+def compress_tensor(t: Tensor, density: float, scale: str = "lsq", alpha: float = 1.0) -> Ternary:
+    """Top-`density` magnitudes of `t` as signs and one scale: least squares ("lsq") or alpha·std(t) ("std")."""
     check_density(density)
+    check_scale(scale, alpha)
     flat = t.detach().reshape(-1).float()
     n = flat.numel()
     k = min(n, max(1, round(density * n)))
@@ -78,13 +95,13 @@ def compress_tensor(t: Tensor, density: float) -> Ternary:
     mask = torch.zeros(n, dtype=torch.bool)
     mask[top] = True
     kept = flat[mask]
-    scale = float(kept.abs().mean())
+    s = float(kept.abs().mean()) if scale == "lsq" else alpha * float(flat.double().std(correction=0))
     dropped = mags[~mask]
     d = float(dropped.max()) if dropped.numel() else 0.0
     t_min, t_max = float(kept.abs().min()), float(kept.abs().max())
-    error_sq = float(flat.double().pow(2).sum()) - k * scale * scale
-    return Ternary(tuple(t.shape), mask, kept < 0, scale, torch.finfo(t.dtype).bits if t.is_floating_point() else 32,
-                   math.sqrt(max(error_sq, 0.0)), max(d, t_max - scale, scale - t_min),
+    error_sq = float(flat.double().pow(2).sum()) - 2 * s * float(kept.double().abs().sum()) + k * s * s
+    return Ternary(tuple(t.shape), mask, kept < 0, s, torch.finfo(t.dtype).bits if t.is_floating_point() else 32,
+                   math.sqrt(max(error_sq, 0.0)), max(d, t_max - s, s - t_min),
                    float(flat.double().norm()))
 
 
@@ -124,11 +141,53 @@ class CompressedAdapter:
                                                 / max(sum(c.norm ** 2 for c in self.tensors.values()), 1e-30))}
 
 
-def compress_adapter(adapter: LoraAdapter, density: float) -> CompressedAdapter:
-    """Every tensor of `adapter` compressed to `density`."""
+def compress_adapter(adapter: LoraAdapter, density: float, scale: str = "lsq", alpha: float = 1.0
+                     ) -> CompressedAdapter:
+    """Every tensor of `adapter` compressed to `density` (each with its own scale)."""
     check_density(density)
-    return CompressedAdapter(adapter.config, {k: compress_tensor(t, density) for k, t in adapter.tensors.items()},
+    check_scale(scale, alpha)
+    return CompressedAdapter(adapter.config,
+                             {k: compress_tensor(t, density, scale, alpha) for k, t in adapter.tensors.items()},
                              {k: t.dtype for k, t in adapter.tensors.items()})
+
+
+def tune_alpha(adapter: LoraAdapter, density: float, evaluate: Callable[[dict[str, Tensor]], float],
+               grid: tuple[float, ...] = ALPHA_GRID) -> tuple[CompressedAdapter, dict]:
+    """ComPEFT's α chosen on validation data: `evaluate(tensors)` is the validation loss (lower is better) of the
+    adapter with the given (decompressed) tensors. The closed form ("lsq") is scored too and kept unless some α·std
+    is strictly better. Returns the chosen compression and {"scale", "alpha", "losses": {"lsq": x, "std:α": y}}."""
+    check_density(density)
+    if not grid:
+        raise AdapterError("--alpha-grid: empty; expected at least one multiple of the std")
+    best = compress_adapter(adapter, density)
+    losses = {"lsq": float(evaluate(decompressed_tensors(best)))}
+    chosen, best_loss = (("lsq", None), losses["lsq"])
+    for alpha in grid:
+        c = compress_adapter(adapter, density, "std", alpha)
+        loss = losses[f"std:{alpha:g}"] = float(evaluate(decompressed_tensors(c)))
+        if loss < best_loss:
+            best, best_loss, chosen = c, loss, ("std", alpha)
+    return best, {"scale": chosen[0], "alpha": chosen[1], "losses": losses}
+
+
+def validation_loss(model, config: dict, windows: Tensor, batch_size: int = 8) -> Callable[[dict[str, Tensor]], float]:
+    """An `evaluate` for tune_alpha: mean next-token loss on windows [N, L] of `model` with a PEFT adapter of
+    `config` holding the given tensors (the model is wrapped in place for each call, then unloaded)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from moekit.compose.loop import evaluate_ppl
+
+    keep = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
+
+    def evaluate(tensors: dict[str, Tensor]) -> float:
+        peft_model = get_peft_model(model, LoraConfig(**keep))
+        try:
+            set_peft_model_state_dict(peft_model, tensors)
+            return math.log(evaluate_ppl(peft_model, windows, batch_size))
+        finally:
+            peft_model.unload()
+
+    return evaluate
 
 
 def decompressed_tensors(c: CompressedAdapter) -> dict[str, Tensor]:
@@ -210,13 +269,16 @@ def load_compressed(path: str | os.PathLike) -> CompressedAdapter:
     return CompressedAdapter(config, tensors, dtypes)
 
 
-def compress_adapter_dir(adapter: str | os.PathLike, out: str | os.PathLike, density: float) -> dict:
+def compress_adapter_dir(adapter: str | os.PathLike, out: str | os.PathLike, density: float, scale: str = "lsq",
+                         alpha: float = 1.0) -> dict:
     """`moekit lora compress`: the size report of the written directory."""
     check_density(density)
+    check_scale(scale, alpha)
     check_output(out, [adapter], flag="--out", error=AdapterError)
-    c = compress_adapter(read_adapter(adapter), density)
+    c = compress_adapter(read_adapter(adapter), density, scale, alpha)
     save_compressed(c, out, [adapter])
-    return {"adapter": str(adapter), "out": str(out), **c.report()}
+    return {"adapter": str(adapter), "out": str(out), "scale": scale, **({"alpha": alpha} if scale == "std" else {}),
+            **c.report()}
 
 
 def decompress_adapter(compressed: str | os.PathLike, out: str | os.PathLike) -> Path:
