@@ -221,3 +221,36 @@ def test_bad_scale():
         compress_tensor(torch.ones(4), 0.5, "mean")
     with pytest.raises(AdapterError, match="--alpha -1: expected a positive"):
         compress_tensor(torch.ones(4), 0.5, "std", -1)
+
+
+def test_cli_compress_scales(tmp_path, capsys, dense_dir):
+    import json
+
+    from moekit.cli.main import main
+
+    src = saved_lora(tmp_path / "a")
+    assert main(["lora", "compress", str(src), "--density", "0.1", "--scale", "std", "--alpha", "2",
+                 "--out", str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scale"] == "std"
+    want = compress_adapter(read_adapter(src), 0.1, "std", 2.0)
+    got = load_compressed(tmp_path / "s")
+    assert all(got.tensors[k].scale == pytest.approx(t.scale, rel=1e-6) for k, t in want.tensors.items())
+    val = tmp_path / "val.txt"
+    val.write_text("the cat sat on the mat and the dog sat on the log. " * 20)
+    assert main(["lora", "compress", str(src), "--density", "0.1", "--scale", "auto", "--alpha-grid", "1,4",
+                 "--data", str(val), "--model", str(dense_dir), "--seq-len", "16", "--out", str(tmp_path / "t"),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["losses"]) == {"lsq", "std:1", "std:4"} and report["validation_windows"] >= 1
+    chosen = report["losses"]["lsq" if report["scale"] == "lsq" else f"std:{report['alpha']:g}"]
+    assert chosen == min(report["losses"].values())
+    cases = [(["--scale", "auto"], "--scale auto: no --data"),
+             (["--scale", "auto", "--data", str(val), "--alpha-grid", "1,x"], "--alpha-grid 1,x: expected"),
+             (["--scale", "std", "--alpha", "0"], "--alpha 0.0: expected a positive"),
+             (["--scale", "auto", "--data", str(val), "--model", str(dense_dir), "--seq-len", "100000"],
+              "no window of 100000 tokens")]
+    for extra, message in cases:
+        code = main(["lora", "compress", str(src), "--out", str(tmp_path / "bad"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "bad").exists()

@@ -286,3 +286,27 @@ def decompress_adapter(compressed: str | os.PathLike, out: str | os.PathLike) ->
     check_output(out, [compressed], flag="--out", error=AdapterError)
     c = load_compressed(compressed)
     return write_adapter(out, c.config, decompressed_tensors(c), [compressed])
+
+
+def tune_adapter_dir(adapter: str | os.PathLike, out: str | os.PathLike, density: float, model_path, data: list,
+                     grid: tuple[float, ...] = ALPHA_GRID, seq_len: int = 64, max_tokens: int = 8192) -> dict:
+    """`moekit lora compress --scale auto`: α chosen on the validation documents `data` (full windows of seq_len
+    tokens, at most max_tokens) with the closed form kept unless an α is strictly better; the size report plus the
+    choice and each candidate's validation loss."""
+    from moekit.compose.adapter_io import check_against_model, load_base
+    from moekit.data import read_documents, windows
+
+    check_density(density)
+    check_output(out, [adapter, *data], flag="--out", error=AdapterError)
+    lora = read_adapter(adapter)
+    path, model, tokenizer = load_base(model_path)
+    if tokenizer is None:
+        raise AdapterError(f"--model {path}: no tokenizer.json; expected a checkpoint with its tokenizer")
+    check_against_model(lora, model, str(path))
+    full = [w.ids for w in windows(tokenizer, read_documents(data), seq_len, max_tokens) if w.ids.numel() == seq_len]
+    if not full:
+        raise AdapterError(f"--data: no window of {seq_len} tokens; expected validation text of at least {seq_len} "
+                           f"tokens (or a smaller --seq-len)")
+    c, info = tune_alpha(lora, density, validation_loss(model, lora.config, torch.stack(full)), grid)
+    save_compressed(c, out, [adapter, *data])
+    return {"adapter": str(adapter), "out": str(out), **info, "validation_windows": len(full), **c.report()}
