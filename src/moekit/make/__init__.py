@@ -31,18 +31,21 @@ from moekit.make.convert import (
     upcycled_tensors,
 )
 from moekit.make.partition import PARTITIONS, partition_neurons, shared_neurons
-from moekit.make.routers import ROUTERS, activations, input_rows, make_router
+from moekit.make.routers import ROUTERS, activations, dino_router, input_rows, make_router
 
 __all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "UPCYCLE_ROUTERS", "capture_inputs", "check", "convert", "moefy",
            "needs_data", "token_domains", "upcycle"]
 
 
 def check(config, experts: int, k: int, layers: Sequence[int] | None, copies: bool = False,
-          shared: int | None = None) -> None:
+          shared: int | None = None, parts: int | None = None) -> None:
     """Every size checked against a dense config before any weight is read or any work done (`copies`: upcycled
-    experts of the full width)."""
+    experts of the full width; `parts`: the FFN split into that many pieces, copied into the experts)."""
+    if parts is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts or experts % k):
+        raise ConfigError(f"router=dino: k={k!r}, experts={experts}; expected k in 1..E dividing E (E/k copies of "
+                          "each of the FFN's k pieces)")
     layers = list(range(config.num_hidden_layers)) if layers is None else sorted(set(layers))
-    moe_config(config, experts, k, layers, upcycle=copies, shared=shared)
+    moe_config(config, experts, k, layers, upcycle=copies, shared=shared, parts=parts)
 
 
 def needs_data(partition: str, router: str) -> bool:
@@ -95,12 +98,14 @@ def moefy(model: nn.Module, experts: int, k: int, partition: str = "kmeans", rou
     if router not in ROUTERS:
         raise ConfigError(f"router={router!r}: expected one of {', '.join(ROUTERS)}")
     shared = default_shared(model.config) if shared is None else shared
-    check(model.config, experts, k, layers, shared=shared)
+    dino = router == "dino"  # Dynamic-DINO: k pieces, E/k copies of each, a tiled router (routers.dino_router)
+    groups = k if dino else experts
+    check(model.config, experts, k, layers, shared=shared, parts=k if dino else None)
     layers = list(range(model.config.num_hidden_layers)) if layers is None else sorted(set(layers))
     if needs_data(partition, router) and inputs is None:
         raise ConfigError(f"partition={partition}, router={router}: needs calibration text (--data); "
                           "expected inputs from capture_inputs")
-    width = expert_width(model.config, experts, shared)
+    width = expert_width(model.config, experts, shared, parts=k if dino else None)
     parts: dict[int, Tensor] = {}
     kept: dict[int, Tensor] = {}
     routers: dict[int, Tensor] = {}
@@ -115,16 +120,21 @@ def moefy(model: nn.Module, experts: int, k: int, partition: str = "kmeans", rou
         rest[kept[i]] = False
         rest = torch.nonzero(rest).flatten()
         local_acts = None if acts is None else acts[:, rest]
-        local = partition_neurons(partition, rows[rest], experts, seed, local_acts, layer=i)
+        local = partition_neurons(partition, rows[rest], groups, seed, local_acts, layer=i)
         parts[i] = rest[local]
-        routers[i] = make_router(router, rows[rest], local, x, local_acts, seed)
+        if dino:
+            parts[i] = parts[i].repeat_interleave(experts // k, dim=0)  # expert g * E/k + c: copy c of piece g
+            routers[i] = dino_router(experts, k, rows.shape[1], seed + i)
+        else:
+            routers[i] = make_router(router, rows[rest], local, x, local_acts, seed)
     scale = routed_scale(model.config, k)
-    moe = convert(model, {i: expert_tensors(ffn(model, i), parts[i], scale) for i in layers}, routers, k, max_logit,
+    moe = convert(model, {i: expert_tensors(ffn(model, i), parts[i], scale) for i in layers}, routers, k,
+                  None if dino else max_logit,
                   shared={i: shared_tensors(ffn(model, i), kept[i], shared_scale(model.config)) for i in layers}
                   if shared else None)
     plan = {"format": "moekit-make-plan", "version": 1, "source_type": model.config.model_type,
             "target_type": moe.config.model_type, "experts": experts, "k": k, "shared": shared,
-            "partition": partition, "router": router, "seed": seed, "max_logit": max_logit,
+            "partition": partition, "router": router, "seed": seed, "max_logit": None if dino else max_logit,
             "layers": {str(i): parts[i].tolist() for i in layers}}
     if shared:
         plan["shared_neurons"] = {str(i): kept[i].tolist() for i in layers}

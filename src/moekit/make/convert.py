@@ -78,8 +78,9 @@ def ffn(model: nn.Module, layer: int) -> nn.Module:
     return model.model.layers[layer].mlp
 
 
-def expert_width(config, experts: int, shared: int = 0, upcycle: bool = False) -> int:
-    """The routed expert width: I / (E + shared) for split experts, I for upcycled copies."""
+def expert_width(config, experts: int, shared: int = 0, upcycle: bool = False, parts: int | None = None) -> int:
+    """The routed expert width: I / (E + shared) for split experts, I / (parts + shared) when the FFN is split into
+    `parts` pieces that the E experts copy (Dynamic-DINO), I for upcycled copies."""
     for name, value, low in (("experts", experts, 1), ("shared", shared, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name}={value!r}: expected an integer >= {low}")
@@ -93,20 +94,23 @@ def expert_width(config, experts: int, shared: int = 0, upcycle: bool = False) -
         if shared > 1:
             raise ConfigError(f"shared={shared}: an upcycled model has one shared copy of the FFN; expected 0 or 1")
         return width
-    if width % (experts + shared):
-        what = f"experts={experts}" if not shared else f"experts={experts} + shared={shared}"
+    pieces = experts if parts is None else parts
+    if width % (pieces + shared):
+        what = f"experts={experts}" if parts is None else f"k={parts} (the FFN's pieces, router dino)"
+        what += f" + shared={shared}" if shared else ""
         raise ConfigError(f"{what}: expected a divisor of the FFN width {width} (equal-size experts)")
-    return width // (experts + shared)
+    return width // (pieces + shared)
 
 
-def moe_config(config, experts: int, k: int, layers: list[int], upcycle: bool = False, shared: int | None = None):
+def moe_config(config, experts: int, k: int, layers: list[int], upcycle: bool = False, shared: int | None = None,
+               parts: int | None = None):
     """The MoE family's config: the dense `config` with E experts of width I/(E + shared) (or, upcycled, E copies
     of width I), `shared` shared experts of the same width, k per token, in `layers`."""
     from transformers import AutoConfig
 
     target = target_of(config)
     shared = default_shared(config) if shared is None else shared
-    width = expert_width(config, experts, shared, upcycle)
+    width = expert_width(config, experts, shared, upcycle, parts)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
         raise ConfigError(f"k={k!r}: expected an integer in 1..experts={experts}")
     n_layers = config.num_hidden_layers
@@ -208,7 +212,9 @@ def convert(model: nn.Module, experts: dict[int, tuple[Tensor, Tensor]], routers
     gate_up0 = experts[layers[0]][0]
     upcycle = gate_up0.shape[1] == 2 * model.config.intermediate_size
     n_shared = shared[layers[0]][0].shape[0] // (gate_up0.shape[1] // 2) if shared else 0
-    config = moe_config(model.config, gate_up0.shape[0], k, layers, upcycle=upcycle, shared=n_shared)
+    pieces = None if upcycle else model.config.intermediate_size // (gate_up0.shape[1] // 2) - n_shared
+    config = moe_config(model.config, gate_up0.shape[0], k, layers, upcycle=upcycle, shared=n_shared,
+                        parts=None if pieces == gate_up0.shape[0] else pieces)
     dtype = next(model.parameters()).dtype
     moe = runnable(AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
     state = model.state_dict()

@@ -7,6 +7,12 @@
   inputs x to predict each expert's activation mass m_e(x) = sum_{i in S_e} |a_i(x)| (a = act(W_gate x) * W_up x),
   with target t_e = m_e / max_e' m_e' and a binary cross-entropy on the logits, started from the centroids.
   The order of its logits is what picks the experts, so predicting which experts carry the most mass is the goal.
+- `dino` (Dynamic-DINO's router initialisation, as we read its abstract: "a pre-trained weight allocation strategy
+  for the experts, coupled with a specific router initialization" so that fine-tuning starts without degradation):
+  the FFN is split into k pieces (by the chosen partition), each piece copied E/k times (expert g * E/k + c is
+  copy c of piece g), and the router is a random [E/k, H] matrix tiled k times, so the logits of the k copies c of
+  the pieces are equal: the top-k always takes one copy of every piece, at equal weights, and the MoE equals the
+  dense FFN exactly at step 0 for any k < E (`dino_router`; the choice between copies is what training learns).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError
 
-ROUTERS = ("centroid", "emoe", "learned")
+ROUTERS = ("centroid", "emoe", "learned", "dino")
 
 
 def input_rows(mlp: nn.Module) -> Tensor:
@@ -82,7 +88,23 @@ def make_router(kind: str, rows: Tensor, partition: Tensor, x: Tensor | None = N
         if x is None or acts is None:
             raise ConfigError("router=learned: needs calibration text (--data)")
         return learned_router(rows, partition, x, acts, seed=seed, square=square)
+    if kind == "dino":
+        raise ConfigError("router=dino: copies k pieces of the FFN into E experts; expected a dense decoder "
+                          "(`make.moefy`), not a router over an existing split")
     raise ConfigError(f"router={kind!r}: expected one of {', '.join(ROUTERS)}")
+
+
+def dino_router(experts: int, k: int, hidden: int, seed: int = 0, init_std: float = 0.02) -> Tensor:
+    """Dynamic-DINO's router [E, H]: a random [E/k, H] (normal, std `init_std`) tiled k times, for experts ordered
+    piece-major (expert g * E/k + c is copy c of piece g), so every piece's copy c has the same logit."""
+    for name, value in (("experts", experts), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"router=dino: {name}={value!r}; expected a positive integer")
+    if experts % k:
+        raise ConfigError(f"router=dino: experts={experts} is not a multiple of k={k}; expected E/k copies of each "
+                          "of the k pieces of the FFN")
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(experts // k, hidden, generator=g) * init_std).repeat(k, 1)
 
 
 # D2DMoE: a router that regresses each expert's output norm, and a dynamic number of experts per token.

@@ -128,7 +128,8 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
         if experts is not None and experts != len(names):
             raise ConfigError(f"--experts={experts}: BTX has one expert per domain; expected {len(names)} or none")
         experts = len(names)
-    check(dense_config(source), experts, k, layers, copies=copies, shared=shared)
+    check(dense_config(source), experts, k, layers, copies=copies, shared=shared,
+          parts=k if router == "dino" and not copies else None)
     out_dir = check_out(out, source, data or [], force)
     model = load_dense(source)
     inputs = domains = None
