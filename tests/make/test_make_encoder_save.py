@@ -72,6 +72,7 @@ def test_cli_encoder_refusals(tmp_path, capsys):
     capsys.readouterr()
     for args, message in ((["--experts", "5", "--k", "2"], "experts=5"),
                           (["--experts", "4", "--k", "2", "--method", "upcycle"], "a BERT encoder is split"),
+                          (["--experts", "4", "--k", "2", "--router", "dino"], "a BERT encoder is split"),
                           (["--experts", "4", "--k", "5"], "k=5"),
                           (["--experts", "4", "--k", "2", "--router", "learned"], "expected --data FILE")):
         assert main(["make", str(tmp_path / "bert"), *args, "--out", str(tmp_path / "x")]) == 2
