@@ -265,7 +265,7 @@ def test_forced_on_expert_parameters_equals_peft_target_parameters(tmp_path, bui
 def test_expert_parameter_pool_errors(tmp_path):
     only_experts = save_random_adapter(moe_lm(), tmp_path / "x", seed=1, targets=["q_proj"],
                                        target_parameters=EXPERT_PARAMS)
-    with pytest.raises(ConfigError, match="expert-parameter LoRAs are mixed by kind 'moe' only"):
+    with pytest.raises(ConfigError, match="expert-parameter LoRAs are mixed by kinds 'moe' and 'mora' only"):
         LoraMoE.from_adapters(moe_lm(), [only_experts], kind="hydra")
     down_only = save_random_adapter(moe_lm(), tmp_path / "d", seed=2, targets=["q_proj"],
                                     target_parameters=["experts.down_proj"])
@@ -276,3 +276,38 @@ def test_expert_parameter_pool_errors(tmp_path):
     wider = tiny_model("qwen3_moe", moe_intermediate_size=24)  # experts of another width: shapes differ
     with pytest.raises(ConfigError, match="fit no expert parameter"):
         LoraMoE.from_adapters(wider, [other_base])
+
+
+def test_mora_on_expert_parameters(tmp_path):
+    """MoRA over expert-parameter LoRAs: one adapter at full budget is that PEFT adapter; a smaller budget against
+    the hand formula (per token routed to expert j: the budget largest |a_{e,j,i} . x| kept); save/load."""
+    adapters = [save_random_adapter(moe_lm(), tmp_path / f"e{i}", seed=30 + i, targets=["q_proj"],
+                                    target_parameters=EXPERT_PARAMS) for i in range(2)]
+    one = LoraMoE.from_adapters(moe_lm(), adapters[:1], kind="mora", budget=4)
+    layer = next(m for n, m in one.layers.items() if n.endswith(".experts"))
+    assert layer.budget == 4 and not layer.router.weight.requires_grad
+    assert torch.allclose(logits(one.model), peft_logits(adapters[0], moe_lm), atol=2e-5, rtol=1e-5)
+    moe = LoraMoE.from_adapters(moe_lm(), adapters, kind="mora", budget=3)
+    name, layer = next((n, m) for n, m in moe.layers.items() if n.endswith(".experts"))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, layer.base.gate_up_proj.shape[2], generator=g)
+    a, b, s = layer.pool["a"]["gate_up_proj"].detach(), layer.pool["b"]["gate_up_proj"].detach(), layer.scaling
+    n_adapters, r = a.shape[0], a.shape[2]
+    with torch.no_grad():
+        got = layer._delta("gate_up_proj", x, 1, None)
+    for t in range(4):
+        h = [(e, i, float(a[e, 1, i] @ x[t])) for e in range(n_adapters) for i in range(r)]
+        kept = sorted(h, key=lambda v: -abs(v[2]))[:3]
+        want = sum(s[e] * v * b[e, 1, :, i] for e, i, v in kept)
+        assert torch.allclose(got[t], want, atol=1e-5)
+    mixed = logits(moe.model)
+    assert not torch.allclose(mixed, logits(one.model), atol=1e-4)
+    moe.save(tmp_path / "mix")
+    again = LoraMoE.load(moe_lm(), tmp_path / "mix")
+    assert next(m for n, m in again.layers.items() if n.endswith(".experts")).budget == 3
+    assert torch.allclose(logits(again.model), mixed, atol=1e-6)
+    with pytest.raises(ConfigError, match="mora budget=9; expected 1 <= budget <= 8"):
+        LoraMoE.from_adapters(moe_lm(), adapters, kind="mora", budget=9)
+    with pytest.raises(ConfigError, match=r"mora budget=9; expected 1 <= budget <= 8 \(adapters x rank\)"):
+        ExpertsLoraMoE(layer.base, dict(layer.pool["a"]), dict(layer.pool["b"]), layer.scaling, RuleConfig(),
+                       budget=9)

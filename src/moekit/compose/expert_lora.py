@@ -8,6 +8,11 @@ transformers' eager path does): for each token routed to expert j,
     gate, up = (W_gu[j] + sum_e w_e s_e B_gu,e,j A_gu,e,j) x;  a = act(gate) * up;
     y = (W_d[j] + sum_e w_e s_e B_d,e,j A_d,e,j) a
 with the adapter weights w from a routing rule on the block's input. The base parameters stay in the wrapped module.
+
+MoRA on expert parameters (`budget=`): no router; for each token routed to expert j and each adapted parameter,
+the pool's N*r rank-1 experts of expert j (a_{e,j,i}, b_{e,j,i}) compute h = a . x and the token keeps the `budget`
+largest |h| (moekit.compose.rules.self_activated_ranks): update sum_{kept} s_e h b_{e,j,i}. With one adapter and
+budget = r this is that adapter.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.compose.adapters import LoraWeights
-from moekit.compose.rules import RuleConfig, route
+from moekit.compose.rules import RuleConfig, route, self_activated_ranks
 from moekit.errors import ConfigError
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -47,11 +52,14 @@ class ExpertsLoraMoE(nn.Module):
     """A routed pool of expert-parameter LoRAs around one experts module (same forward signature)."""
 
     def __init__(self, base: nn.Module, a: dict[str, Tensor], b: dict[str, Tensor], scaling: Tensor,
-                 rule: RuleConfig, generator: torch.Generator | None = None) -> None:
+                 rule: RuleConfig, generator: torch.Generator | None = None, budget: int | None = None) -> None:
         super().__init__()
         n_adapters = int(scaling.shape[0])
         rule.check(n_adapters)
-        self.base, self.rule = base, rule
+        ranks = min(n_adapters * t.shape[2] for t in a.values())
+        if budget is not None and not 1 <= budget <= ranks:
+            raise ConfigError(f"mora budget={budget}; expected 1 <= budget <= {ranks} (adapters x rank)")
+        self.base, self.rule, self.budget = base, rule, budget
         # a[p]: [N adapters, n experts, r, in]; b[p]: [N, n, out, r]
         self.pool = nn.ModuleDict({  # frozen until LoraMoE.trainable_parameters(experts=True) thaws them
             "a": nn.ParameterDict({p: nn.Parameter(t.clone(), requires_grad=False) for p, t in a.items()}),
@@ -61,6 +69,7 @@ class ExpertsLoraMoE(nn.Module):
         self.router = nn.Linear(hidden, n_adapters, bias=False)
         with torch.no_grad():
             self.router.weight.normal_(0.0, 0.02, generator=generator)
+        self.router.requires_grad_(budget is None)  # MoRA uses no router
         self.labels: Tensor | None = None
         self.aux: dict[str, Tensor] = {}
         self.weights: Tensor | None = None
@@ -70,21 +79,29 @@ class ExpertsLoraMoE(nn.Module):
         if name not in a:
             return None
         h = torch.einsum("ti,nri->tnr", x.to(a[name].dtype), a[name][:, expert])
-        h = h * (mix * self.scaling).unsqueeze(-1)
+        if self.budget is not None:  # MoRA: each token keeps its budget largest rank-1 activations
+            gates = self_activated_ranks(h.reshape(h.shape[0], -1), self.budget).reshape(h.shape)
+            h = h * gates * self.scaling[None, :, None].to(h.dtype)
+        else:
+            h = h * (mix * self.scaling).unsqueeze(-1)
         return torch.einsum("tnr,nor->to", h, b[name][:, expert])
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         base = self.base
         n_experts = base.gate_up_proj.shape[0]
         labels = self.labels if self.labels is not None and self.labels.numel() == hidden_states.shape[0] else None
-        mixed = route(self.router(hidden_states.to(self.router.weight.dtype)), self.rule, labels)
-        self.aux, self.weights = mixed.aux, mixed.weights.detach()
+        if self.budget is None:
+            mixed = route(self.router(hidden_states.to(self.router.weight.dtype)), self.rule, labels)
+            self.aux, self.weights, weights = mixed.aux, mixed.weights.detach(), mixed.weights
+        else:  # MoRA: no router
+            self.aux, self.weights = {}, None
+            weights = hidden_states.new_zeros(hidden_states.shape[0], int(self.scaling.shape[0]))
         out = torch.zeros_like(hidden_states)
         for expert in top_k_index.unique().tolist():
             if expert >= n_experts:  # some families mark a dropped slot with index n
                 continue
             token, slot = torch.where(top_k_index == expert)
-            x, mix = hidden_states[token], mixed.weights[token]
+            x, mix = hidden_states[token], weights[token]
             gate_up = nn.functional.linear(x, base.gate_up_proj[expert])
             delta = self._delta("gate_up_proj", x, expert, mix)
             gate, up = (gate_up if delta is None else gate_up + delta.to(gate_up.dtype)).chunk(2, dim=-1)
