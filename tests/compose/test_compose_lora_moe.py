@@ -265,8 +265,6 @@ def test_forced_on_expert_parameters_equals_peft_target_parameters(tmp_path, bui
 def test_expert_parameter_pool_errors(tmp_path):
     only_experts = save_random_adapter(moe_lm(), tmp_path / "x", seed=1, targets=["q_proj"],
                                        target_parameters=EXPERT_PARAMS)
-    with pytest.raises(ConfigError, match="expert-parameter LoRAs are mixed by kinds 'moe' and 'mora' only"):
-        LoraMoE.from_adapters(moe_lm(), [only_experts], kind="hydra")
     down_only = save_random_adapter(moe_lm(), tmp_path / "d", seed=2, targets=["q_proj"],
                                     target_parameters=["experts.down_proj"])
     with pytest.raises(ConfigError, match="adapts other modules|same target parameters"):
@@ -311,3 +309,53 @@ def test_mora_on_expert_parameters(tmp_path):
     with pytest.raises(ConfigError, match=r"mora budget=9; expected 1 <= budget <= 8 \(adapters x rank\)"):
         ExpertsLoraMoE(layer.base, dict(layer.pool["a"]), dict(layer.pool["b"]), layer.scaling, RuleConfig(),
                        budget=9)
+
+
+def test_hydra_on_expert_parameters(tmp_path):
+    """Hydra over expert-parameter LoRAs: the start is the parallel branch alone (B_s = 0); with B_s set, the
+    output against a per-token hand loop of W_j x + parallel_j(x) + s B_s,j A_s,j (W_j x) on both parameters;
+    sequential weights train; save/load."""
+    import torch.nn.functional as F
+
+    adapters = [save_random_adapter(moe_lm(), tmp_path / f"e{i}", seed=40 + i, targets=["q_proj"],
+                                    target_parameters=EXPERT_PARAMS) for i in range(2)]
+    moe = LoraMoE.from_adapters(moe_lm(), adapters, kind="hydra", router="soft", seq_rank=2, seq_alpha=4.0)
+    layer = next(m for n, m in moe.layers.items() if n.endswith(".experts"))
+    assert isinstance(layer, ExpertsLoraMoE) and set(layer.seq_a) == {"gate_up_proj", "down_proj"}
+    assert any(p is layer.seq_b["down_proj"] for p in moe.trainable_parameters())
+    g = torch.Generator().manual_seed(3)
+    hidden = layer.base.gate_up_proj.shape[2]
+    x = torch.randn(5, hidden, generator=g)
+    top = torch.stack([torch.randperm(layer.base.gate_up_proj.shape[0], generator=g)[:2] for _ in range(5)])
+    top_w = torch.rand(5, 2, generator=g)
+    with torch.no_grad():
+        start = layer(x, top, top_w)
+        seq_a, seq_b = dict(layer.seq_a), dict(layer.seq_b)
+        layer.seq_a, layer.seq_b = torch.nn.ParameterDict(), torch.nn.ParameterDict()
+        assert torch.allclose(layer(x, top, top_w), start, atol=1e-6)  # B_s = 0: the parallel branch alone
+        layer.seq_a, layer.seq_b = torch.nn.ParameterDict(seq_a), torch.nn.ParameterDict(seq_b)
+        for t in layer.seq_b.values():
+            t.normal_(0, 0.3, generator=g)
+        got = layer(x, top, top_w)
+        w = layer.weights  # the soft routing weights of this forward [5, N]
+        s = layer.seq_scaling
+        assert s == 2.0 and not torch.allclose(got, start, atol=1e-4)
+        base, pool = layer.base, layer.pool
+        for t in range(5):
+            want = torch.zeros(hidden)
+            for slot in range(2):
+                j = int(top[t, slot])
+
+                def branch(p, v, j=j, t=t):
+                    out = F.linear(v, getattr(base, p)[j])
+                    par = sum(w[t, e] * layer.scaling[e] * (pool["b"][p][e, j] @ (pool["a"][p][e, j] @ v))
+                              for e in range(2))
+                    return out + par + s * (layer.seq_b[p][j] @ (layer.seq_a[p][j] @ out))
+
+                gate, up = branch("gate_up_proj", x[t]).chunk(2)
+                want += top_w[t, slot] * branch("down_proj", base.act_fn(gate) * up)
+            assert torch.allclose(got[t], want, atol=1e-5)
+    mixed = logits(moe.model)
+    moe.save(tmp_path / "mix")
+    again = LoraMoE.load(moe_lm(), tmp_path / "mix")
+    assert torch.allclose(logits(again.model), mixed, atol=1e-6)

@@ -13,6 +13,10 @@ MoRA on expert parameters (`budget=`): no router; for each token routed to exper
 the pool's N*r rank-1 experts of expert j (a_{e,j,i}, b_{e,j,i}) compute h = a . x and the token keeps the `budget`
 largest |h| (moekit.compose.rules.self_activated_ranks): update sum_{kept} s_e h b_{e,j,i}. With one adapter and
 budget = r this is that adapter.
+
+Hydra on expert parameters (`seq_rank=`): beside the routed parallel experts, a sequential LoRA per expert j and
+parameter on that expert's base output: W_j x + parallel_j(x) + s_seq B_{s,j} A_{s,j} (W_j x), B_s zero at the
+start (so the start is the parallel branch alone).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class ExpertsLoraMoE(nn.Module):
     """A routed pool of expert-parameter LoRAs around one experts module (same forward signature)."""
 
     def __init__(self, base: nn.Module, a: dict[str, Tensor], b: dict[str, Tensor], scaling: Tensor,
-                 rule: RuleConfig, generator: torch.Generator | None = None, budget: int | None = None) -> None:
+                 rule: RuleConfig, generator: torch.Generator | None = None, budget: int | None = None,
+                 seq_rank: int | None = None, seq_alpha: float = 8.0) -> None:
         super().__init__()
         n_adapters = int(scaling.shape[0])
         rule.check(n_adapters)
@@ -70,6 +75,17 @@ class ExpertsLoraMoE(nn.Module):
         with torch.no_grad():
             self.router.weight.normal_(0.0, 0.02, generator=generator)
         self.router.requires_grad_(budget is None)  # MoRA uses no router
+        self.seq_a, self.seq_b, self.seq_scaling = nn.ParameterDict(), nn.ParameterDict(), 0.0
+        if seq_rank is not None:  # Hydra's sequential branch, per expert and adapted parameter
+            for name in a:
+                n, out = getattr(base, name).shape[:2]
+                if not 1 <= seq_rank <= out:
+                    raise ConfigError(f"hydra seq_rank={seq_rank}; expected 1 <= seq_rank <= {out} ({name}'s "
+                                      f"output)")
+                bound = 1.0 / out ** 0.5
+                self.seq_a[name] = nn.Parameter((torch.rand(n, seq_rank, out, generator=generator) * 2 - 1) * bound)
+                self.seq_b[name] = nn.Parameter(torch.zeros(n, out, seq_rank))
+            self.seq_scaling = seq_alpha / seq_rank
         self.labels: Tensor | None = None
         self.aux: dict[str, Tensor] = {}
         self.weights: Tensor | None = None
@@ -85,6 +101,16 @@ class ExpertsLoraMoE(nn.Module):
         else:
             h = h * (mix * self.scaling).unsqueeze(-1)
         return torch.einsum("tnr,nor->to", h, b[name][:, expert])
+
+    def _seq(self, name: str, base_out: Tensor, expert: int) -> Tensor | None:
+        if name not in self.seq_a:
+            return None
+        a, b = self.seq_a[name][expert], self.seq_b[name][expert]
+        return self.seq_scaling * ((base_out.to(a.dtype) @ a.T) @ b.T)
+
+    @staticmethod
+    def _add(x: Tensor | None, y: Tensor | None) -> Tensor | None:
+        return y if x is None else x if y is None else x + y
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         base = self.base
@@ -103,11 +129,11 @@ class ExpertsLoraMoE(nn.Module):
             token, slot = torch.where(top_k_index == expert)
             x, mix = hidden_states[token], weights[token]
             gate_up = nn.functional.linear(x, base.gate_up_proj[expert])
-            delta = self._delta("gate_up_proj", x, expert, mix)
+            delta = self._add(self._delta("gate_up_proj", x, expert, mix), self._seq("gate_up_proj", gate_up, expert))
             gate, up = (gate_up if delta is None else gate_up + delta.to(gate_up.dtype)).chunk(2, dim=-1)
             act = base.act_fn(gate) * up
             y = nn.functional.linear(act, base.down_proj[expert])
-            delta = self._delta("down_proj", act, expert, mix)
+            delta = self._add(self._delta("down_proj", act, expert, mix), self._seq("down_proj", y, expert))
             y = y if delta is None else y + delta.to(y.dtype)
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out

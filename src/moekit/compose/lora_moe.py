@@ -123,7 +123,7 @@ class LoraMoE:
         """Replace each linear `model.<name>` for name in pools by a mixture over pools[name]; in place. kind "moe"
         routes by `rule`; "mora" (options: budget) and "hydra" (options: seq_rank, seq_alpha) are the variants of
         moekit.compose.mixers. experts: {experts module path: (a, b, scaling)} of expert-parameter LoRAs
-        (moekit.compose.expert_lora; kinds "moe" and "mora"). The base weights are frozen; routers are trainable, the
+        (moekit.compose.expert_lora; every kind). The base weights are frozen; routers are trainable, the
         pools after trainable_parameters(experts=True)."""
         from moekit.compose import mixers
         from moekit.compose.expert_lora import ExpertsLoraMoE
@@ -135,9 +135,6 @@ class LoraMoE:
         experts = experts or {}
         if not pools and not experts:
             raise ConfigError("adapter pool is empty; expected at least one LoRA expert per adapted module")
-        if experts and kind == "hydra":
-            raise ConfigError(f"kind {kind!r}: expert-parameter LoRAs are mixed by kinds 'moe' and 'mora' only; "
-                              f"expected adapters on linear layers for {kind}")
         rule = rule or RuleConfig()
         generator = torch.Generator().manual_seed(seed)
         named = dict(model.named_modules())
@@ -165,7 +162,8 @@ class LoraMoE:
             base = named[name]
             device = base.gate_up_proj.device
             budget = options.get("budget", min(t.shape[2] for t in a.values())) if kind == "mora" else None
-            layer = ExpertsLoraMoE(base, a, b, scaling, rule, generator, budget).to(device)
+            seq = (options.get("seq_rank", 4), options.get("seq_alpha", 8.0)) if kind == "hydra" else (None, 8.0)
+            layer = ExpertsLoraMoE(base, a, b, scaling, rule, generator, budget, *seq).to(device)
             originals[name] = base
             layers[name] = layer
             _set_module(model, name, layer)
