@@ -1,5 +1,6 @@
 """`moekit make MODEL --method P --experts E --k K [--router R] [--shared S] [--layers L,...] [--data FILE] --out DIR`
-and `moekit make finetune MODEL (--steps N | --minutes M) [--data FILE] --out DIR` (continued training)."""
+`moekit make finetune MODEL (--steps N | --minutes M) [--data FILE] --out DIR` (continued training) and
+`moekit make distill MODEL --teacher DENSE [--steps N] [--data FILE] --out DIR` (m2mKD module distillation)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import json
 
 HELP = ("turn a dense decoder (Qwen3, Qwen2, Llama, Mistral, dense DeepSeek-V3) into a native MoE (Qwen3-MoE, "
         "Qwen2-MoE, Mixtral, DeepSeek-V3), or a BERT encoder into a trust_remote_code one, by splitting its FFNs; "
-        "`make finetune MODEL` continues training one")
+        "`make finetune MODEL` continues training one; `make distill MODEL --teacher DENSE` fits its MoE blocks "
+        "to the dense FFNs")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     from moekit.make import PARTITIONS, ROUTERS, UPCYCLE_ROUTERS
 
-    p.add_argument("model", metavar="[finetune] MODEL", nargs="+",
-                   help="a checkpoint directory (config.json + safetensors); `finetune MODEL` trains MODEL further")
+    p.add_argument("model", metavar="[finetune|distill] MODEL", nargs="+",
+                   help="a checkpoint directory (config.json + safetensors); `finetune MODEL` trains MODEL further; "
+                        "`distill MODEL` distils its MoE blocks from --teacher")
     p.add_argument("--method", choices=(*PARTITIONS, "upcycle", "btx"), default="kmeans",
                    help="how neurons are grouped into experts; upcycle: every expert a copy; btx: one branch per "
                         "--data domain trained --steps / --minutes, their FFNs the experts (default kmeans)")
@@ -33,11 +36,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    "experts from the token ids) on --data and save it beside the model")
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", metavar="DENSE", help="distill: the dense checkpoint MODEL was made from")
     ft = p.add_argument_group("finetune")
     ft.add_argument("--steps", type=int, help="finetune (and each btx branch, default 50): optimiser steps (with "
-                    "--minutes, whichever ends first)")
+                    "--minutes, whichever ends first); distill: steps per MoE layer (default 200)")
     ft.add_argument("--minutes", type=float, help="finetune / each btx branch: wall-clock budget in minutes")
-    ft.add_argument("--lr", type=float, default=3e-4, help="finetune: learning rate after warmup (default 3e-4)")
+    ft.add_argument("--lr", type=float, help="finetune / btx: learning rate after warmup (default 3e-4); distill: "
+                    "Adam's learning rate (default 1e-3)")
     ft.add_argument("--batch-size", type=int, default=8, help="finetune: sequences per step (default 8)")
     ft.add_argument("--seq-len", type=int, default=256, help="finetune: tokens per sequence (default 256)")
     ft.add_argument("--bias-update-rate", type=float,
@@ -51,15 +56,39 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def _finetune(args: argparse.Namespace, model: str) -> dict:
     from moekit.make.finetune import Finetune, finetune_checkpoint
 
-    settings = Finetune(steps=args.steps, minutes=args.minutes, lr=args.lr, batch_size=args.batch_size,
-                        seq_len=args.seq_len, bias_update_rate=args.bias_update_rate, seed=args.seed)
+    settings = Finetune(steps=args.steps, minutes=args.minutes, lr=3e-4 if args.lr is None else args.lr,
+                        batch_size=args.batch_size, seq_len=args.seq_len, bias_update_rate=args.bias_update_rate,
+                        seed=args.seed)
     return finetune_checkpoint(model, args.out, settings, args.data, args.force)
+
+
+def _distill(args: argparse.Namespace, model: str) -> int:
+    from moekit.errors import ConfigError
+    from moekit.make.distill import distill_checkpoint
+
+    if not args.teacher:
+        raise ConfigError("make distill: --teacher missing; expected the dense checkpoint MODEL was made from")
+    if args.minutes is not None:
+        raise ConfigError("make distill: --minutes is not supported; expected --steps N (per MoE layer)")
+    summary = distill_checkpoint(model, args.teacher, args.out, 200 if args.steps is None else args.steps,
+                                 args.data, lr=1e-3 if args.lr is None else args.lr, seq_len=args.seq_len,
+                                 max_tokens=args.max_tokens, seed=args.seed, force=args.force)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        errors = ", ".join(f"layer {r['layer']} {r['mse_before']:.3g} -> {r['mse_after']:.3g}"
+                           for r in summary["layers"])
+        print(f"distilled {summary['model_type']} from {summary['teacher']} ({summary['steps']} steps per layer, "
+              f"{summary['seconds']} s): held-out block MSE {errors}; written to {summary['out']}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from moekit.errors import ConfigError
     from moekit.make.run import make_checkpoint
 
+    if len(args.model) == 2 and args.model[0] == "distill":
+        return _distill(args, args.model[1])
     if len(args.model) == 2 and args.model[0] == "finetune":
         summary = _finetune(args, args.model[1])
         if args.json:
@@ -69,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{summary['first_loss']} -> {summary['last_loss']}; written to {summary['out']}")
         return 0
     if len(args.model) != 1:
-        raise ConfigError(f"MODEL {' '.join(args.model)!r}: expected one checkpoint directory, or `finetune MODEL`")
+        raise ConfigError(f"MODEL {' '.join(args.model)!r}: expected one checkpoint directory, or `finetune MODEL` / "
+                          "`distill MODEL`")
     for flag in ("k",) if args.method == "btx" else ("experts", "k"):
         if getattr(args, flag) is None:
             raise ConfigError(f"--{flag}: required to convert a model; expected an integer")
@@ -85,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         from moekit.make.finetune import Finetune
 
         branch = Finetune(steps=args.steps if args.steps is not None or args.minutes else 50, minutes=args.minutes,
-                          lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
+                          lr=3e-4 if args.lr is None else args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                          seed=args.seed)
         branch.check()
     summary = make_checkpoint(args.model[0], args.out, args.experts, args.k, args.method, router, layers,
                               args.data, args.max_tokens, args.seed, args.force, shared=args.shared, branch=branch,

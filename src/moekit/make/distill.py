@@ -29,7 +29,7 @@ def _mse(block: nn.Module, x: Tensor, target: Tensor, idx: Tensor) -> Tensor:
 
 def distill_blocks(student: nn.Module, teacher: nn.Module, windows: Sequence[Tensor], steps: int = 200,
                    lr: float = 1e-3, batch: int = 256, max_tokens: int = 4096, seed: int = 0,
-                   held_out: float = 0.1) -> list[dict]:
+                   held_out: float = 0.1, progress: bool = False) -> list[dict]:
     """Train every MoE block of `student` (a model made from `teacher` by `moefy` / `upcycle`) to output what the
     teacher's FFN of that layer outputs on the teacher's own FFN inputs over the calibration `windows` (ids [L]
     each). In place. Returns per layer {layer, mse_before, mse_after} on the held-out share of the tokens."""
@@ -46,9 +46,12 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, windows: Sequence[Ten
     if teacher.config.num_hidden_layers != student.config.num_hidden_layers:
         raise ConfigError(f"teacher: {teacher.config.num_hidden_layers} layers; expected the student's "
                           f"{student.config.num_hidden_layers}")
+    from tqdm import tqdm
+
     inputs = capture_inputs(teacher, windows, layers, max_tokens)
     g = torch.Generator().manual_seed(seed)
     report = []
+    bar = tqdm(total=len(blocks) * steps, desc="make distill", disable=not progress)
     for block in blocks:
         x = inputs[block.layer]
         with torch.no_grad():
@@ -71,11 +74,79 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, windows: Sequence[Ten
                 opt.zero_grad()
                 _mse(module, x, target, idx).backward()
                 opt.step()
+                bar.update()
         module.eval()
         with torch.no_grad():
             report.append({"layer": block.layer, "mse_before": before,
                            "mse_after": float(_mse(module, x, target, test))})
+        bar.set_postfix(layer=block.layer, mse=f"{report[-1]['mse_after']:.3g}")
+    bar.close()
     return report
+
+
+def distill_checkpoint(model_path: str, teacher_path: str, out: str, steps: int = 200, data: list[str] | None = None,
+                       lr: float = 1e-3, batch: int = 256, seq_len: int = 256, max_tokens: int = 4096,
+                       seed: int = 0, force: bool = False, progress: bool = True) -> dict:
+    """`moekit make distill MODEL --teacher DENSE`: the made MoE in `model_path` with its MoE blocks distilled
+    (`distill_blocks`) from the dense `teacher_path` on `data` (None: the trainer's corpus) in windows of `seq_len`
+    tokens, `max_tokens` in all, written to `out` (atomically) with its tokenizer, plan.json if any, and
+    distill.json (the summary returned: per layer held-out MSE before and after)."""
+    import json
+    import shutil
+    import time
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.compress.run import check_out
+    from moekit.files import atomic_write, swap_in, temp_dir
+    from moekit.hf.checkpoint import CheckpointError
+    from moekit.make.convert import runnable, target_of
+    from moekit.make.finetune import token_stream, training_texts
+    from moekit.make.run import copy_tokenizer, dense_config, load_dense, tokenizer_dir
+
+    for name, value, low in (("--steps", steps, 1), ("--batch-size", batch, 1), ("--seq-len", seq_len, 2),
+                             ("--max-tokens", max_tokens, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name}={value!r}: expected an integer >= {low}")
+    if not lr > 0:
+        raise ConfigError(f"--lr={lr}: expected a positive number")
+    source, teacher_dir = Path(model_path), Path(teacher_path)
+    student_config = dense_config(source)  # a decoder of a known family with safetensors (dense or MoE)
+    teacher_config = dense_config(teacher_dir)
+    target_of(teacher_config)  # the teacher must be dense (an MoE is refused, naming it)
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if getattr(teacher_config, key) != getattr(student_config, key):
+            raise ConfigError(f"--teacher {teacher_dir}: {key}={getattr(teacher_config, key)}; expected the "
+                              f"student's {getattr(student_config, key)} (the dense model it was made from)")
+    out_dir = check_out(out, source, [teacher_dir, *(data or [])], force)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(source))
+    tokens = token_stream(tokenizer, training_texts(data))[:max_tokens]
+    if tokens.numel() < 2:
+        raise ConfigError("data: fewer than 2 tokens; expected some text")
+    windows = list(tokens.split(seq_len))
+    teacher = load_dense(teacher_dir)
+    try:
+        student = runnable(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+                                                                use_safetensors=True).eval())
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{source}: could not load the model ({str(err).splitlines()[0]})") from None
+    start = time.perf_counter()
+    report = distill_blocks(student, teacher, windows, steps=steps, lr=lr, batch=batch, max_tokens=max_tokens,
+                            seed=seed, progress=progress)
+    summary = {"source": str(source), "teacher": str(teacher_dir), "out": str(out_dir),
+               "model_type": student.config.model_type, "steps": steps, "lr": lr, "batch": batch,
+               "tokens": int(tokens.numel()), "seconds": round(time.perf_counter() - start, 2), "layers": report}
+    with temp_dir(out_dir, "distill") as tmp:
+        student.save_pretrained(tmp)
+        copy_tokenizer(source, tmp)
+        if (source / "plan.json").is_file():
+            shutil.copyfile(source / "plan.json", tmp / "plan.json")
+        atomic_write(tmp / "distill.json", json.dumps(summary, indent=1))
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        swap_in(tmp, out_dir)
+    return summary
 
 
 def self_paced_weights(losses: Tensor, step: int, pace_steps: int) -> Tensor:
