@@ -99,6 +99,14 @@ def test_cli_expert_params_on_an_moe_checkpoint(moe_dir, tmp_path, capsys):
 
     mix = LoraMoE.load(load_base(moe_dir)[1], tmp_path / "mix")
     assert sum(name.endswith(".experts") for name in mix.layers) == 2
+    for kind, extra in (("mora", ["--budget", "2"]), ("hydra", ["--seq-rank", "2"])):  # the variants on experts
+        assert main(["lora", "mix", str(moe_dir), "--adapters", str(out), str(out), "--kind", kind, *extra,
+                     "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--out", str(tmp_path / kind)]) == 0
+        capsys.readouterr()
+        mix = LoraMoE.load(load_base(moe_dir)[1], tmp_path / kind)
+        experts = [m for name, m in mix.layers.items() if name.endswith(".experts")]
+        assert len(experts) == 2
+        assert all(m.budget == 2 for m in experts) if kind == "mora" else all(len(m.seq_a) == 2 for m in experts)
 
 
 @pytest.fixture(scope="module")
