@@ -90,9 +90,9 @@ def test_distill_verb_refusals(made, tmp_path, capsys):
              (["--teacher", str(src), "--steps", "0"], "--steps=0"),
              (["--teacher", str(src), "--minutes", "1"], "--minutes"),
              (["--teacher", str(src), "--out", str(moe / "sub")], "input")]
-    for extra, message in cases:
+    for model, extra, message in [(moe, *c) for c in cases] + [(src, ["--teacher", str(src)], "a dense qwen3")]:
         capsys.readouterr()
-        args = ["make", "distill", str(moe), "--data", str(data), *extra]
+        args = ["make", "distill", str(model), "--data", str(data), *extra]
         if "--out" not in extra:
             args += ["--out", str(out)]
         assert main(args) == 2, message

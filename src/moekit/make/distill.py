@@ -115,6 +115,12 @@ def distill_checkpoint(model_path: str, teacher_path: str, out: str, steps: int 
     student_config = dense_config(source)  # a decoder of a known family with safetensors (dense or MoE)
     teacher_config = dense_config(teacher_dir)
     target_of(teacher_config)  # the teacher must be dense (an MoE is refused, naming it)
+    import moekit.hf as mh
+
+    family = mh.FAMILIES.get(student_config.model_type)
+    if family is None or not family.moe_layers(student_config):
+        raise ConfigError(f"MODEL {source}: a dense {student_config.model_type}; expected an MoE made by `moekit "
+                          "make` (the student) and the dense model as --teacher")
     for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
         if getattr(teacher_config, key) != getattr(student_config, key):
             raise ConfigError(f"--teacher {teacher_dir}: {key}={getattr(teacher_config, key)}; expected the "
