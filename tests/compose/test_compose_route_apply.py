@@ -104,3 +104,24 @@ def test_bad_input(tmp_path, capsys, dense_dir):
         lines = [line for line in err.strip().splitlines() if "Loading weights" not in line]
         assert code == 2 and message in err, (argv, err)
         assert len(lines) == 1 and lines[0].startswith("moekit route: error: ") and "Traceback" not in err
+
+
+def test_fit_p_adapter_from_the_cli_then_apply(tmp_path, capsys, dense_dir):
+    from moekit.compose.p_adapters import load_p_adapter
+
+    texts, labels = planted(12, seed=0)
+    train = write_jsonl(tmp_path / "train.jsonl", [t + " " + t for t in texts], labels)
+    out = tmp_path / "pa.safetensors"
+    code, text, err = run(["route", "fit", "--router", "p-adapter", "--data", str(train), "--model", str(dense_dir),
+                           "--prompt-tokens", "2", "--steps", "2", "--seq-len", "8", "--out", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(text)
+    assert result["categories"] == sorted(WORDS) and all(n >= 1 for n in result["windows"].values())
+    adapter = load_p_adapter(out)
+    assert adapter.names == sorted(WORDS) and adapter.prompts.shape[1] == 2
+    code, text, err = run(["route", "apply", str(out), "--data", str(train), "--model", str(dense_dir)], capsys)
+    assert code == 0, err
+    assert json.loads(text)["documents"] == 12 and json.loads(text)["kind"] == "p-adapter"
+    code, _, err = run(["route", "fit", "--router", "p-adapter", "--data", str(train), "--model", str(dense_dir),
+                        "--seq-len", "100000", "--out", str(tmp_path / "b.safetensors")], capsys)
+    assert code == 2 and "no window of 100000 tokens" in err and not (tmp_path / "b.safetensors").exists()

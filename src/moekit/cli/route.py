@@ -35,6 +35,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                      help="category-to-expert map entry (default: each category is its own expert)")
     fit.add_argument("--features", choices=("tfidf", "hidden"), default="hidden",
                      help="glider-global: input embeddings (default hidden)")
+    fit.add_argument("--representation", choices=("embedding", "hidden"), default="embedding",
+                     help="p-adapter: the input's mean input embedding or mean last hidden state (default embedding)")
+    fit.add_argument("--prompt-tokens", type=int, default=8, help="p-adapter: prompt length (default 8)")
+    fit.add_argument("--steps", type=int, default=100,
+                     help="p-adapter: training steps of each prompt expert and of the P-Adapter (default 100)")
+    fit.add_argument("--seq-len", type=int, default=64, help="p-adapter: training window length (default 64)")
     ks = sub.add_parser("kshot", help="select experts from an adapter pool by K-shot performance and diversity")
     ks.add_argument("adapters", metavar="ADAPTER", nargs="*", help="PEFT LoRA adapter directories (the pool)")
     ks.add_argument("--data", action="append", metavar="FILE", required=True, help="the K-shot examples")
@@ -103,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         if unlabelled:
             raise RouterError(f"{unlabelled[0]}: no domain; expected every training document labelled with its "
                               f"category (a domain field)")
+        if args.router == "p-adapter":
+            return _fit_p_adapter(args, docs)
         experts = _expert_map(args.expert, args.model)
         model = tokenizer = None
         if _needs_model(args.router, args.features):
@@ -231,3 +239,36 @@ def _apply_glider_local(args: argparse.Namespace, router) -> int:
                              args.max_tokens, model if router.features == "hidden" else None, tokenizer)
     return _print_routes(args, "glider-local", docs, rows, {"alpha": args.alpha, "k": args.k,
                                                              "temperature": args.temperature})
+
+
+def _fit_p_adapter(args: argparse.Namespace, docs: list) -> int:
+    """One prompt expert per category (prompt tuning on its documents), then the P-Adapter on every category's
+    windows; the base model frozen throughout."""
+    import torch
+
+    from moekit.compose.adapter_io import load_base
+    from moekit.compose.model_routing import RouterError, train_prompt
+    from moekit.compose.p_adapters import PAdapter, save_p_adapter, train_p_adapter
+    from moekit.data import windows
+
+    if args.prompt_tokens < 1 or args.steps < 1 or args.seq_len < 2:
+        raise ConfigError(f"--prompt-tokens {args.prompt_tokens}, --steps {args.steps}, --seq-len {args.seq_len}: "
+                          f"expected positive values (seq-len at least 2)")
+    path, model, tokenizer = load_base(args.model)
+    _needs_tokenizer(path, tokenizer)
+    by = {}
+    for category in sorted({d.domain for d in docs}):
+        full = [w.ids for w in windows(tokenizer, [d for d in docs if d.domain == category], args.seq_len)
+                if w.ids.numel() == args.seq_len]
+        if not full:
+            raise RouterError(f"category {category!r}: no window of {args.seq_len} tokens; expected more text or a "
+                              f"smaller --seq-len")
+        by[category] = torch.stack(full)
+    prompts = {c: train_prompt(model, w, args.prompt_tokens, args.steps, desc=f"prompt {c}") for c, w in by.items()}
+    adapter = PAdapter(prompts, representation=args.representation)
+    summary = train_p_adapter(model, adapter, torch.cat(list(by.values())), args.steps)
+    save_p_adapter(adapter, args.out, args.data)
+    print(json.dumps({"router": "p-adapter", "out": args.out, "documents": len(docs), "categories": list(by),
+                      "windows": {c: int(w.shape[0]) for c, w in by.items()}, "representation": args.representation,
+                      "first_loss": summary["first_loss"], "last_loss": summary["last_loss"]}, indent=1))
+    return 0

@@ -30,7 +30,7 @@ from moekit.errors import ConfigError, UnknownNameError
 from moekit.files import MAX_JSON_BYTES, atomic_write, read_bounded
 
 FEATURES = ("tfidf", "hidden")
-ROUTERS = ("coe-tfidf", "coe-hidden", "glider-global")  # what `moekit route fit` builds
+ROUTERS = ("coe-tfidf", "coe-hidden", "glider-global", "p-adapter")  # what `moekit route fit` builds
 
 
 class RouterError(ConfigError):
