@@ -10,7 +10,8 @@
   diversity: greedily, the best performer first, then the one maximising performance - λ · max similarity to those
   already picked (performance min-max normalised; similarity: cosine of the flattened LoRA updates).
 - P-Adapters' MoE variant (Newman et al.): one learned continuous prompt per expert (prompt tuning, base frozen),
-  chosen per input by a classifier (the CoE classifier).
+  chosen per input by a classifier (the CoE classifier). The input-conditioned variant (a network mixing the
+  prompt experts by the input's representation) is moekit.compose.p_adapters.
 """
 
 from __future__ import annotations
