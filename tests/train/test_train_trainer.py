@@ -100,4 +100,8 @@ def test_dense_recipe_trains_and_saves(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense" / "model")
-    assert model.config.model_type == "qwen3" and model.config.intermediate_size == 768
+    # the dense twin: DeepSeek-V3 with every layer dense, the MLP as wide as the routed experts plus the shared one
+    cfg = model.config
+    assert cfg.model_type == "deepseek_v3" and cfg.first_k_dense_replace == cfg.num_hidden_layers
+    assert cfg.intermediate_size == (6 + 1) * 64
+    assert not any(hasattr(layer.mlp, "experts") for layer in model.model.layers)
