@@ -41,13 +41,16 @@ def test_bench_routers_refuses_unknown_router():
 
 def test_bench_reroute_rows(monkeypatch):
     import moekit.bench.routers as br
+    from moekit.default import default_model
 
-    settings = [("as trained (top-2)", {}), ("k=1", {"k": 1}), ("skip", {"skip_threshold": 1.0})]
+    k = default_model().config.num_experts_per_tok
+    settings = [("as trained", {}), ("k=1", {"k": 1}), ("skip", {"skip_threshold": 1.0})]
     monkeypatch.setattr(br, "REROUTES", settings)
     rows = br.bench_reroute(max_tokens=48, seq_len=24)
     plain, k1, skip, scmoe = rows
-    assert plain["experts_per_token"] == 2.0 and k1["experts_per_token"] == 1.0
-    assert skip["experts_per_token"] < 2.0  # threshold 1: only exact ties keep a second expert
+    assert plain["experts_per_token"] == k and k1["experts_per_token"] == 1.0
+    assert skip["experts_per_token"] < k  # threshold 1: only exact ties keep a second expert
+    assert scmoe["setting"] == f"SCMoE (top-{k} vs rank-2)"
     assert set(plain["loss"]) == {"code", "prose"} and all(0 < v < 12 for v in plain["loss"].values())
     assert k1["loss"] != plain["loss"]
     assert scmoe["loss"] is None and set(scmoe["accuracy"]) == {"code", "prose"}

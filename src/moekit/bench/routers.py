@@ -191,7 +191,7 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
 
 # inference-time changes on moekit-tiny: (label, reroute keywords)
 REROUTES: list[tuple[str, dict[str, Any]]] = [
-    ("as trained (top-2)", {}), ("k=1", {"k": 1}), ("k=3", {"k": 3}), ("k=4", {"k": 4}),
+    ("as trained", {}), ("k=1", {"k": 1}), ("k=3", {"k": 3}), ("k=4", {"k": 4}),
     ("top_p=0.5", {"top_p": 0.5}), ("top_p=0.7", {"top_p": 0.7}), ("top_p=0.9", {"top_p": 0.9}),
     ("skip<0.3", {"skip_threshold": 0.3}), ("skip<0.5", {"skip_threshold": 0.5}),
     ("skip<0.7", {"skip_threshold": 0.7}),
@@ -235,11 +235,13 @@ def bench_reroute(max_tokens: int = 8192, seq_len: int = 256) -> list[dict[str, 
             reroute(model, **change)
         loss, acc = score(lambda ids: model(ids).logits)
         per_layer = experts_per_token(model)
-        mean = statistics.mean(per_layer) if change and None not in per_layer else 2.0
+        trained_k = float(model.config.num_experts_per_tok)
+        mean = statistics.mean(per_layer) if change and None not in per_layer else trained_k
         rows.append({"setting": label, "change": change, "loss": loss, "accuracy": acc,
                      "experts_per_token": round(mean, 3)})
         unroute(model)
     _, acc = score(lambda ids: scmoe_logits(model, ids, **SCMOE))
-    rows.append({"setting": "SCMoE (top-2 vs rank-2)", "change": SCMOE, "loss": None, "accuracy": acc,
-                 "experts_per_token": 3.0})
+    k = model.config.num_experts_per_tok
+    rows.append({"setting": f"SCMoE (top-{k} vs rank-2)", "change": SCMOE, "loss": None, "accuracy": acc,
+                 "experts_per_token": k + 1.0})
     return rows
