@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from checkpoints import v1_shaped_checkpoint
 from moekit.cli.main import main
 from moekit.serve.place import (
     PlacementError,
@@ -122,6 +123,14 @@ def test_simulator_against_contiguous():
     assert out["cost_model"]["hidden_size"] == 16
 
 
+def _default_experts() -> int:
+    """Routed experts per layer of the default model, read from its config."""
+    from moekit.default import default_model_path
+
+    config = json.loads((default_model_path() / "config.json").read_text())
+    return config.get("n_routed_experts") or config["num_experts"]
+
+
 def test_bad_input(tmp_path, capsys):
     with pytest.raises(PlacementError, match="no tokens"):
         counts_from_indices([np.zeros((0, 2), int)], 4)
@@ -132,8 +141,9 @@ def test_bad_input(tmp_path, capsys):
         place(counts, 5)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
+    experts = _default_experts()
     for args, msg in ((["--devices", "0"], "--devices 0: expected at least 1"),
-                      (["--devices", "9"], "more devices than the model's 8 experts"),
+                      (["--devices", str(experts + 1)], f"more devices than the model's {experts} experts"),
                       (["--devices", "2", "--data", str(empty)], "no text in it"),
                       (["--devices", "2", "--replicas", "-1"], "--replicas -1")):
         assert main(["place", *args, "--out", str(tmp_path / "p.json")]) == 2
@@ -143,9 +153,12 @@ def test_bad_input(tmp_path, capsys):
 
 def test_cli_writes_a_placement(tmp_path, capsys):
     out = tmp_path / "placement.json"
-    assert main(["place", "--devices", "2", "--replicas", "1", "--max-tokens", "256", "--out", str(out)]) == 0
+    # a checkpoint shaped like moekit-tiny v1 (8 experts per layer), small enough for the exact program in seconds;
+    # the v2 default's 64 experts per layer take the greedy fallback within the default time limit
+    model = str(v1_shaped_checkpoint())
+    assert main(["place", model, "--devices", "2", "--replicas", "1", "--max-tokens", "256", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["devices"] == 2 and res["slots"] == 5
+    assert res["devices"] == 2 and res["slots"] == 5  # 8 experts: 4 per device plus the one replica slot
     for row in res["device_of_expert"]:
         assert sorted(row) == [0, 0, 0, 0, 1, 1, 1, 1]
     assert res["solver"]["method"] == "milp"
