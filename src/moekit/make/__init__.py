@@ -33,8 +33,8 @@ from moekit.make.convert import (
 from moekit.make.partition import PARTITIONS, partition_neurons, shared_neurons
 from moekit.make.routers import ROUTERS, activations, dino_router, input_rows, make_router
 
-__all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "UPCYCLE_ROUTERS", "capture_inputs", "check", "convert", "moefy",
-           "needs_data", "token_domains", "upcycle"]
+__all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "UPCYCLE_ROUTERS", "capture_inputs", "capture_module_inputs", "check",
+           "convert", "moefy", "needs_data", "token_domains", "upcycle"]
 
 
 def check(config, experts: int, k: int, layers: Sequence[int] | None, copies: bool = False,
@@ -56,9 +56,18 @@ def needs_data(partition: str, router: str) -> bool:
 def capture_inputs(model: nn.Module, windows: Sequence[Tensor], layers: Sequence[int],
                    max_tokens: int = 4096) -> dict[int, Tensor]:
     """Each layer's FFN inputs [N, H] (N <= max_tokens) over token windows (ids [L] each)."""
-    seen: dict[int, list[Tensor]] = {i: [] for i in layers}
-    handles = [ffn(model, i).register_forward_pre_hook(
-        lambda _m, args, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1]).float())) for i in layers]
+    return capture_module_inputs(model, windows, {i: ffn(model, i) for i in layers}, max_tokens)
+
+
+@torch.no_grad()
+def capture_module_inputs(model: nn.Module, windows: Sequence[Tensor], modules: dict[int, nn.Module],
+                          max_tokens: int = 4096) -> dict[int, Tensor]:
+    """The inputs [N, H] (N <= max_tokens) each of `modules` (key -> module of `model`) receives while `model` runs
+    over token windows (ids [L] each)."""
+    seen: dict[int, list[Tensor]] = {i: [] for i in modules}
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1]).float()))
+        for i, m in modules.items()]
     try:
         total = 0
         for ids in windows:

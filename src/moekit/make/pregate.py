@@ -131,25 +131,13 @@ def expert_masses(model: nn.Module, windows: Sequence[Tensor], max_tokens: int =
     """Per MoE layer of a native MoE `model` [N, E]: each expert's activation mass sum |act(g) * u| on the layer's
     inputs over the token windows (ids [L] each; N <= max_tokens), from the experts' own weights."""
     import moekit.hf as mh
+    from moekit.make import capture_module_inputs
 
     blocks = mh.view(model)
-    seen: list[list[Tensor]] = [[] for _ in blocks]
-    handles = [b.block.register_forward_pre_hook(
-        lambda _m, args, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1]).float()))
-        for i, b in enumerate(blocks)]
-    try:
-        total = 0
-        for ids in windows:
-            model(input_ids=ids.view(1, -1))
-            total += ids.numel()
-            if total >= max_tokens:
-                break
-    finally:
-        for h in handles:
-            h.remove()
+    inputs = capture_module_inputs(model, windows, {i: b.block for i, b in enumerate(blocks)}, max_tokens)
     masses = []
-    for b, xs in zip(blocks, seen, strict=True):
-        x = torch.cat(xs)[:max_tokens]
+    for i, b in enumerate(blocks):
+        x = inputs[i]
         gate, up = torch.einsum("nh,ewh->new", x, b.experts.module.gate_up_proj.float()).chunk(2, dim=-1)
         masses.append((b.experts.module.act_fn(gate) * up).abs().sum(-1))
     return masses
