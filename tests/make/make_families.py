@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -68,3 +70,17 @@ def tiny_bert_dir(directory, seed: int = 0):
                         intermediate_size=32, max_position_embeddings=32)
     BertModel(config).eval().save_pretrained(directory)
     return tok
+
+
+def perturbed_branches(model, n: int = 2, seed: int = 10) -> list:
+    """n copies of `model`, copy d with every parameter moved by 0.05 * N(0, 1) noise of seed `seed + d`: branches
+    that differ everywhere, as trained branches would."""
+    out = []
+    for d in range(n):
+        b = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(seed + d)
+        with torch.no_grad():
+            for p in b.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        out.append(b)
+    return out

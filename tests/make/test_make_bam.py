@@ -3,28 +3,14 @@ untrained branches give back the dense model, and the mixture trains."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from make_families import dense_model
+from make_families import dense_model, perturbed_branches
 
 from moekit.errors import ConfigError
 from moekit.make.bam import MixtureOfAttention, bam, mix_attention
 from moekit.make.btx import mix
 from moekit.make.finetune import Finetune, finetune_model
-
-
-def _branches(model, n=2):
-    out = []
-    for d in range(n):
-        b = copy.deepcopy(model)
-        g = torch.Generator().manual_seed(20 + d)
-        with torch.no_grad():
-            for p in b.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        out.append(b)
-    return out
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "deepseek_v3"])
@@ -42,7 +28,7 @@ def test_untrained_branches_give_back_the_dense_model(model_type):
 @pytest.mark.parametrize("model_type", ["qwen3", "deepseek_v3"])
 def test_soft_mixture_of_the_branches_attentions(model_type):
     model = dense_model(model_type)
-    branches = _branches(model)
+    branches = perturbed_branches(model, seed=20)
     moe, _ = mix(branches, k=2, router="random")
     mix_attention(moe, branches)
     layer = moe.model.layers[1]
@@ -65,7 +51,7 @@ def test_soft_mixture_of_the_branches_attentions(model_type):
 
 def test_shared_kv_is_one_module_holding_the_average():
     model = dense_model("qwen3")
-    branches = _branches(model)
+    branches = perturbed_branches(model, seed=20)
     moe, _ = mix(branches, k=2, router="random")
     mix_attention(moe, branches, share_kv=True)
     experts = moe.model.layers[0].self_attn.experts
@@ -83,7 +69,7 @@ def test_the_mixture_trains_and_refusals():
     """With branches that differ (with identical ones the router's gradient is exactly zero: softmax weights of
     equal outputs), the attention router learns along with the rest."""
     model = dense_model("qwen3", vocab=300)
-    branches = _branches(model)
+    branches = perturbed_branches(model, seed=20)
     moe, _ = mix(branches, k=1, router="random")
     mix_attention(moe, branches)
     tokens = torch.randint(0, 300, (33,), generator=torch.Generator().manual_seed(0))

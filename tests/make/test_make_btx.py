@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from make_families import TEXT, dense_model, save_tiny_tokenizer
+from make_families import TEXT, dense_model, perturbed_branches, save_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from moekit.cli.main import main
@@ -18,22 +18,10 @@ from moekit.make.btx import btx, mix
 from moekit.make.finetune import Finetune, finetune_model
 
 
-def _branches(model, n=2):
-    out = []
-    for d in range(n):
-        b = copy.deepcopy(model)
-        g = torch.Generator().manual_seed(10 + d)
-        with torch.no_grad():
-            for p in b.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        out.append(b)
-    return out
-
-
 @pytest.mark.parametrize("model_type", ["qwen3", "deepseek_v3"])
 def test_mix_takes_the_branches_ffns_and_averages_the_rest(model_type):
     model = dense_model(model_type)
-    branches = _branches(model)
+    branches = perturbed_branches(model)
     moe, plan = mix(branches, k=2, router="random")
     assert plan["experts"] == 2 and plan["partition"] == "btx"
     attn = [n for n, _ in model.named_parameters() if "self_attn" in n][0]
