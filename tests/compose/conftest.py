@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hf.tiny import tiny_model
+from threads import one_thread  # noqa: F401  (autouse: one thread for this directory)
 
 DENSE_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # DeepSeek-V3 attention
 QWEN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Qwen3-MoE attention
@@ -57,15 +58,6 @@ def save_random_adapter(model: torch.nn.Module, out: Path, seed: int, r: int = 4
     peft_model.save_pretrained(out)
     peft_model.unload()
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As in tests/hf: one thread for tiny models on a shared 2-core machine; restored after each module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

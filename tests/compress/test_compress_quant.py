@@ -25,14 +25,6 @@ FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def _logits(model):
     return model(IDS).logits

@@ -18,14 +18,6 @@ from moekit.errors import ConfigError
 from moekit.hf.reroute import unroute
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CharTokenizer:
     """Characters as ids 3..96 (the tiny models' vocabulary of 97), EOS 2."""
 

@@ -1,13 +1,1 @@
-import pytest
-import torch
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models here gain nothing from a second thread, and on a shared 2-core machine OpenMP's spin-waiting
-    made this directory ~8x slower (2.5 min against 20 s). Module-scoped and autouse, so it is set before any
-    module fixture computes reference logits (thread count changes GEMM rounding); restored after each module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from threads import one_thread  # noqa: F401  (autouse: one thread for this directory)
