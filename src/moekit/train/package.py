@@ -23,15 +23,20 @@ from moekit.train.tokenizer import EOS_TOKEN, load_tokenizer
 EVAL_TOKENS_PER_DOMAIN = 30_000
 
 
-@torch.no_grad()
-def perplexity(model, tok, texts: list[str], seq_len: int, max_tokens: int = EVAL_TOKENS_PER_DOMAIN) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of the concatenated texts (each ends with EOS)."""
+def _token_ids(tok, texts: list[str], at_least: int) -> list[int]:
+    """The texts' token ids, each text followed by EOS, until at least `at_least` ids (or the texts run out)."""
     ids: list[int] = []
     for text in texts:
         ids.extend(tok.encode(text).ids + [tok.token_to_id(EOS_TOKEN)])
-        if len(ids) >= max_tokens + 1:
+        if len(ids) >= at_least:
             break
-    ids = ids[:max_tokens + 1]
+    return ids
+
+
+@torch.no_grad()
+def perplexity(model, tok, texts: list[str], seq_len: int, max_tokens: int = EVAL_TOKENS_PER_DOMAIN) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of the concatenated texts (each ends with EOS)."""
+    ids = _token_ids(tok, texts, max_tokens + 1)[:max_tokens + 1]
     total, count = 0.0, 0
     for start in tqdm(range(0, len(ids) - 1, seq_len), desc="perplexity", unit="window", leave=False):
         window = torch.tensor(ids[start:start + seq_len + 1]).unsqueeze(0)
@@ -102,11 +107,7 @@ def held_out_balance(model, tok, texts_by_domain: dict[str, list[str]], seq_len:
     recorder = LoadRecorder(model)
     try:
         for texts in texts_by_domain.values():
-            ids: list[int] = []
-            for text in texts:
-                ids.extend(tok.encode(text).ids + [tok.token_to_id(EOS_TOKEN)])
-                if len(ids) >= max_tokens:
-                    break
+            ids = _token_ids(tok, texts, max_tokens)
             for start in range(0, min(len(ids), max_tokens), seq_len):
                 model(input_ids=torch.tensor(ids[start:start + seq_len]).unsqueeze(0))
         return load_stats(recorder.counts)
@@ -158,16 +159,15 @@ def package(run_dir: str, dense_dir: str, out_dir: str, dense_out_dir: str, prev
             f.write(json.dumps({"domain": doc.domain, "source": doc.source, "text": doc.text}) + "\n")
     _curve_png({"moekit-tiny (MoE)": run, "dense twin, same active FLOPs": dense_run}, out / "training_curve.png")
     _balance_png(run, out / "balance_curve.png")
-    last = _records(run)[-50:]
+    records = {"moe": _records(run), "dense": _records(dense_run)}
     summary = {"recipe": recipe["name"], "steps": state["step"],
                "tokens": state["step"] * recipe["batch_size"] * recipe["seq_len"] * recipe["grad_accum"],
                "prose_source": corpus.prose_source, "held_out_perplexity": results, "held_out_balance": balance,
                "params": params, "dense_params": dense_params,
-               "final_train_lm_loss": {"moe": sum(r["lm_loss"] for r in last) / len(last),
-                                       "dense": sum(r["lm_loss"] for r in _records(dense_run)[-50:])
-                                       / len(_records(dense_run)[-50:])},
-               "median_tokens_per_s": {n: sorted(r["tokens_per_s"] for r in _records(d))[len(_records(d)) // 2]
-                                       for n, d in (("moe", run), ("dense", dense_run))},
+               "final_train_lm_loss": {n: sum(r["lm_loss"] for r in recs[-50:]) / len(recs[-50:])
+                                       for n, recs in records.items()},
+               "median_tokens_per_s": {n: sorted(r["tokens_per_s"] for r in recs)[len(recs) // 2]
+                                       for n, recs in records.items()},
                "same_tokenizer_as_previous": bool(previous_dir) and (Path(previous_dir) / "tokenizer.json").read_text()
                == (run / "tokenizer" / "tokenizer.json").read_text()}
     from moekit.core.tune import cpu_info
