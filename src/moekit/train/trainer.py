@@ -164,7 +164,7 @@ def _build_model(recipe: Recipe, vocab_size: int, rt: Runtime | None = None):
     model_type = kw.pop("model_type")
     config = AutoConfig.for_model(model_type, **kw, vocab_size=vocab_size)
     # an MoE family configured with no MoE layer (e.g. DeepSeek-V3 with every layer dense) trains as a dense model
-    moe = model_type in mh.FAMILIES and bool(mh.FAMILIES[model_type].moe_layers(config))
+    moe = model_type_is_moe(config)
     if recipe.moe_layer is not None and not moe:
         raise ConfigError(f"recipe {recipe.name!r}: moe_layer needs an MoE model_type; got {model_type!r}")
     if rt is not None and rt.world > 1 and recipe.moe_layer is None:
