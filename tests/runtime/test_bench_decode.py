@@ -47,3 +47,28 @@ def test_llama_cpp_runs_the_same_weights():
     assert records[0]["gguf"] == "model-f32.gguf" and records[0]["llama_cpp_tokens_equal_to_transformers"] == 8
     assert records[1]["gguf"] == "model-q4_0.gguf" and records[1]["llama_cpp_tokens_per_s"] > 0
     assert all("llama_cpp_over_moekit" in r and r["llama_cpp_version"] for r in records)
+
+
+def test_large_shape_follows_the_default_family_and_refuses_an_unknown_one():
+    """The large random model is of moekit-tiny's family (DeepSeek-V3, with the q_lora_rank llama.cpp needs); the
+    v1 family stays available; an unknown family is one ConfigError naming the option."""
+    from moekit.bench.decode import _large_config, large_shape
+    from moekit.default import default_model_path
+    from moekit.errors import ConfigError
+
+    default_family = json.loads((default_model_path() / "config.json").read_text())["model_type"]
+    assert large_shape().family == default_family
+    config = _large_config(large_shape("deepseek_v3"))
+    assert config.q_lora_rank and config.n_routed_experts == 64 and config.num_experts_per_tok == 6
+    assert _large_config(large_shape("qwen3_moe")).num_experts == 32
+    with pytest.raises(ConfigError, match="--large-family"):
+        large_shape("llama")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not decode_llama.available(), reason="llama_cpp or its source tree absent (make bench-peers)")
+def test_llama_cpp_runs_the_large_deepseek_v3():
+    """The large DeepSeek-V3 (2 layers in quick form, q_lora_rank set) converts and gives transformers' tokens."""
+    records = bench_decode(large=True, quick=True, dtypes=("fp32",), large_family="deepseek_v3")
+    assert records[0]["model"] == "large-random-deepseek_v3"
+    assert records[0]["llama_cpp_tokens_equal_to_transformers"] == 8 and records[0]["same_tokens"] is True

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,13 @@ COLUMNS = ["model", "dtype", "threads", "transformers_tokens_per_s", "moekit_tok
 
 @dataclass(frozen=True)
 class LargeShape:
-    """moekit-tiny's family (Qwen3-MoE) and tokenizer, scaled up: about 440M parameters, 80M active per token."""
+    """moekit-tiny's family and tokenizer, scaled up so that reading the weights bounds a step.
 
+    deepseek_v3 (moekit-tiny v2's family): about 430M parameters, 60M active per token; `q_lora_rank` is set
+    because llama.cpp's DeepSeek-2 loader needs it (it assumes no query compression only at 26 or 27 layers).
+    qwen3_moe (moekit-tiny v1's family): about 440M parameters, 80M active per token."""
+
+    family: str = "deepseek_v3"
     layers: int = 8
     hidden: int = 1024
     experts: int = 32
@@ -50,21 +55,60 @@ class LargeShape:
     head_dim: int = 64
 
 
+LARGE_SHAPES = {
+    "deepseek_v3": LargeShape(family="deepseek_v3", experts=64, k=6, intermediate=256, heads=8, kv_heads=8),
+    "qwen3_moe": LargeShape(family="qwen3_moe"),
+}
+
+
+def _large_config(shape: LargeShape):
+    if shape.family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            num_hidden_layers=shape.layers, hidden_size=shape.hidden, num_experts=shape.experts,
+            num_experts_per_tok=shape.k, moe_intermediate_size=shape.intermediate,
+            intermediate_size=4 * shape.hidden, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+            head_dim=shape.head_dim, vocab_size=4096, max_position_embeddings=512, norm_topk_prob=True,
+            tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if shape.family == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        return DeepseekV3Config(
+            num_hidden_layers=shape.layers, hidden_size=shape.hidden, n_routed_experts=shape.experts,
+            num_experts_per_tok=shape.k, moe_intermediate_size=shape.intermediate, n_shared_experts=1,
+            intermediate_size=(shape.k + 1) * shape.intermediate, first_k_dense_replace=0, n_group=1,
+            topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads, q_lora_rank=shape.hidden // 2, kv_lora_rank=shape.hidden // 4,
+            qk_rope_head_dim=shape.head_dim // 2, qk_nope_head_dim=shape.head_dim, v_head_dim=shape.head_dim,
+            head_dim=shape.head_dim // 2, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    raise ConfigError(f"--large-family {shape.family!r}: expected one of {', '.join(LARGE_SHAPES)}")
+
+
+def large_shape(family: str | None = None) -> LargeShape:
+    """The large shape of `family`, by default moekit-tiny's own."""
+    if family is None:
+        import json
+
+        from moekit.default import default_model_path
+
+        family = json.loads((default_model_path() / "config.json").read_text())["model_type"]
+    if family not in LARGE_SHAPES:
+        raise ConfigError(f"--large-family {family!r}: expected one of {', '.join(LARGE_SHAPES)}")
+    return LARGE_SHAPES[family]
+
+
 def build_large(out_dir: Path, shape: LargeShape = LargeShape()) -> Path:
-    """A random-weight Qwen3-MoE checkpoint of `shape` with moekit-tiny's tokenizer, saved (fp32) in `out_dir`."""
+    """A random-weight checkpoint of `shape` with moekit-tiny's tokenizer, saved (fp32) in `out_dir`."""
     import shutil
 
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM
 
     from moekit.default import default_model_path
 
     tiny = default_model_path()
-    config = Qwen3MoeConfig(
-        num_hidden_layers=shape.layers, hidden_size=shape.hidden, num_experts=shape.experts,
-        num_experts_per_tok=shape.k, moe_intermediate_size=shape.intermediate, intermediate_size=4 * shape.hidden,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
-        vocab_size=4096, max_position_embeddings=512, norm_topk_prob=True, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = _large_config(shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -137,8 +181,10 @@ def _lean(model: nn.Module) -> bool:
 @torch.no_grad()
 def bench_decode(model_path: str | None = None, large: bool = False, quick: bool = False, repeats: int = 5,
                  threads: tuple[int, ...] = (1, 2), dtypes: tuple[str, ...] = BENCH_DTYPES, peers: bool = True,
-                 compiled: bool = False, prompt: int = 16, new_tokens: int = 128) -> list[dict[str, Any]]:
-    """One record per (dtype, threads): median tokens/s of each contender and their ratios, measured together."""
+                 compiled: bool = False, prompt: int = 16, new_tokens: int = 128,
+                 large_family: str | None = None) -> list[dict[str, Any]]:
+    """One record per (dtype, threads): median tokens/s of each contender and their ratios, measured together.
+    `large_family` (with `large`): the random model's family, by default moekit-tiny's."""
     from transformers import AutoTokenizer
 
     from moekit.core.tune import cpu_info
@@ -160,10 +206,11 @@ def bench_decode(model_path: str | None = None, large: bool = False, quick: bool
         if large:
             if model_path is not None:
                 raise ConfigError("--large builds its own model; expected no MODEL with it")
-            path = build_large(Path(tmp) / "large", LargeShape(layers=2) if quick else LargeShape())
+            shape = large_shape(large_family)
+            path = build_large(Path(tmp) / "large", replace(shape, layers=2) if quick else shape)
         else:
             path = Path(model_path) if model_path is not None else default_model_path()
-        name = "large-random" if large else ("moekit-tiny" if model_path is None else str(model_path))
+        name = f"large-random-{shape.family}" if large else ("moekit-tiny" if model_path is None else str(model_path))
         peer_note = decode_llama.unsupported(path) if use_llama else None  # why llama.cpp cannot run it
         tokenizer = AutoTokenizer.from_pretrained(path)
         base = load(path, dtype=torch.float32).eval()

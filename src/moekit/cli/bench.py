@@ -260,7 +260,10 @@ def add_decode_parser(sub) -> None:
     de.add_argument("--json", action="store_true", help="print the records as a JSON list")
     de.add_argument("--quick", action="store_true", help="8 new tokens, one round, the first thread count: a smoke run")
     de.add_argument("--large", action="store_true",
-                    help="instead of MODEL: a random-weight ~440M-parameter Qwen3-MoE built on the fly")
+                    help="instead of MODEL: a random-weight ~430M-parameter model of moekit-tiny's family, built on "
+                    "the fly")
+    de.add_argument("--large-family", choices=["deepseek_v3", "qwen3_moe"], default=None,
+                    help="with --large: the family (default moekit-tiny's, deepseek_v3)")
     de.add_argument("--repeats", type=int, default=5, help="timed rounds per contender (median; default 5)")
     de.add_argument("--threads", type=int, action="append", help="thread count (repeatable; default 1 and 2)")
     de.add_argument("--dtype", action="append", choices=["fp32", "bf16", "int8", "int4"],
@@ -274,7 +277,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
     records = bench_decode(args.model, large=args.large, quick=args.quick, repeats=args.repeats,
                            threads=tuple(args.threads or (1, 2)), dtypes=tuple(args.dtype or BENCH_DTYPES),
-                           peers=not args.no_peers, compiled=args.compile)
+                           peers=not args.no_peers, compiled=args.compile, large_family=args.large_family)
     print(json.dumps(records, indent=1) if args.json else format_table(records, COLUMNS))
     return 0
 
