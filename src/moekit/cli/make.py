@@ -19,9 +19,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="[finetune|distill] MODEL", nargs="+",
                    help="a checkpoint directory (config.json + safetensors); `finetune MODEL` trains MODEL further; "
                         "`distill MODEL` distils its MoE blocks from --teacher")
-    p.add_argument("--method", choices=(*PARTITIONS, "upcycle", "btx"), default="kmeans",
+    p.add_argument("--method", choices=(*PARTITIONS, "upcycle", "btx", "mote"), default="kmeans",
                    help="how neurons are grouped into experts; upcycle: every expert a copy; btx: one branch per "
-                        "--data domain trained --steps / --minutes, their FFNs the experts (default kmeans)")
+                        "--data domain trained --steps / --minutes, their FFNs the experts; mote: the FFN a "
+                        "full-precision shared expert, --experts ternary routed copies (--k default 1), trained by "
+                        "`make finetune` (default kmeans)")
+    p.add_argument("--mote-init", choices=("copy", "zero"), default="copy",
+                   help="mote: routed experts start as ternary copies of the FFN (copy, the paper's) or with zero "
+                        "down projections, so the model starts as the dense one (zero)")
+    p.add_argument("--group-size", type=int, default=64, help="mote: inputs per ternary scale (default 64)")
     p.add_argument("--router", choices=tuple(dict.fromkeys((*ROUTERS, *UPCYCLE_ROUTERS))),
                    help=f"split experts: {', '.join(ROUTERS)} (default centroid); upcycle: "
                         f"{', '.join(UPCYCLE_ROUTERS)} (default random); btx: hidden (default) or random")
@@ -83,6 +89,15 @@ def _distill(args: argparse.Namespace, model: str) -> int:
     return 0
 
 
+def _layers(text: str | None) -> list[int] | None:
+    from moekit.errors import ConfigError
+
+    try:
+        return [int(x) for x in text.split(",")] if text else None
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}: expected comma-separated integers") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.errors import ConfigError
     from moekit.make.run import make_checkpoint
@@ -100,15 +115,22 @@ def run(args: argparse.Namespace) -> int:
     if len(args.model) != 1:
         raise ConfigError(f"MODEL {' '.join(args.model)!r}: expected one checkpoint directory, or `finetune MODEL` / "
                           "`distill MODEL`")
+    if args.method == "mote":
+        from moekit.make.mote import mote_checkpoint
+
+        if args.experts is None:
+            raise ConfigError("--experts: required to convert a model; expected an integer")
+        layers = _layers(args.layers)
+        summary = mote_checkpoint(args.model[0], args.out, args.experts, 1 if args.k is None else args.k,
+                                  args.mote_init, args.group_size, layers, args.seed, args.force)
+        print(json.dumps(summary, indent=1) if args.json else
+              f"{summary['source_type']} -> {summary['target_type']} (MoTE): {summary['experts']} ternary experts, "
+              f"k={summary['k']}, init {summary['mote_init']}, layers {summary['layers']}; written to {summary['out']}")
+        return 0
     for flag in ("k",) if args.method == "btx" else ("experts", "k"):
         if getattr(args, flag) is None:
             raise ConfigError(f"--{flag}: required to convert a model; expected an integer")
-    layers = None
-    if args.layers:
-        try:
-            layers = [int(x) for x in args.layers.split(",")]
-        except ValueError:
-            raise ConfigError(f"--layers {args.layers!r}: expected comma-separated integers") from None
+    layers = _layers(args.layers)
     router = args.router or {"upcycle": "random", "btx": "hidden"}.get(args.method, "centroid")
     branch = None
     if args.method == "btx":

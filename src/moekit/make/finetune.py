@@ -17,6 +17,7 @@ model, tokenizer, metrics.jsonl and finetune.json, through a temporary sibling r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -188,6 +189,7 @@ def finetune_checkpoint(model_path: str, out: str, settings: Finetune, data: lis
     from moekit.files import atomic_write, swap_in, temp_dir
     from moekit.hf.checkpoint import CheckpointError
     from moekit.make.convert import runnable
+    from moekit.make.mote import read_mote, ternary_training, write_mote
     from moekit.make.run import copy_tokenizer, dense_config, tokenizer_dir
 
     settings.check()
@@ -202,9 +204,13 @@ def finetune_checkpoint(model_path: str, out: str, settings: Finetune, data: lis
         model = runnable(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True))
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{source}: could not load the model ({str(err).splitlines()[0]})") from None
+    mote = read_mote(source)  # a MoTE checkpoint trains its ternary experts straight-through (make.mote)
     with temp_dir(out_dir, "finetune") as tmp:
-        records = finetune_model(model, tokens, settings, progress, metrics_path=tmp / "metrics.jsonl")
+        with ternary_training(model, source) if mote else contextlib.nullcontext() as latent:
+            records = finetune_model(model, tokens, settings, progress, metrics_path=tmp / "metrics.jsonl")
         model.save_pretrained(tmp)
+        if mote:
+            write_mote(tmp, latent, mote["group_size"], mote.get("init", "copy"))
         copy_tokenizer(source, tmp)
         if (source / "plan.json").is_file():
             shutil.copyfile(source / "plan.json", tmp / "plan.json")
