@@ -31,7 +31,7 @@ from moekit.make.convert import (
     upcycled_tensors,
 )
 from moekit.make.partition import PARTITIONS, partition_neurons, shared_neurons
-from moekit.make.routers import ROUTERS, activations, dino_router, input_rows, make_router
+from moekit.make.routers import DATA_ROUTERS, ROUTERS, activations, dino_router, input_rows, make_router
 
 __all__ = ["PARTITIONS", "ROUTERS", "TARGETS", "UPCYCLE_ROUTERS", "capture_inputs", "capture_module_inputs", "check",
            "convert", "moefy", "needs_data", "token_domains", "upcycle"]
@@ -49,7 +49,7 @@ def check(config, experts: int, k: int, layers: Sequence[int] | None, copies: bo
 
 
 def needs_data(partition: str, router: str) -> bool:
-    return partition in ("coactivation", "btx") or router in ("learned", "hidden")
+    return partition in ("coactivation", "btx") or router in (*DATA_ROUTERS, "hidden")
 
 
 @torch.no_grad()
@@ -135,7 +135,8 @@ def moefy(model: nn.Module, experts: int, k: int, partition: str = "kmeans", rou
             parts[i] = parts[i].repeat_interleave(experts // k, dim=0)  # expert g * E/k + c: copy c of piece g
             routers[i] = dino_router(experts, k, rows.shape[1], seed + i)
         else:
-            routers[i] = make_router(router, rows[rest], local, x, local_acts, seed)
+            routers[i] = make_router(router, rows[rest], local, x, local_acts, seed,
+                                     down=mlp.down_proj.weight.detach()[:, rest])
     scale = routed_scale(model.config, k)
     moe = convert(model, {i: expert_tensors(ffn(model, i), parts[i], scale) for i in layers}, routers, k,
                   None if dino else max_logit,

@@ -18,7 +18,7 @@ from moekit.core.dispatch import dispatch, plan_assignments
 from moekit.core.experts import Experts
 from moekit.errors import ConfigError
 from moekit.make.partition import check_split, partition_neurons
-from moekit.make.routers import fit_norm_router, make_router
+from moekit.make.routers import DATA_ROUTERS, fit_norm_router, make_router
 
 
 class MoEFFN(nn.Module):
@@ -144,7 +144,7 @@ def moefy_encoder(model: nn.Module, experts: int, k: int, partition: str = "kmea
         raise ConfigError(f"k={k!r}: expected an integer in 1..experts={experts}")
     if router == "d2d" and (centred or not 0.0 <= tau <= 1.0):
         raise ConfigError(f"router=d2d: tau={tau}, centred={centred}; expected tau in [0, 1] and no centring")
-    if (partition == "coactivation" or router in ("learned", "d2d")) and inputs is None:
+    if (partition == "coactivation" or router in (*DATA_ROUTERS, "d2d")) and inputs is None:
         raise ConfigError(f"partition={partition}, router={router}: needs calibration inputs "
                           "(capture_encoder_inputs)")
     for i in layers:
@@ -168,7 +168,7 @@ def moefy_encoder(model: nn.Module, experts: int, k: int, partition: str = "kmea
             r = torch.zeros(experts, rows.shape[1])
         else:
             r = make_router(router, rows, part, x, acts if mean_act is None else acts - mean_act, seed,
-                            square=centred)
+                            square=centred, down=ly.output.dense.weight.detach())
         ly.intermediate = MoEFFN(ly.intermediate, ly.output.dense, part, r, k, mean_act, norm_router, tau)
         ly.output.dense = nn.Identity()
     return model

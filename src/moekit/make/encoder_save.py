@@ -148,12 +148,13 @@ def make_encoder_checkpoint(model_path: str, out: str, experts: int, k: int, par
     from moekit.make import PARTITIONS, ROUTERS
     from moekit.make.encoder import capture_encoder_inputs, moefy_encoder
     from moekit.make.partition import check_split
+    from moekit.make.routers import DATA_ROUTERS
 
     routers = [r for r in ROUTERS if r != "dino"]  # dino copies pieces into a native decoder family only
     if partition not in PARTITIONS or router not in routers:
         raise ConfigError(f"--method {partition} / --router {router}: a BERT encoder is split, not upcycled; expected "
                           f"--method in {', '.join(PARTITIONS)} and --router in {', '.join(routers)}")
-    if (partition == "coactivation" or router == "learned") and not data:
+    if (partition == "coactivation" or router in DATA_ROUTERS) and not data:
         raise ConfigError(f"--method {partition} / --router {router}: needs calibration text; expected --data FILE")
     source = Path(model_path)
     try:

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError
 
-ROUTERS = ("centroid", "emoe", "learned", "dino")
+ROUTERS = ("centroid", "emoe", "learned", "dino", "factorllm")
+DATA_ROUTERS = ("learned", "factorllm")  # fitted on calibration inputs (--data)
 
 
 def input_rows(mlp: nn.Module) -> Tensor:
@@ -76,10 +77,54 @@ def learned_router(rows: Tensor, partition: Tensor, x: Tensor, acts: Tensor, ste
     return weight.detach()
 
 
+def pa_prior(contrib: Tensor, tau: float = 1.0) -> Tensor:
+    """FactorLLM's prior [N, E] from the experts' contributions [N, E] (>= 0): softmax_e(c_e / (tau * mean_e c))."""
+    scale = contrib.mean(dim=-1, keepdim=True).clamp_min(1e-12) * tau
+    return torch.softmax(contrib / scale, dim=-1)
+
+
+def pa_loss(logits: Tensor, prior: Tensor) -> Tensor:
+    """The Prior-Approximate loss: mean over tokens of KL(prior || softmax(logits)), logits and prior [N, E]."""
+    return F.kl_div(F.log_softmax(logits, dim=-1), prior, reduction="batchmean")
+
+
+def expert_contributions(acts: Tensor, partition: Tensor, down: Tensor | None = None) -> Tensor:
+    """[N, E]: each expert's output norm ||W_down[:, S_e] a_{S_e}|| for activations acts [N, I] and the down
+    projection down [H, I] (the columns of the split neurons), or its activation mass without `down`."""
+    if down is None:
+        return expert_mass(acts, partition)
+    return torch.stack([(acts[:, s] @ down[:, s].t()).norm(dim=-1) for s in partition], dim=-1)
+
+
+def factorllm_router(rows: Tensor, partition: Tensor, x: Tensor, acts: Tensor, down: Tensor | None = None,
+                     tau: float = 1.0, steps: int = 300, lr: float = 1e-2, seed: int = 0) -> Tensor:
+    """A linear router [E, H] trained by the PA loss (`pa_loss`) towards `pa_prior` of the experts' contributions
+    (`expert_contributions`) on calibration inputs x [N, H]; only the router moves."""
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ConfigError(f"router=factorllm: expected calibration inputs [tokens >= 2, H]; got {tuple(x.shape)}")
+    if not tau > 0:
+        raise ConfigError(f"router=factorllm: tau={tau}; expected a positive temperature")
+    x = x.detach().float()
+    with torch.no_grad():
+        prior = pa_prior(expert_contributions(acts.float(), partition, None if down is None else down.float()), tau)
+    torch.manual_seed(seed)
+    start = centroid_router(rows, partition)
+    scale = 1.0 / (x.norm(dim=1).mean() * start.norm(dim=1).mean()).clamp_min(1e-12)
+    weight = nn.Parameter(start * scale * 4)  # logits of order 1 at the start
+    opt = torch.optim.Adam([weight], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            pa_loss(x @ weight.t(), prior).backward()
+            opt.step()
+    return weight.detach()
+
+
 def make_router(kind: str, rows: Tensor, partition: Tensor, x: Tensor | None = None, acts: Tensor | None = None,
-                seed: int = 0, square: bool = False) -> Tensor:
-    """Router directions `[E, H]` of `kind` (one of ROUTERS); `learned` needs the calibration inputs x and the FFN's
-    activations on them (centred by the caller when `square`)."""
+                seed: int = 0, square: bool = False, down: Tensor | None = None) -> Tensor:
+    """Router directions `[E, H]` of `kind` (one of ROUTERS); `learned` and `factorllm` need the calibration inputs
+    x and the FFN's activations on them (centred by the caller when `square`); `factorllm` uses the down projection
+    `down` [H, I] (the split neurons' columns) for the experts' output norms."""
     if kind == "centroid":
         return centroid_router(rows, partition)
     if kind == "emoe":
@@ -88,6 +133,10 @@ def make_router(kind: str, rows: Tensor, partition: Tensor, x: Tensor | None = N
         if x is None or acts is None:
             raise ConfigError("router=learned: needs calibration text (--data)")
         return learned_router(rows, partition, x, acts, seed=seed, square=square)
+    if kind == "factorllm":
+        if x is None or acts is None:
+            raise ConfigError("router=factorllm: needs calibration text (--data)")
+        return factorllm_router(rows, partition, x, acts, down, seed=seed)
     if kind == "dino":
         raise ConfigError("router=dino: copies k pieces of the FFN into E experts; expected a dense decoder "
                           "(`make.moefy`), not a router over an existing split")
