@@ -13,7 +13,7 @@ from make_families import dense_model
 import moekit.make as mk
 from moekit.errors import ConfigError
 from moekit.make.btx import mix
-from moekit.make.distill import distill_blocks, distill_teachers, self_paced_weights
+from moekit.make.distill import distill_blocks, distill_teachers, progress_weights, self_paced_weights
 from moekit.make.finetune import Finetune
 
 
@@ -48,6 +48,20 @@ def test_self_paced_weights_by_hand():
     assert self_paced_weights(losses, 9, 3).tolist() == [1.0, 1.0, 1.0]
 
 
+def test_progress_weights_follow_a_hand_made_sequence_of_losses():
+    """r_d = L_d / L_d(0), w = D r / sum r: equal progress, equal weights; the teacher the student caught up with
+    fades, the one it lags behind weighs more."""
+    first = torch.tensor([2.0, 4.0])
+    seq = [([2.0, 4.0], [1.0, 1.0]),  # step 0: r = [1, 1]
+           ([1.0, 4.0], [2 / 3, 4 / 3]),  # r = [1/2, 1]: teacher 0 learnt faster, teacher 1 now weighs twice
+           ([1.0, 1.0], [4 / 3, 2 / 3]),  # r = [1/2, 1/4]: now teacher 1 is ahead
+           ([0.5, 1.0], [1.0, 1.0])]  # r = [1/4, 1/4]
+    for losses, want in seq:
+        w = progress_weights(first, torch.tensor(losses))
+        assert torch.allclose(w, torch.tensor(want), atol=1e-6), (losses, w)
+        assert float(w.sum()) == pytest.approx(2.0)
+
+
 def test_specialists_distilled_into_the_mixed_student():
     """Two specialists (perturbed copies, each with its own domain of tokens) distilled into their BTX mix: on
     each domain's fixed batch the student's KL to that domain's teacher falls, easiest teacher first."""
@@ -64,7 +78,7 @@ def test_specialists_distilled_into_the_mixed_student():
     tokens = [torch.randint(0, 50, (33,), generator=torch.Generator().manual_seed(1)),
               torch.randint(50, 100, (33,), generator=torch.Generator().manual_seed(2))]  # one window each
     records = distill_teachers(student, teachers, tokens, Finetune(steps=15, lr=3e-3, warmup=1, batch_size=2,
-                                                                   seq_len=32), progress=False)
+                                                                   seq_len=32), pace="easiest", progress=False)
     assert sum(records[0]["weights"]) == 1.0 and sum(records[-1]["weights"]) == 2.0
     first, last = records[0]["teacher_losses"], records[-1]["teacher_losses"]
     assert all(b < 0.7 * a for a, b in zip(first, last, strict=True))

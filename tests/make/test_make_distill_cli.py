@@ -99,3 +99,58 @@ def test_distill_verb_refusals(made, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (message, err)
         assert not out.exists() and not (moe / "sub").exists()
+
+
+def test_teachers_verb_distils_specialists_self_paced(tmp_path, capsys):
+    """`make distill STUDENT --teachers A B --data a.txt --data b.txt`: the student's KL to each teacher falls on
+    the teacher's own domain, the weights follow the progress rule (mean 1), inputs untouched; refusals."""
+    import copy
+
+    from moekit.make.btx import mix
+
+    vocab = save_tiny_tokenizer(tmp_path / "student")
+    base = dense_model("qwen3", vocab=vocab, ffn_std=0.1)
+    teachers = []
+    for d in range(2):
+        t = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(40 + d)
+        with torch.no_grad():
+            for p in t.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        t.save_pretrained(tmp_path / f"teacher{d}")
+        teachers.append(t)
+    mix(teachers, k=1, router="random")[0].save_pretrained(tmp_path / "student")
+    code, prose = TEXT.split("\n\n")
+    (tmp_path / "code.txt").write_text(code * 30)
+    (tmp_path / "prose.txt").write_text(prose * 30)
+    data = ["--data", str(tmp_path / "code.txt"), "--data", str(tmp_path / "prose.txt")]
+    before = digest(tmp_path / "student"), digest(tmp_path / "teacher0")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["make", "distill", str(tmp_path / "student"), "--teachers", str(tmp_path / "teacher0"),
+                 str(tmp_path / "teacher1"), *data, "--steps", "12", "--lr", "3e-3", "--batch-size", "2",
+                 "--seq-len", "32", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (digest(tmp_path / "student"), digest(tmp_path / "teacher0")) == before
+    assert summary["domains"] == ["code", "prose"] and summary["pace"] == "progress" and summary["steps"] == 12
+    assert all(b < 0.7 * a for a, b in zip(summary["first_losses"], summary["last_losses"], strict=True))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = torch.tensor(rows[0]["teacher_losses"])
+    for r in rows:
+        ratio = torch.tensor(r["teacher_losses"]) / first
+        assert torch.allclose(torch.tensor(r["weights"]), 2 * ratio / ratio.sum(), atol=1e-4)
+    assert json.loads((out / "distill.json").read_text()) == summary
+    AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads the student
+    cases = [(["--teachers", str(tmp_path / "teacher0"), *data], "expected at least 2"),
+             (["--teachers", str(tmp_path / "teacher0"), str(tmp_path / "teacher1"), data[0], data[1]],
+              "1 domain(s)"),
+             (["--teachers", str(tmp_path / "teacher0"), str(tmp_path / "teacher1"), "--teacher",
+               str(tmp_path / "teacher0"), *data], "--teacher and --teachers"),
+             (["--teachers", str(tmp_path / "teacher0"), str(tmp_path / "teacher1"), *data, "--minutes", "1"],
+              "no --minutes")]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(["make", "distill", str(tmp_path / "student"), *extra, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (message, err)
+        assert not (tmp_path / "bad").exists()

@@ -1,6 +1,8 @@
 """`moekit make MODEL --method P --experts E --k K [--router R] [--shared S] [--layers L,...] [--data FILE] --out DIR`
 `moekit make finetune MODEL (--steps N | --minutes M) [--data FILE] --out DIR` (continued training) and
-`moekit make distill MODEL --teacher DENSE [--steps N] [--data FILE] --out DIR` (m2mKD module distillation)."""
+`moekit make distill MODEL --teacher DENSE [--steps N] [--data FILE] --out DIR` (m2mKD module distillation) and
+`moekit make distill MODEL --teachers DIR DIR ... --data FILE ... [--pace progress|easiest] --out DIR` (specialists
+distilled into one student, self-paced per teacher)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", metavar="DENSE", help="distill: the dense checkpoint MODEL was made from")
+    p.add_argument("--teachers", nargs="+", metavar="DIR", help="distill: specialist checkpoints distilled into MODEL "
+                   "together (Knowledge Concentration / DOPE), teacher d on the d-th --data domain, --steps in all")
+    p.add_argument("--pace", choices=("progress", "easiest"), default="progress",
+                   help="distill --teachers: self-paced weights that follow the student's progress on each teacher "
+                        "(default) or easiest teachers first")
     ft = p.add_argument_group("finetune")
     ft.add_argument("--steps", type=int, help="finetune (and each btx branch, default 50): optimiser steps (with "
                     "--minutes, whichever ends first); distill: steps per MoE layer (default 200)")
@@ -68,12 +75,37 @@ def _finetune(args: argparse.Namespace, model: str) -> dict:
     return finetune_checkpoint(model, args.out, settings, args.data, args.force)
 
 
+def _distill_teachers(args: argparse.Namespace, model: str) -> int:
+    from moekit.errors import ConfigError
+    from moekit.make.distill import distill_teachers_checkpoint
+    from moekit.make.finetune import Finetune
+
+    if args.teacher:
+        raise ConfigError("make distill: --teacher and --teachers; expected one of them")
+    settings = Finetune(steps=100 if args.steps is None else args.steps, minutes=args.minutes,
+                        lr=3e-4 if args.lr is None else args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                        seed=args.seed)
+    summary = distill_teachers_checkpoint(model, args.teachers, args.out, settings, args.data, args.pace,
+                                          force=args.force)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        losses = ", ".join(f"{d} {a:.3g} -> {b:.3g}" for d, a, b in
+                           zip(summary["domains"], summary["first_losses"], summary["last_losses"], strict=True))
+        print(f"distilled {len(summary['teachers'])} teachers into {summary['model_type']} ({summary['steps']} "
+              f"steps, pace {summary['pace']}): KL to each teacher {losses}; written to {summary['out']}")
+    return 0
+
+
 def _distill(args: argparse.Namespace, model: str) -> int:
     from moekit.errors import ConfigError
     from moekit.make.distill import distill_checkpoint
 
+    if args.teachers:
+        return _distill_teachers(args, model)
     if not args.teacher:
-        raise ConfigError("make distill: --teacher missing; expected the dense checkpoint MODEL was made from")
+        raise ConfigError("make distill: --teacher missing; expected the dense checkpoint MODEL was made from "
+                          "(or --teachers DIR DIR ... for specialists)")
     if args.minutes is not None:
         raise ConfigError("make distill: --minutes is not supported; expected --steps N (per MoE layer)")
     summary = distill_checkpoint(model, args.teacher, args.out, 200 if args.steps is None else args.steps,

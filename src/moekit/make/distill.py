@@ -156,9 +156,9 @@ def distill_checkpoint(model_path: str, teacher_path: str, out: str, steps: int 
 
 
 def self_paced_weights(losses: Tensor, step: int, pace_steps: int) -> Tensor:
-    """Self-paced weights of D teachers [D] from their current distillation losses: the easiest teachers first (the
-    ceil(D (step + 1) / pace_steps) with the smallest loss get weight 1, the rest 0), every teacher from step
-    pace_steps - 1 on."""
+    """Self-paced weights of D teachers [D] from their current distillation losses (pace `easiest`): the easiest
+    teachers first (the ceil(D (step + 1) / pace_steps) with the smallest loss get weight 1, the rest 0), every
+    teacher from step pace_steps - 1 on."""
     d = losses.numel()
     count = min(d, max(1, math.ceil(d * (step + 1) / max(1, pace_steps))))
     weights = torch.zeros(d)
@@ -166,14 +166,30 @@ def self_paced_weights(losses: Tensor, step: int, pace_steps: int) -> Tensor:
     return weights
 
 
+def progress_weights(first: Tensor, losses: Tensor) -> Tensor:
+    """Self-paced weights of D teachers [D] that follow the student's progress on each (pace `progress`): with
+    r_d = L_d(t) / L_d(0), the share of its first loss to teacher d the student still has, w_d = D r_d / sum_d' r_d'
+    (mean 1). A teacher the student has caught up with fades; one it lags behind weighs more; equal progress gives
+    equal weights."""
+    ratio = losses.detach().float() / first.detach().float().clamp_min(1e-12)
+    return ratio.numel() * ratio / ratio.sum().clamp_min(1e-12)
+
+
+PACES = ("progress", "easiest")
+
+
 def distill_teachers(student: nn.Module, teachers: Sequence[nn.Module], domain_tokens: Sequence[Tensor], settings,
-                     temperature: float = 1.0, pace_steps: int | None = None, progress: bool = True) -> list[dict]:
+                     temperature: float = 1.0, pace: str = "progress", pace_steps: int | None = None,
+                     progress: bool = True, metrics_path=None) -> list[dict]:
     """Multi-teacher distillation into one student (Knowledge Concentration / DOPE's setting: specialists, e.g. the
     BTX branches, distilled into the MoE): each step takes one batch per domain d from `domain_tokens[d]`, the
-    loss of teacher d is KL(teacher_d || student) of the next-token distributions at `temperature` (times T^2),
-    and the teachers are weighed by `self_paced_weights` (easiest first, all by `pace_steps`, default half the
-    steps). AdamW on every student parameter, `settings` a `make.finetune.Finetune` with `steps`. In place;
-    returns one record per step (per-teacher losses and weights)."""
+    loss of teacher d is L_d = T^2 KL(teacher_d || student) of the next-token distributions at temperature T, and
+    the step minimises sum_d w_d L_d / sum_d w_d with self-paced weights w: `progress_weights` (pace `progress`:
+    each teacher's weight follows the student's progress on it) or `self_paced_weights` (pace `easiest`: easiest
+    first, all by `pace_steps`, default half the steps). AdamW on every student parameter at a constant `lr`,
+    `settings` a `make.finetune.Finetune` with `steps`. In place; returns one record per step (per-teacher losses
+    and weights), appended as JSON lines to `metrics_path` when given."""
+    import json
     from dataclasses import replace
 
     from tqdm import tqdm
@@ -186,9 +202,12 @@ def distill_teachers(student: nn.Module, teachers: Sequence[nn.Module], domain_t
         raise ConfigError("distill_teachers: expected settings with steps")
     if not temperature > 0:
         raise ConfigError(f"temperature={temperature}: expected a positive number")
-    pace = pace_steps or max(1, settings.steps // 2)
+    if pace not in PACES:
+        raise ConfigError(f"pace={pace!r}: expected one of {', '.join(PACES)}")
+    pace_len = pace_steps or max(1, settings.steps // 2)
     opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     records = []
+    first = None
     student.train()
     for step in tqdm(range(settings.steps), desc="make distill", disable=not progress):
         losses = []
@@ -200,7 +219,9 @@ def distill_teachers(student: nn.Module, teachers: Sequence[nn.Module], domain_t
             kl = F.kl_div(pred.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
             losses.append(kl * temperature ** 2)
         stacked = torch.stack(losses)
-        weights = self_paced_weights(stacked.detach(), step, pace)
+        first = stacked.detach() if first is None else first
+        weights = progress_weights(first, stacked) if pace == "progress" else \
+            self_paced_weights(stacked.detach(), step, pace_len)
         loss = (weights * stacked).sum() / weights.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,6 +229,86 @@ def distill_teachers(student: nn.Module, teachers: Sequence[nn.Module], domain_t
         opt.step()
         records.append({"step": step + 1, "loss": round(float(loss.detach()), 6),
                         "teacher_losses": [round(float(x), 6) for x in stacked.detach()],
-                        "weights": weights.tolist()})
+                        "weights": [round(float(w), 6) for w in weights]})
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(records[-1]) + "\n")
     student.eval()
     return records
+
+
+def distill_teachers_checkpoint(model_path: str, teacher_paths: Sequence[str], out: str, settings,
+                                data: list[str], pace: str = "progress", temperature: float = 1.0,
+                                force: bool = False, progress: bool = True) -> dict:
+    """`moekit make distill MODEL --teachers T1 T2 ... --data D1 D2 ...`: the student in `model_path` (any causal LM
+    of a known family, typically a BTX / made MoE) distilled from the specialist teachers (`distill_teachers`),
+    teacher d on the d-th domain of `data` (one file each, or .jsonl 'domain' labels, in order of appearance), the
+    student's tokenizer for every model. Written to `out` (atomically) with the tokenizer, plan.json if any,
+    metrics.jsonl and distill.json (the summary returned: first and last loss to each teacher)."""
+    import json
+    import shutil
+    import time
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.compress.run import check_out
+    from moekit.data import read_documents
+    from moekit.files import atomic_write, swap_in, temp_dir
+    from moekit.hf.checkpoint import CheckpointError
+    from moekit.make.convert import runnable
+    from moekit.make.finetune import token_stream
+    from moekit.make.run import copy_tokenizer, dense_config, load_dense, tokenizer_dir
+
+    settings.check()
+    if not settings.steps or settings.minutes is not None:
+        raise ConfigError("make distill --teachers: expected --steps N (no --minutes)")
+    if pace not in PACES:
+        raise ConfigError(f"--pace={pace!r}: expected one of {', '.join(PACES)}")
+    source, teacher_dirs = Path(model_path), [Path(t) for t in teacher_paths]
+    if len(teacher_dirs) < 2:
+        raise ConfigError(f"--teachers: {len(teacher_dirs)} given; expected at least 2 specialist checkpoints")
+    if not data:
+        raise ConfigError("--teachers: needs text per teacher; expected --data with one domain per teacher")
+    student_config = dense_config(source)
+    for t in teacher_dirs:
+        vocab = getattr(dense_config(t), "vocab_size", None)
+        if vocab != student_config.vocab_size:
+            raise ConfigError(f"--teachers {t}: vocab_size={vocab}; expected the student's "
+                              f"{student_config.vocab_size} (one tokenizer for all)")
+    docs = read_documents(data)
+    names = list(dict.fromkeys(str(d.domain) for d in docs))
+    if len(names) != len(teacher_dirs):
+        raise ConfigError(f"--data: {len(names)} domain(s) ({', '.join(names)}); expected one per teacher "
+                          f"({len(teacher_dirs)}), in the teachers' order")
+    out_dir = check_out(out, source, [*teacher_dirs, *data], force)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(source))
+    tokens = [token_stream(tokenizer, [d.text for d in docs if str(d.domain) == n]) for n in names]
+    for name, t in zip(names, tokens, strict=True):
+        if t.numel() <= settings.seq_len:
+            raise ConfigError(f"--data domain {name!r}: {t.numel()} tokens; expected more than --seq-len="
+                              f"{settings.seq_len}")
+    teachers = [runnable(load_dense(t)) for t in teacher_dirs]
+    try:
+        student = runnable(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{source}: could not load the model ({str(err).splitlines()[0]})") from None
+    start = time.perf_counter()
+    with temp_dir(out_dir, "distill") as tmp:
+        records = distill_teachers(student, teachers, tokens, settings, temperature, pace, progress=progress,
+                                   metrics_path=tmp / "metrics.jsonl")
+        summary = {"source": str(source), "teachers": [str(t) for t in teacher_dirs], "domains": names,
+                   "out": str(out_dir), "model_type": student.config.model_type, "steps": len(records),
+                   "pace": pace, "lr": settings.lr, "temperature": temperature,
+                   "seconds": round(time.perf_counter() - start, 2),
+                   "first_losses": records[0]["teacher_losses"], "last_losses": records[-1]["teacher_losses"],
+                   "last_weights": records[-1]["weights"]}
+        student.save_pretrained(tmp)
+        copy_tokenizer(source, tmp)
+        if (source / "plan.json").is_file():
+            shutil.copyfile(source / "plan.json", tmp / "plan.json")
+        atomic_write(tmp / "distill.json", json.dumps(summary, indent=1))
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        swap_in(tmp, out_dir)
+    return summary
