@@ -1,5 +1,6 @@
-"""Expert placement: the integer program against brute force and a hand-made optimum, the greedy fallback's
-bound, EPLB replicas within memory, the simulator's bytes on hand-computed cases, and `moekit place`'s errors."""
+"""Expert placement: the integer program against brute force and a hand-made optimum, the one-layer program and
+the search against brute force, the lower bounds, EPLB replicas within memory, the simulator's bytes on
+hand-computed cases, and `moekit place`'s errors."""
 
 import itertools
 import json
@@ -20,6 +21,9 @@ from moekit.serve.place import (
     objective,
     place,
 )
+from moekit.serve.place_counts import kept_bound
+from moekit.serve.place_program import layer_program
+from moekit.serve.place_search import greedy, improve
 from moekit.serve.simulate import CostModel, a2a_bytes, compare, simulate
 
 
@@ -77,11 +81,47 @@ def test_program_matches_brute_force_and_greedy_is_bounded(seed, experts, device
     assert info.gap < 1e-6
     for row in p.device:  # equal counts (5 experts on 2 devices: 3 and 2)
         np.testing.assert_array_equal(np.bincount(row, minlength=devices), capacities(experts, devices))
-    g, ginfo = place(counts, devices, max_vars=0)  # too large for the program: greedy, gap to a lower bound
-    assert ginfo.method == "greedy" and ginfo.status.startswith("skipped")
+    g, ginfo = place(counts, devices, max_vars=0)  # too large for the program: the search, gap to a lower bound
+    assert ginfo.method == "search" and "skipped" in ginfo.status
     assert ginfo.objective >= best - 1e-9 >= ginfo.bound - 1e-9
     assert ginfo.bound >= lower_bound(counts, devices) - 1e-9
     assert ginfo.gap == pytest.approx((ginfo.objective - ginfo.bound) / ginfo.objective)
+
+
+@pytest.mark.parametrize(("seed", "experts", "devices"), [(0, 6, 2), (1, 6, 3), (2, 5, 2)])
+def test_layer_program_and_search_against_brute_force(seed, experts, devices):
+    counts, _ = random_counts(np.random.default_rng(seed), layers=3, experts=experts)
+    cap = capacities(experts, devices)
+    layouts = [np.array(p) for p in set(itertools.permutations(np.repeat(np.arange(devices), cap)))]
+    start = greedy(counts, devices)
+    for li in range(3):  # one layer re-placed, the others fixed: the program finds the best of every layout
+        def value(row, li=li):
+            trial = start.copy()
+            trial[li] = row
+            return objective(counts, trial, devices)[0]
+        row = layer_program(counts, start, li, devices, 1.0, 1.0, 10.0)
+        assert value(row) == pytest.approx(min(value(r) for r in layouts))
+    device, _ = improve(counts, start, devices)
+    final = objective(counts, device, devices)[0]
+    assert final <= objective(counts, start, devices)[0] + 1e-9
+    for li in range(3):  # a local optimum: no single-layer change improves it
+        for r in layouts:
+            trial = device.copy()
+            trial[li] = r
+            assert objective(counts, trial, devices)[0] >= final - 1e-9
+
+
+def test_kept_bound_caps_every_placement():
+    rng = np.random.default_rng(3)
+    deps = rng.pareto(1.0, (6, 6))
+    for devices in (2, 3):
+        cap = 6 // devices
+        layouts = [np.array(p) for p in set(itertools.permutations(np.repeat(np.arange(devices), cap)))]
+        best = max(deps[a[:, None] == b[None, :]].sum() for a in layouts for b in layouts)
+        bound = kept_bound(deps, cap)
+        assert best - 1e-9 <= bound <= np.sort(deps, axis=1)[:, -cap:].sum() + 1e-9
+    # a block-diagonal dependency is kept whole, and the bound says so
+    assert kept_bound(np.kron(np.eye(2), np.ones((3, 3))), 3) == pytest.approx(18)
 
 
 @pytest.mark.parametrize(("experts", "devices", "replicas"), [(8, 2, 2), (8, 4, 3), (16, 8, 8), (6, 4, 5), (4, 4, 9)])
@@ -154,7 +194,7 @@ def test_bad_input(tmp_path, capsys):
 def test_cli_writes_a_placement(tmp_path, capsys):
     out = tmp_path / "placement.json"
     # a checkpoint shaped like moekit-tiny v1 (8 experts per layer), small enough for the exact program in seconds;
-    # the v2 default's 64 experts per layer take the greedy fallback within the default time limit
+    # the v2 default's 64 experts per layer are too many for the whole program: the search places them
     model = str(v1_shaped_checkpoint())
     assert main(["place", model, "--devices", "2", "--replicas", "1", "--max-tokens", "256", "--out", str(out)]) == 0
     res = json.loads(out.read_text())

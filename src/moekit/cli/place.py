@@ -18,7 +18,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="placement.json", help="output JSON file (default: placement.json)")
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens to trace (default 16384; 0: all)")
     p.add_argument("--time-limit", type=float, default=60.0,
-                   help="seconds for the integer program before its best solution is taken (default 60)")
+                   help="seconds for the search and the integer program together before the best placement found "
+                        "is taken (default 60)")
     p.add_argument("--step-tokens", type=int, default=2048, help="tokens per simulated step (default 2048)")
     p.add_argument("--load-weight", type=float, default=1.0,
                    help="weight of the max-device-load term against cross-device tokens (default 1)")
