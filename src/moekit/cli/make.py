@@ -21,14 +21,18 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="[finetune|distill] MODEL", nargs="+",
                    help="a checkpoint directory (config.json + safetensors); `finetune MODEL` trains MODEL further; "
                         "`distill MODEL` distils its MoE blocks from --teacher")
-    p.add_argument("--method", choices=(*PARTITIONS, "upcycle", "btx", "mote"), default="kmeans",
+    p.add_argument("--method", choices=(*PARTITIONS, "upcycle", "btx", "bam", "mote"),
+                   default="kmeans",
                    help="how neurons are grouped into experts; upcycle: every expert a copy; btx: one branch per "
-                        "--data domain trained --steps / --minutes, their FFNs the experts; mote: the FFN a "
-                        "full-precision shared expert, --experts ternary routed copies (--k default 1), trained by "
-                        "`make finetune` (default kmeans)")
+                        "--data domain trained --steps / --minutes, their FFNs the experts; bam: btx whose attention "
+                        "is also a soft mixture of the branches' attentions (saved for trust_remote_code); mote: "
+                        "the FFN a full-precision shared expert, --experts ternary routed copies (--k default 1), "
+                        "trained by `make finetune` (default kmeans)")
     p.add_argument("--mote-init", choices=("copy", "zero"), default="copy",
                    help="mote: routed experts start as ternary copies of the FFN (copy, the paper's) or with zero "
                         "down projections, so the model starts as the dense one (zero)")
+    p.add_argument("--share-kv", action="store_true", help="bam: the attention experts share one key/value "
+                   "projection (the branches' average)")
     p.add_argument("--group-size", type=int, default=64, help="mote: inputs per ternary scale (default 64)")
     p.add_argument("--router", choices=tuple(dict.fromkeys((*ROUTERS, *UPCYCLE_ROUTERS))),
                    help=f"split experts: {', '.join(ROUTERS)} (default centroid); upcycle: "
@@ -159,13 +163,13 @@ def run(args: argparse.Namespace) -> int:
               f"{summary['source_type']} -> {summary['target_type']} (MoTE): {summary['experts']} ternary experts, "
               f"k={summary['k']}, init {summary['mote_init']}, layers {summary['layers']}; written to {summary['out']}")
         return 0
-    for flag in ("k",) if args.method == "btx" else ("experts", "k"):
+    for flag in ("k",) if args.method in ("btx", "bam") else ("experts", "k"):
         if getattr(args, flag) is None:
             raise ConfigError(f"--{flag}: required to convert a model; expected an integer")
     layers = _layers(args.layers)
-    router = args.router or {"upcycle": "random", "btx": "hidden"}.get(args.method, "centroid")
+    router = args.router or {"upcycle": "random", "btx": "hidden", "bam": "hidden"}.get(args.method, "centroid")
     branch = None
-    if args.method == "btx":
+    if args.method in ("btx", "bam"):
         from moekit.make.finetune import Finetune
 
         branch = Finetune(steps=args.steps if args.steps is not None or args.minutes else 50, minutes=args.minutes,
@@ -174,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         branch.check()
     summary = make_checkpoint(args.model[0], args.out, args.experts, args.k, args.method, router, layers,
                               args.data, args.max_tokens, args.seed, args.force, shared=args.shared, branch=branch,
-                              pregate=args.pregate)
+                              pregate=args.pregate, share_kv=args.share_kv)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

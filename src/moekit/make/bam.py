@@ -4,9 +4,10 @@ W_r [E, H] started at zero (equal weights, so with untrained branches the model 
 the experts share one key/value projection (the branches' average): BAM's KV-sharing variant, fewer parameters and
 one KV cache's worth of keys and values per layer.
 
-The mixture is an in-memory model: no native transformers family has attention experts, so it is trained
-(`make.finetune.finetune_model`) and evaluated in memory, not saved as a checkpoint. It runs full-sequence forwards
-(training, perplexity): `use_cache` is switched off, since the experts would each write the layer's KV cache.
+No native transformers family has attention experts: the mixture is trained (`make.finetune.finetune_model`) and
+evaluated in memory, and saved with moekit's manifest and modeling file for `trust_remote_code=True`
+(`make.bam_save`, `moekit make --method bam`). It runs full-sequence forwards (training, perplexity): `use_cache` is
+switched off, since the experts would each write the layer's KV cache.
 """
 
 from __future__ import annotations

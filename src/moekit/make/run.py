@@ -91,10 +91,12 @@ def load_dense(path: str | os.PathLike):
 
 def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, partition: str, router: str,
                     layers: list[int] | None, data: list[str] | None, max_tokens: int, seed: int,
-                    force: bool, shared: int | None = None, branch=None, pregate: bool = False) -> dict:
-    """`moekit make`: partition in PARTITIONS, `upcycle` or `btx` (one branch per domain of `data`, trained with
-    `branch`, a `make.finetune.Finetune`); `pregate`: also fit Read-ME's pre-gating router on `data` and save it
-    beside the model (`make.pregate.PreGate.load(out, model)`)."""
+                    force: bool, shared: int | None = None, branch=None, pregate: bool = False,
+                    share_kv: bool = False) -> dict:
+    """`moekit make`: partition in PARTITIONS, `upcycle`, `btx` (one branch per domain of `data`, trained with
+    `branch`, a `make.finetune.Finetune`) or `bam` (btx with attention experts too, `share_kv` their keys and values,
+    saved by `make.bam_save.write_bam` for trust_remote_code); `pregate`: also fit Read-ME's pre-gating router on
+    `data` and save it beside the model (`make.pregate.PreGate.load(out, model)`)."""
     from transformers import AutoTokenizer
 
     from moekit.compress.calibrate import token_windows
@@ -116,17 +118,24 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
         raise ConfigError("--pregate: the pre-gate is fitted on calibration text; expected --data FILE")
     if needs_data(partition, router) and not data:
         raise ConfigError(f"--method {partition} / --router {router}: needs calibration text; expected --data FILE")
-    copies = partition in ("upcycle", "btx")
+    branched = partition in ("btx", "bam")
+    if share_kv and partition != "bam":
+        raise ConfigError(f"--share-kv: shares the attention experts' keys and values; expected --method bam, not "
+                          f"{partition}")
+    if pregate and partition == "bam":
+        raise ConfigError("--pregate: a BAM model is saved for trust_remote_code; expected no --pregate with bam")
+    copies = partition in ("upcycle", "btx", "bam")
     source = Path(model_path)
     docs = read_documents(data) if data else []
     names = list(dict.fromkeys(str(d.domain) for d in docs))
-    if partition == "btx":
+    if branched:
         if len(names) < 2 or layers is not None:
-            raise ConfigError(f"--method btx: {len(names)} domain(s){' and --layers' if layers else ''}; expected "
-                              "--data with at least 2 domains (one file each, or .jsonl 'domain' labels) and every "
-                              "layer")
+            raise ConfigError(f"--method {partition}: {len(names)} domain(s){' and --layers' if layers else ''}; "
+                              "expected --data with at least 2 domains (one file each, or .jsonl 'domain' labels) "
+                              "and every layer")
         if experts is not None and experts != len(names):
-            raise ConfigError(f"--experts={experts}: BTX has one expert per domain; expected {len(names)} or none")
+            raise ConfigError(f"--experts={experts}: {partition.upper()} has one expert per domain; expected "
+                              f"{len(names)} or none")
         experts = len(names)
     check(dense_config(source), experts, k, layers, copies=copies, shared=shared,
           parts=k if router == "dino" and not copies else None)
@@ -134,19 +143,22 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
     model = load_dense(source)
     inputs = domains = None
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(source)) if docs else None
-    if docs and partition != "btx":
+    if docs and not branched:
         windows = token_windows(tokenizer, docs, model, max_tokens)
         layer_ids = list(range(model.config.num_hidden_layers)) if layers is None else layers
         inputs = capture_inputs(model, [ids for ids, _ in windows], layer_ids, max_tokens)
         domains = token_domains(windows, max_tokens)
-    if partition == "btx":
+    if branched:
+        from moekit.make.bam import bam
         from moekit.make.btx import btx
         from moekit.make.finetune import Finetune, token_stream
 
         by_domain = [[d for d in docs if str(d.domain) == name] for name in names]
         tokens = [token_stream(tokenizer, [d.text for d in ds]) for ds in by_domain]
         cal = [[ids for ids, _ in token_windows(tokenizer, ds, model, max_tokens // len(names))] for ds in by_domain]
-        moe, plan = btx(model, tokens, k, branch or Finetune(steps=50), router, cal, seed)
+        settings = branch or Finetune(steps=50)
+        moe, plan = btx(model, tokens, k, settings, router, cal, seed) if partition == "btx" else \
+            bam(model, tokens, k, settings, router, cal, share_kv, seed)
         plan["domains"] = names
     elif copies:
         moe, plan = upcycle(model, experts, k, router, layers, inputs, seed, shared=shared)
@@ -161,7 +173,12 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
                                max_tokens=max_tokens, seed=seed)
         plan["pregate"] = PREGATE_CONFIG
     with temp_dir(out_dir, "make") as tmp:
-        save(moe, tmp, force=True)
+        if partition == "bam":
+            from moekit.make.bam_save import write_bam
+
+            write_bam(moe, tmp, plan)
+        else:
+            save(moe, tmp, force=True)
         if gate is not None:
             gate.save(tmp)
         copy_tokenizer(source, tmp)
