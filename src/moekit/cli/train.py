@@ -78,9 +78,9 @@ def load_recipe_file(path: str):
         if not isinstance(base, str):
             raise ConfigError(f"{path}: base={base!r}; expected a recipe name (a string)")
         return replace(get_recipe(base), **data)
-    if "model" not in data:
+    if "model" not in data and "init_from" not in data:
         raise ConfigError(f"{path}: field 'model' missing; expected transformers config keywords with model_type "
-                          "(or a 'base' recipe)")
+                          "(or a 'base' recipe, or init_from: a checkpoint directory)")
     return Recipe(**data)
 
 

@@ -27,6 +27,15 @@ from moekit.train.parallel import Runtime, full_state, local_state
 RUN_ENTRIES = frozenset({"checkpoint", "model", "tokenizer", "metrics.jsonl"})
 
 
+# recipe fields left out of the saved recipe while unset, so runs that do not use them save what they always did
+_OMITTED_WHEN_NONE = ("init_from", "lora_moe")
+
+
+def recipe_json(recipe: Any) -> dict:
+    """The recipe as saved in state.json and run.json (fields of _OMITTED_WHEN_NONE only when set)."""
+    return {k: v for k, v in asdict(recipe).items() if not (k in _OMITTED_WHEN_NONE and v is None)}
+
+
 def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
     # clones: tied parameters (embeddings / lm_head) are stored under both names, safetensors refuses shared memory
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
@@ -50,7 +59,8 @@ def write_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, re
         with temp_dir(out / "checkpoint", "saving") as tmp:
             save_file(model_state, str(tmp / "model.safetensors"))
             save_file(opt_state, str(tmp / "optimizer.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"recipe": asdict(recipe), "step": step, "world": rt.world}))
+            state = {"recipe": recipe_json(recipe), "step": step, "world": rt.world}
+            (tmp / "state.json").write_text(json.dumps(state))
             swap_in(tmp, out / "checkpoint")
     rt.barrier()
 
@@ -62,7 +72,8 @@ def write_run_model(path: Path, model: nn.Module, recipe: Any, vocab_size: int, 
     if rt.main:
         with temp_dir(path, "saving") as tmp:
             save_file(state, str(tmp / "model.safetensors"))
-            (tmp / "run.json").write_text(json.dumps({"recipe": asdict(recipe), "vocab_size": vocab_size}, indent=1))
+            run = {"recipe": recipe_json(recipe), "vocab_size": vocab_size}
+            (tmp / "run.json").write_text(json.dumps(run, indent=1))
             swap_in(tmp, path)
     rt.barrier()
 
@@ -108,7 +119,7 @@ def _read_state(state_file: Path, recipe: Any) -> int:
             or not 0 <= step <= recipe.steps:
         raise ConfigError(f"{state_file}: expected an object with a recipe object and a step in [0, "
                           f"{recipe.steps}] (start again with --force)")
-    if saved != json.loads(json.dumps(asdict(recipe))):
+    if saved != json.loads(json.dumps(recipe_json(recipe))):
         raise ConfigError(f"{state_file}: recipe {saved.get('name')!r} with other settings; expected recipe "
                           f"{recipe.name!r} as saved to resume it")
     for name in ("model.safetensors", "optimizer.safetensors"):

@@ -62,6 +62,10 @@ class Recipe:
     bias_update_rate: float = 0.0  # DeepSeek-V3 auxiliary-loss-free balancing step per training step (0: off)
     seq_balance_coef: float = 0.0  # DeepSeek-V3's sequence-wise balance loss weight (native families; 0: off)
     dtype: str = "fp32"  # "bf16": forward and backward under bf16 autocast, fp32 master weights and optimizer
+    # a checkpoint directory to start from instead of building `model` and training a tokenizer (moekit.train.init_from)
+    init_from: str | None = None
+    # a LoRA-MoE over saved PEFT adapters on the init_from model, only its routers trained (moekit.train.init_from)
+    lora_moe: dict[str, Any] | None = None
 
 
 # moekit-tiny v1 (the default until v2): Qwen3-MoE, 8 experts of width 384, top-2, 2.9M tokens
@@ -123,7 +127,8 @@ def corpus_seed(recipe: Recipe) -> int:
 
 
 def batch_at(tokens: Tensor, recipe: Recipe, step: int, micro: int) -> Tensor:
-    """[batch_size, seq_len] windows of the token stream, chosen by (seed, step, micro) alone."""
+    """[batch_size, seq_len] windows of the token stream (or of token labels aligned with it), chosen by (seed, step,
+    micro) alone."""
     g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step * 997 + micro)
     starts = torch.randint(0, tokens.numel() - recipe.seq_len, (recipe.batch_size,), generator=g)
     return torch.stack([tokens[s:s + recipe.seq_len] for s in starts.tolist()])
@@ -222,42 +227,47 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
     run (finished, interrupted or failed). Under torchrun (WORLD_SIZE > 1) the experts are sharded over the ranks
     and each rank trains on its slice of every batch; only rank 0 writes. Returns this call's metrics."""
     import moekit.hf as mh
+    import moekit.train.init_from as fc
 
     recipe = replace(get_recipe(recipe) if isinstance(recipe, str) else recipe, **overrides)
     check_recipe(recipe, stop_at)
     rt = init_runtime()
     if recipe.batch_size % rt.world:
         raise ConfigError(f"batch_size={recipe.batch_size}: expected a multiple of the {rt.world} ranks")
-    out = check_output(out_dir, (recipe.prose_dir, recipe.code_dir))
+    out = check_output(out_dir, (recipe.prose_dir, recipe.code_dir, recipe.init_from))
     start = check_out_dir(out, recipe, resume, force)
-    corpus = build_corpus(recipe.prose_dir, recipe.code_dir, recipe.max_docs_per_domain, corpus_seed(recipe))
+    if recipe.init_from is None:
+        corpus = build_corpus(recipe.prose_dir, recipe.code_dir, recipe.max_docs_per_domain, corpus_seed(recipe))
+        texts, doc_labels = corpus.texts("train"), None
+    else:
+        texts, doc_labels = fc.train_texts(recipe, corpus_seed(recipe))
     rt.barrier()  # every rank has checked the directory before rank 0 fills it
     if rt.main:
         if force:
             clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not resume and recipe.init_from is not None:
+            fc.copy_tokenizer(recipe.init_from, out / "tokenizer")
+        elif not resume:
             tok = train_tokenizer(corpus, vocab_size=recipe.vocab_size)
             save_tokenizer(tok, out / "tokenizer", model_max_length=recipe.seq_len)
     rt.barrier()
     tok = load_tokenizer(out / "tokenizer")
-    eos = tok.token_to_id(EOS_TOKEN)
-    ids: list[int] = []
-    for text in corpus.texts("train"):
-        ids.extend(tok.encode(text).ids)
-        ids.append(eos)
-    tokens = torch.tensor(ids, dtype=torch.long)
+    eos = tok.token_to_id(EOS_TOKEN) if recipe.init_from is None else fc.eos_id(tok, recipe.init_from)
+    tokens, token_labels = fc.token_stream(tok, eos, texts, doc_labels)
     if tokens.numel() <= recipe.seq_len:
         raise ConfigError(f"corpus train split: {tokens.numel()} tokens; expected more than seq_len={recipe.seq_len}")
 
-    model = _build_model(recipe, tok.get_vocab_size(), rt)
+    model = _build_model(recipe, tok.get_vocab_size(), rt) if recipe.init_from is None else fc.load_model(recipe, rt)
+    mixture = fc.attach_lora_moe(model, recipe) if recipe.lora_moe is not None else None
     if init is not None and not resume:
         init(model)
     blocks = moe_blocks(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad] if mixture is not None else model.parameters()
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if resume:
         read_checkpoint(out, model, opt, rt)
-    hf_moe = not blocks and model_type_is_moe(model.config)
+    hf_moe = not blocks and mixture is None and model_type_is_moe(model.config)
     recorder = LoadRecorder(model, keep_routing=recipe.seq_balance_coef > 0) if hf_moe else None
     biases = correction_biases(model) if hf_moe and recipe.bias_update_rate else []
     sigmoid = hf_moe and recorder.blocks[0].family.routing.startswith("sigmoid")
@@ -287,6 +297,8 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
             batch = batch_at(tokens, recipe, step, micro).chunk(rt.world)[rt.rank]
             for b in blocks:
                 b.token_ids = batch
+            if token_labels is not None:
+                mixture.set_labels(batch_at(token_labels, recipe, step, micro).chunk(rt.world)[rt.rank])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out_ = model(input_ids=batch, labels=batch)
             if blocks:
@@ -306,6 +318,13 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
                     seq = sequence_balance_loss(recorder, batch.shape[1], sigmoid)
                     loss = loss + recipe.seq_balance_coef * seq
                     extra.setdefault("seq_balance", [0.0])[0] += float(seq.detach()) / recipe.grad_accum
+            elif mixture is not None:
+                aux, named = fc.mixture_losses(mixture)
+                z = balance = torch.zeros(())
+                cvs, entropies = [], []
+                loss, lm_loss = out_.loss + recipe.lora_moe.get("aux_weight", 0.01) * aux, out_.loss
+                for n, v in named.items():  # each summed over the layers, averaged over the micro-batches
+                    extra.setdefault(f"aux_{n}", [0.0])[0] += v / recipe.grad_accum
             else:
                 z = balance = torch.zeros(())
                 cvs, entropies = [], []
@@ -349,7 +368,9 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
             write_checkpoint(out, model, opt, recipe, step + 1, rt)
     write_checkpoint(out, model, opt, recipe, end, rt)
     if end == recipe.steps:
-        if blocks:
+        if mixture is not None and rt.main:
+            fc.save_mixture(mixture, recipe, out / "model")
+        elif blocks:
             write_run_model(out / "model", model, recipe, tok.get_vocab_size(), rt)
         elif rt.main and hf_moe:
             mh.restore(model)
@@ -376,9 +397,14 @@ def _metrics_before(path: Path, start: int) -> list[str]:
 
 def load_run(run_dir: str | os.PathLike[str]) -> nn.Module:
     """The trained model of a finished run (`run_dir` or its `model/`), in eval mode on one process: a native
-    transformers model, or the recipe's model with moekit layers for runs with `moe_layer`."""
+    transformers model (MoE or dense), the recipe's model with moekit layers for runs with `moe_layer`, or the
+    init_from model with the trained LoRA-MoE attached for runs with `lora_moe`."""
     path = Path(run_dir)
     path = path / "model" if (path / "model").is_dir() else path
+    if (path / "mixture.json").exists():
+        from moekit.train.init_from import load_mixture_run
+
+        return load_mixture_run(path)
     if (path / "run.json").exists():
         saved = json.loads((path / "run.json").read_text())
         recipe = Recipe(**saved["recipe"])
@@ -389,7 +415,11 @@ def load_run(run_dir: str | os.PathLike[str]) -> nn.Module:
                               f"{missing[:3]}, unexpected {unexpected[:3]})")
         return model.eval()
     if (path / "config.json").exists():
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         import moekit.hf as mh
 
-        return mh.load(path).eval()
+        if model_type_is_moe(AutoConfig.from_pretrained(path)):
+            return mh.load(path).eval()
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()  # a dense run
     raise ConfigError(f"{path}: expected a finished run directory (model/run.json or model/config.json)")
