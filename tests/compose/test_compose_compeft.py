@@ -3,37 +3,48 @@ and the decompressed adapter loads in PEFT."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from compose.conftest import DENSE_TARGETS, dense_lm
-from moekit.compose.adapter_io import AdapterError, read_adapter
+from moekit.compose.adapters import INIT_NAME, INIT_RULE, AdapterError, init_lora_a, read_adapter
 from moekit.compose.compeft import (
     compress_adapter,
     compress_adapter_dir,
     compress_tensor,
     decompress_adapter,
     decompress_tensor,
+    decompressed_tensors,
     golomb_bits,
     load_compressed,
     update_errors,
 )
 
 
-def saved_lora(path, seed: int = 0, r: int = 4, model=None):
-    """A PEFT LoRA adapter on the tiny dense model with random (non-zero) A and B, saved at `path`."""
+def fresh_lora(path, seed: int = 0, r: int = 4, model=None, update: float = 0.1):
+    """A PEFT LoRA adapter on the tiny dense model as `moekit lora train` starts one (A from init_lora_a with its
+    lora_init.json, B = 0), then moved by a random update of scale `update` (A += N(0, update²), B = N(0, update²)),
+    saved at `path`."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model or dense_lm(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=DENSE_TARGETS))
+    record = init_lora_a(peft_model, seed)
     torch.manual_seed(seed)  # after building the model (tiny_model seeds the global generator)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.1)
+            if "lora_A" in name:
+                p.add_(torch.randn_like(p) * update)
+            elif "lora_B" in name:
+                p.normal_(0, update) if update else p.zero_()
     peft_model.save_pretrained(path)
+    (path / INIT_NAME).write_text(json.dumps(record))
     return path
+
+
+saved_lora = fresh_lora
 
 
 def test_hand_computed_case():
@@ -87,10 +98,11 @@ def test_adapter_roundtrip_loads_in_peft(tmp_path):
     payload = sum(-(-t.numel() // 8) + -(-round(0.1 * t.numel()) // 8) + 4 for t in adapter.tensors.values())
     assert len(raw) - 8 - int.from_bytes(raw[:8], "little") == payload
     out = decompress_adapter(tmp_path / "c", tmp_path / "d")
-    expected = compress_adapter(adapter, 0.1)
+    expected = decompressed_tensors(compress_adapter(adapter, 0.1))
     restored = read_adapter(out)
+    assert restored.init == adapter.init  # the decompressed adapter keeps its init record
     for key, t in restored.tensors.items():
-        assert torch.equal(t, decompress_tensor(expected.tensors[key]))
+        assert torch.equal(t, expected[key])
     loaded = load_compressed(tmp_path / "c")
     assert set(loaded.tensors) == set(adapter.tensors)
     model = PeftModel.from_pretrained(dense_lm(), out)
@@ -110,6 +122,11 @@ def test_bad_input(tmp_path):
         compress_adapter_dir(tmp_path / "missing", tmp_path / "c", density=0.1)
     with pytest.raises(AdapterError, match="compeft.safetensors"):
         decompress_adapter(src, tmp_path / "d")
+    (src / INIT_NAME).unlink()
+    with pytest.raises(AdapterError, match=f"no {INIT_NAME}.*--from-zero") as err:
+        compress_adapter_dir(src, tmp_path / "c", density=0.1)
+    assert "\n" not in str(err.value)
+    assert compress_adapter_dir(src, tmp_path / "c", density=0.1, from_zero=True)["update"] == "A (from zero)"
 
 
 def test_fused_expert_adapter_compresses_and_loads_in_peft(tmp_path):
@@ -121,7 +138,7 @@ def test_fused_expert_adapter_compresses_and_loads_in_peft(tmp_path):
     from moekit.compose.merge import merge_adapters
 
     src = save_random_adapter(moe_lm(), tmp_path / "experts", seed=0, target_parameters=["experts.gate_up_proj"])
-    compress_adapter_dir(src, tmp_path / "c", density=0.2)
+    compress_adapter_dir(src, tmp_path / "c", density=0.2, from_zero=True)  # no init record: lora_A itself
     out = decompress_adapter(tmp_path / "c", tmp_path / "d")
     restored = read_adapter(out)
     model = PeftModel.from_pretrained(moe_lm(), out)
@@ -165,12 +182,13 @@ def test_error_within_stated_bound_for_both_scales(density, scale, alpha):
 
 
 def test_tune_alpha_keeps_the_closed_form_unless_an_alpha_is_better():
-    from moekit.compose.adapter_io import LoraAdapter
+    from moekit.compose.adapters import LoraAdapter
     from moekit.compose.compeft import decompressed_tensors, tune_alpha
 
     torch.manual_seed(3)
     adapter = LoraAdapter("x", {"r": 2, "lora_alpha": 4}, {"base_model.model.l.lora_A.weight": torch.randn(2, 20),
-                                                           "base_model.model.l.lora_B.weight": torch.randn(20, 2)})
+                                                           "base_model.model.l.lora_B.weight": torch.randn(20, 2)},
+                          {"rule": INIT_RULE, "seed": 0})
     original = adapter.tensors
 
     def fro(tensors):  # the reconstruction error: the closed form is optimal
@@ -189,6 +207,9 @@ def test_tune_alpha_keeps_the_closed_form_unless_an_alpha_is_better():
     expected = compress_adapter(adapter, 0.25, "std", 2.0)
     assert all(torch.equal(a, b) for a, b in zip(decompressed_tensors(chosen).values(),
                                                  decompressed_tensors(expected).values(), strict=True))
+    chosen, info = tune_alpha(adapter, 0.25, fro, grid=(0.5, 1.0, 2.0), keep_closed_form=False)  # the paper's
+    best = min((0.5, 1.0, 2.0), key=lambda a: info["losses"][f"std:{a:g}"])
+    assert info["scale"] == "std" and info["alpha"] == best
     with pytest.raises(AdapterError, match="--alpha-grid: empty"):
         tune_alpha(adapter, 0.25, fro, grid=())
 
@@ -254,3 +275,33 @@ def test_cli_compress_scales(tmp_path, capsys, dense_dir):
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
     assert not (tmp_path / "bad").exists()
+
+
+def test_freshly_initialised_adapter_has_a_zero_update(tmp_path):
+    """A_init regenerates exactly from lora_init.json, so an adapter that has not moved compresses to a zero update
+    and decompresses to itself; compressing lora_A itself (from zero) loses most of it."""
+    adapter = read_adapter(fresh_lora(tmp_path / "lora", seed=3, update=0.0))
+    for module, (a, b, _) in adapter.modules().items():
+        assert torch.equal(adapter.a_init(module, tuple(a.shape)), a) and not b.any()
+    c = compress_adapter(adapter, 0.05)
+    assert c.report()["relative_error_fro"] == 0.0 and all(t.scale == 0.0 for t in c.tensors.values())
+    assert all(torch.equal(t, adapter.tensors[k]) for k, t in decompressed_tensors(c).items())
+    assert compress_adapter(adapter, 0.05, from_zero=True).report()["relative_error_fro"] > 0.5
+
+
+@pytest.mark.parametrize("scale", ["lsq", "std"])
+def test_update_is_compressed_not_the_initialisation(tmp_path, scale):
+    """With A_init known, the error is that of compressing the update alone (A - Â = τ_A - τ̂_A), within the
+    stated bounds, and far below compressing A itself at the same density."""
+    adapter = read_adapter(fresh_lora(tmp_path / "lora", seed=4, update=0.01))
+    c = compress_adapter(adapter, 0.1, scale, alpha=2.0)
+    restored = decompressed_tensors(c)
+    for key, t in c.tensors.items():
+        err = adapter.tensors[key].float() - restored[key].float()
+        assert float(err.norm()) == pytest.approx(t.error_fro, rel=1e-3, abs=1e-6)
+        assert float(err.abs().max()) <= t.bound_inf + 1e-6
+    for error, bound in update_errors(adapter, c).values():
+        assert error <= bound * (1 + 1e-5)
+    worse = compress_adapter(adapter, 0.1, scale, alpha=2.0, from_zero=True)
+    for key in (k for k in c.tensors if ".lora_A." in k):  # ||A - Â||: the update's error against A's own
+        assert c.tensors[key].error_fro < 0.5 * worse.tensors[key].error_fro

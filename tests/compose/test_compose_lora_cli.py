@@ -79,7 +79,7 @@ def test_cli_train_then_mix(dense_dir, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["layers"] == 4  # two of the five attention projections, in two layers
     assert set(summary["valid_ppl"]) == {"fortunes", "code"} and 0.0 <= summary["routing_accuracy"] <= 1.0
-    from moekit.compose.lora import load_base
+    from moekit.compose.adapters import load_base
 
     model = load_base(dense_dir)[1]
     assert LoraMoE.load(model, mix).spec["rule"]["name"] == "dynmole"
@@ -95,7 +95,7 @@ def test_cli_expert_params_on_an_moe_checkpoint(moe_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "mix"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["layers"] == 2 * (len(QWEN_TARGETS) + 1)  # attention projections and the experts, 2 layers
-    from moekit.compose.lora import load_base
+    from moekit.compose.adapters import load_base
 
     mix = LoraMoE.load(load_base(moe_dir)[1], tmp_path / "mix")
     assert sum(name.endswith(".experts") for name in mix.layers) == 2

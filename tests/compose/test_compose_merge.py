@@ -13,7 +13,7 @@ from compose.conftest import DENSE_TARGETS, dense_lm, moe_lm
 from compose.test_compose_compeft import saved_lora
 from hf.tiny import tiny_model
 from moekit.cli.main import main
-from moekit.compose.adapter_io import AdapterError, read_adapter
+from moekit.compose.adapters import AdapterError, read_adapter
 from moekit.compose.merge import (
     make_orthogonal,
     merge_adapters,

@@ -11,7 +11,7 @@ import torch
 
 from compose.conftest import dense_lm
 from compose.test_compose_compeft import saved_lora
-from moekit.compose.adapters import read_adapter
+from moekit.compose.adapters import read_weights
 from moekit.compose.glider import Glider
 from moekit.compose.model_routing import (
     CompositionOfExperts,
@@ -99,8 +99,8 @@ def test_kshot_selection_picks_planted_best_and_diverse_set():
 
 
 def test_adapter_similarity_finds_duplicates(tmp_path):
-    a = read_adapter(saved_lora(tmp_path / "a", seed=0))
-    b = read_adapter(saved_lora(tmp_path / "b", seed=1))
+    a = read_weights(saved_lora(tmp_path / "a", seed=0))
+    b = read_weights(saved_lora(tmp_path / "b", seed=1))
     sim = adapter_similarity([a, b, a])
     assert sim[0, 2] == pytest.approx(1.0, abs=1e-5) and abs(float(sim[0, 1])) < 0.5
 
@@ -119,7 +119,7 @@ def test_glider_forced_to_one_expert_equals_that_peft_adapter(tmp_path):
     paths = [saved_lora(tmp_path / f"a{i}", seed=i) for i in range(3)]
     ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
     model = dense_lm()
-    glider = Glider(model, [read_adapter(p) for p in paths], alpha=100.0, k=1)
+    glider = Glider(model, [read_weights(p) for p in paths], alpha=100.0, k=1)
     for forced in range(3):
         glider.set_global(np.eye(3)[forced])  # the global router is sure: expert `forced` wins in every layer
         with torch.no_grad():
@@ -137,7 +137,7 @@ def test_glider_forced_to_one_expert_equals_that_peft_adapter(tmp_path):
 
 def test_glider_gates_formula_and_training(tmp_path):
     paths = [saved_lora(tmp_path / f"a{i}", seed=i) for i in range(3)]
-    adapters = [read_adapter(p) for p in paths]
+    adapters = [read_weights(p) for p in paths]
     model = dense_lm()
     glider = Glider(model, adapters, k=1)
     name, layer = next(iter(glider.layers.items()))

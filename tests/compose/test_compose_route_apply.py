@@ -11,8 +11,7 @@ import torch
 from compose.test_compose_compeft import saved_lora
 from compose.test_compose_model_routing import WORDS, planted
 from compose.test_compose_route_cli import run, write_jsonl
-from moekit.compose.adapter_io import load_base
-from moekit.compose.adapters import read_adapter
+from moekit.compose.adapters import load_base, read_weights
 from moekit.compose.glider import Glider
 from moekit.compose.model_routing import load_router
 from moekit.compose.p_adapters import PAdapter, PAdapterLM, save_p_adapter
@@ -41,7 +40,7 @@ def test_glider_local_routing_from_the_cli(tmp_path, capsys, dense_dir, tokenize
     # reference: Glider on the same model and adapters, the same global prior (alpha 0: local routing alone)
     router = load_router(router_path)
     _, model, _ = load_base(dense_dir)
-    glider = Glider(model, [read_adapter(adapters[e]) for e in router.experts], alpha=0.0, k=1)
+    glider = Glider(model, [read_weights(adapters[e]) for e in router.experts], alpha=0.0, k=1)
     for row, text in zip(result["routes"], texts, strict=True):
         glider.set_global(router.scores([text])[0])
         with torch.no_grad():

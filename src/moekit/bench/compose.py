@@ -29,7 +29,7 @@ from moekit.bench.compose_eval import (
     tokens_per_s,
 )
 from moekit.bench.timing import environment
-from moekit.compose.adapter_io import AdapterError, load_base, read_adapter
+from moekit.compose.adapters import AdapterError, load_base, read_adapter
 
 FULL = dict(steps=200, rank=8, seq_len=128, batch_size=8, eval_docs=24, eval_windows=4, train_docs=64, kshot=4,
             router_steps=100, prompt_steps=100, prompt_tokens=8, sft_steps=50, sft_density=0.01)

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from moekit.bench.compose_eval import EvalDocs, adapter_params, ppl_by_domain, score_docs, tokens_per_s
-from moekit.compose.adapter_io import read_adapter, write_adapter
+from moekit.compose.adapters import read_adapter, write_adapter
 
 
 def _rec(setting: str, scores, own: dict[str, float], active: int, **more) -> dict:

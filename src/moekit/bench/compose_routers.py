@@ -19,7 +19,7 @@ def _rec(setting: str, scores, acc, active, extra_seconds: float = 0.0, **more) 
 
 def model_level_routers(model, tokenizer, adapters, single, split, evald: EvalDocs, train, domains, cfg,
                         seed, progress, base_active, lora_size) -> list[dict]:
-    from moekit.compose.adapters import read_adapter as read_weights
+    from moekit.compose.adapters import read_weights
     from moekit.compose.glider import Glider
     from moekit.compose.model_routing import (
         CompositionOfExperts,

@@ -50,11 +50,13 @@ def _add_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="--scale auto: base checkpoint the adapter was trained on (default: the default "
                    "model)")
     p.add_argument("--seq-len", type=int, default=64, help="--scale auto: validation window length (default 64)")
+    p.add_argument("--from-zero", action="store_true", help="compress lora_A itself, as if its initialisation were "
+                   "0 (for adapters without lora_init.json; default: refuse them, since the update is A - A_init)")
     p.add_argument("--json", action="store_true", help="print the size report as JSON")
 
 
 def _alpha_grid(text: str) -> tuple[float, ...]:
-    from moekit.compose.adapter_io import AdapterError
+    from moekit.compose.adapters import AdapterError
 
     try:
         grid = tuple(float(x) for x in text.split(",") if x.strip())
@@ -66,16 +68,16 @@ def _alpha_grid(text: str) -> tuple[float, ...]:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
-    from moekit.compose.adapter_io import AdapterError
+    from moekit.compose.adapters import AdapterError
     from moekit.compose.compeft import compress_adapter_dir, tune_adapter_dir
 
     if args.scale == "auto":
         if not args.data:
             raise AdapterError("--scale auto: no --data; expected validation documents to choose alpha on")
         report = tune_adapter_dir(args.adapter, args.out, args.density, args.model, args.data,
-                                  _alpha_grid(args.alpha_grid), args.seq_len)
+                                  _alpha_grid(args.alpha_grid), args.seq_len, from_zero=args.from_zero)
     else:
-        report = compress_adapter_dir(args.adapter, args.out, args.density, args.scale, args.alpha)
+        report = compress_adapter_dir(args.adapter, args.out, args.density, args.scale, args.alpha, args.from_zero)
     print(json.dumps(report, indent=1) if args.json else
           f"{report['kept']:,} of {report['entries']:,} entries kept, {report['compression_ratio']:.1f}x smaller "
           f"({report['compression_ratio_golomb']:.1f}x with Golomb-coded positions); written to {report['out']}")

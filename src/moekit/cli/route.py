@@ -66,7 +66,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def _expert_map(entries: list[str] | None, model_path: str | None) -> dict[str, str] | None:
     if not entries:
         return None
-    from moekit.compose.adapter_io import check_against_model, load_base, read_adapter
+    from moekit.compose.adapters import check_against_model, load_base, read_adapter
 
     out = {}
     for entry in entries:
@@ -87,7 +87,7 @@ def _needs_model(name: str, features: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.compose.adapter_io import load_base
+    from moekit.compose.adapters import load_base
     from moekit.compose.model_routing import (
         CompositionOfExperts,
         GliderGlobal,
@@ -156,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _kshot(args: argparse.Namespace) -> int:
-    from moekit.compose.adapter_io import check_against_model, load_base, read_pool
-    from moekit.compose.adapters import read_adapter
+    from moekit.compose.adapters import check_against_model, load_base, read_pool, read_weights
     from moekit.compose.model_routing import adapter_similarity, kshot_nll, kshot_select
     from moekit.data import read_documents
 
@@ -171,7 +170,7 @@ def _kshot(args: argparse.Namespace) -> int:
     for adapter in pool:
         check_against_model(adapter, model, str(path))
     nll = kshot_nll(model, tokenizer, args.adapters, [d.text for d in docs])
-    sim = adapter_similarity([read_adapter(a) for a in args.adapters])
+    sim = adapter_similarity([read_weights(a) for a in args.adapters])
     picked = kshot_select([-x for x in nll], sim, args.m, args.diversity)
     print(json.dumps({"selected": [str(args.adapters[i]) for i in picked], "kshot_examples": len(docs),
                       "nll": {str(a): x for a, x in zip(args.adapters, nll, strict=True)},
@@ -197,7 +196,7 @@ def _needs_tokenizer(path, tokenizer) -> None:
 
 
 def _apply_p_adapter(args: argparse.Namespace) -> int:
-    from moekit.compose.adapter_io import load_base
+    from moekit.compose.adapters import load_base
     from moekit.compose.p_adapters import load_p_adapter
     from moekit.compose.route_apply import p_adapter_rows
     from moekit.data import read_documents
@@ -214,7 +213,7 @@ def _apply_p_adapter(args: argparse.Namespace) -> int:
 
 
 def _apply_glider_local(args: argparse.Namespace, router) -> int:
-    from moekit.compose.adapter_io import check_against_model, load_base, read_adapter
+    from moekit.compose.adapters import check_against_model, load_base, read_adapter
     from moekit.compose.model_routing import GliderGlobal
     from moekit.compose.route_apply import glider_local_rows
     from moekit.data import read_documents
@@ -246,7 +245,7 @@ def _fit_p_adapter(args: argparse.Namespace, docs: list) -> int:
     windows; the base model frozen throughout."""
     import torch
 
-    from moekit.compose.adapter_io import load_base
+    from moekit.compose.adapters import load_base
     from moekit.compose.model_routing import RouterError, train_prompt
     from moekit.compose.p_adapters import PAdapter, save_p_adapter, train_p_adapter
     from moekit.data import windows

@@ -13,9 +13,14 @@ Size: a tensor of n entries with k kept is stored as an n-bit mask, k sign bits 
 format); `golomb_bits` is what Golomb-Rice coding of the kept positions would take instead (the paper's accounting).
 The ratio is the original tensors' bits (at their stored dtype) over the compressed bits.
 
-Applied to a LoRA adapter, lora_A and lora_B are compressed each with its own scale; the update's error is then
-bounded by ||ΔW - ΔŴ||_F <= s·(||B||_2 ||A - Â||_F + ||B - B̂||_F ||Â||_2) (`update_errors`). `decompress_adapter`
-writes a plain PEFT adapter again.
+Applied to a LoRA adapter, τ is the task vector, fine-tuned minus initial: A - A_init for lora_A (A_init
+regenerated from the adapter's lora_init.json, moekit.compose.adapters.init_lora_a) and B itself for lora_B (PEFT
+starts B at 0); each is compressed with its own scale and A_init is added back on decompression, Â = A_init + τ̂_A.
+An adapter without an init record (not written by `moekit lora train`) is refused with one line unless
+`from_zero=True` (`--from-zero`), which compresses lora_A itself as if A_init were 0: its random initialisation then
+dominates τ and the compression costs far more. The update's error is bounded by
+||ΔW - ΔŴ||_F <= s·(||B||_2 ||A - Â||_F + ||B - B̂||_F ||Â||_2) with ||A - Â||_F = ||τ_A - τ̂_A||_F (`update_errors`).
+`decompress_adapter` writes a plain PEFT adapter again (with the init record, so it compresses again).
 """
 
 from __future__ import annotations
@@ -24,14 +29,25 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.compose.adapter_io import CONFIG_NAME, AdapterError, LoraAdapter, check_output, read_adapter, write_adapter
+from moekit.compose.adapters import (
+    _KEY,
+    CONFIG_NAME,
+    INIT_NAME,
+    PREFIX,
+    AdapterError,
+    LoraAdapter,
+    check_output,
+    lora_a_init,
+    read_adapter,
+    write_adapter,
+)
 from moekit.errors import UnknownNameError
 from moekit.files import MAX_JSON_BYTES, read_bounded, swap_in, temp_dir
 
@@ -123,9 +139,12 @@ def golomb_bits(mask: Tensor) -> int:
 
 @dataclass
 class CompressedAdapter:
+    """The compressed task vectors of an adapter; `init`: its LoRA init record (None: lora_A compressed itself)."""
+
     config: dict
     tensors: dict[str, Ternary]
     dtypes: dict[str, torch.dtype]
+    init: dict | None = None
 
     def report(self) -> dict:
         original = sum(c.original_bits() for c in self.tensors.values())
@@ -136,34 +155,54 @@ class CompressedAdapter:
         return {"entries": total, "kept": kept, "density": kept / total, "original_bits": original,
                 "compressed_bits": bits, "compression_ratio": original / bits, "golomb_bits": golomb,
                 "compression_ratio_golomb": original / golomb,
+                "update": "A - A_init" if self.init is not None else "A (from zero)",
                 "max_error_bound_inf": max(c.bound_inf for c in self.tensors.values()),
                 "relative_error_fro": math.sqrt(sum(c.error_fro ** 2 for c in self.tensors.values())
                                                 / max(sum(c.norm ** 2 for c in self.tensors.values()), 1e-30))}
 
 
-def compress_adapter(adapter: LoraAdapter, density: float, scale: str = "lsq", alpha: float = 1.0
-                     ) -> CompressedAdapter:
-    """Every tensor of `adapter` compressed to `density` (each with its own scale)."""
+def _a_init(key: str, shape: tuple[int, ...], init: dict | None) -> Tensor | None:
+    """A_init of a lora_A key under the init record; None for lora_B keys or without a record."""
+    m = _KEY.match(key)
+    if init is None or m is None or m["part"] != "A":
+        return None
+    return lora_a_init(int(init["seed"]), m["module"].removeprefix(PREFIX), shape)
+
+
+def compress_adapter(adapter: LoraAdapter, density: float, scale: str = "lsq", alpha: float = 1.0,
+                     from_zero: bool = False) -> CompressedAdapter:
+    """Every task vector of `adapter` (A - A_init, B) compressed to `density`, each with its own scale."""
     check_density(density)
     check_scale(scale, alpha)
-    return CompressedAdapter(adapter.config,
-                             {k: compress_tensor(t, density, scale, alpha) for k, t in adapter.tensors.items()},
-                             {k: t.dtype for k, t in adapter.tensors.items()})
+    if adapter.init is None and not from_zero:
+        raise AdapterError(f"{adapter.path}: no {INIT_NAME} (the seed lora_A was initialised from); expected an "
+                           "adapter written by moekit lora train, whose update A - A_init ComPEFT compresses "
+                           "(--from-zero compresses lora_A itself)")
+    init = None if from_zero else adapter.init
+    tensors = {}
+    for k, t in adapter.tensors.items():
+        a0 = _a_init(k, tuple(t.shape), init)
+        c = compress_tensor(t if a0 is None else t.float() - a0, density, scale, alpha)
+        bits = torch.finfo(t.dtype).bits if t.is_floating_point() else 32
+        tensors[k] = replace(c, dtype_bits=bits)  # the size is counted at the adapter's stored dtype
+    return CompressedAdapter(adapter.config, tensors, {k: t.dtype for k, t in adapter.tensors.items()}, init)
 
 
 def tune_alpha(adapter: LoraAdapter, density: float, evaluate: Callable[[dict[str, Tensor]], float],
-               grid: tuple[float, ...] = ALPHA_GRID) -> tuple[CompressedAdapter, dict]:
+               grid: tuple[float, ...] = ALPHA_GRID, from_zero: bool = False, keep_closed_form: bool = True
+               ) -> tuple[CompressedAdapter, dict]:
     """ComPEFT's α chosen on validation data: `evaluate(tensors)` is the validation loss (lower is better) of the
     adapter with the given (decompressed) tensors. The closed form ("lsq") is scored too and kept unless some α·std
-    is strictly better. Returns the chosen compression and {"scale", "alpha", "losses": {"lsq": x, "std:α": y}}."""
+    is strictly better (keep_closed_form=False: the best α·std whatever lsq scores, the paper's rule). Returns the
+    chosen compression and {"scale", "alpha", "losses": {"lsq": x, "std:α": y}}."""
     check_density(density)
     if not grid:
         raise AdapterError("--alpha-grid: empty; expected at least one multiple of the std")
-    best = compress_adapter(adapter, density)
+    best = compress_adapter(adapter, density, from_zero=from_zero)
     losses = {"lsq": float(evaluate(decompressed_tensors(best)))}
-    chosen, best_loss = (("lsq", None), losses["lsq"])
+    chosen, best_loss = (("lsq", None), losses["lsq"] if keep_closed_form else math.inf)
     for alpha in grid:
-        c = compress_adapter(adapter, density, "std", alpha)
+        c = compress_adapter(adapter, density, "std", alpha, from_zero)
         loss = losses[f"std:{alpha:g}"] = float(evaluate(decompressed_tensors(c)))
         if loss < best_loss:
             best, best_loss, chosen = c, loss, ("std", alpha)
@@ -191,23 +230,27 @@ def validation_loss(model, config: dict, windows: Tensor, batch_size: int = 8) -
 
 
 def decompressed_tensors(c: CompressedAdapter) -> dict[str, Tensor]:
-    return {k: decompress_tensor(t, c.dtypes[k]) for k, t in c.tensors.items()}
+    """The adapter's tensors again: τ̂ (+ A_init for lora_A when the init is recorded), in their stored dtypes."""
+    out = {}
+    for k, t in c.tensors.items():
+        a0 = _a_init(k, t.shape, c.init)
+        out[k] = (decompress_tensor(t) if a0 is None else decompress_tensor(t) + a0).to(c.dtypes[k])
+    return out
 
 
 def update_errors(adapter: LoraAdapter, c: CompressedAdapter) -> dict[str, tuple[float, float]]:
     """{module: (||ΔW - ΔŴ||_F, its bound)} where ΔW = s·B A: since BA - B̂Â = B(A - Â) + (B - B̂)Â,
     ||ΔW - ΔŴ||_F <= s·(||B||_2 ||A - Â||_F + ||B - B̂||_F ||Â||_2), the tensors' errors from the identity above."""
-    from moekit.compose.adapter_io import _KEY
-
     keys = {}
     for key in c.tensors:
         m = _KEY.match(key)
         if m:
             keys.setdefault(m["module"], {})[m["part"]] = key
     out = {}
+    restored = decompressed_tensors(c)
     for module, (a, b, scale) in adapter.modules().items():
         ka, kb = keys[module]["A"], keys[module]["B"]
-        a_hat, b_hat = decompress_tensor(c.tensors[ka]), decompress_tensor(c.tensors[kb])
+        a_hat, b_hat = restored[ka].float(), restored[kb].float()
         error = scale * float(torch.linalg.matrix_norm(b.float() @ a.float() - b_hat @ a_hat))
         bound = scale * (float(torch.linalg.matrix_norm(b.float(), ord=2)) * c.tensors[ka].error_fro
                          + c.tensors[kb].error_fro * float(torch.linalg.matrix_norm(a_hat, ord=2)))
@@ -229,7 +272,7 @@ def save_compressed(c: CompressedAdapter, out: str | os.PathLike, inputs: list =
     from safetensors.torch import save_file
 
     final = check_output(out, inputs, flag="--out", error=AdapterError)
-    tensors, meta = {}, {"density_report": c.report(), "tensors": {}}
+    tensors, meta = {}, {"density_report": c.report(), "init": c.init, "tensors": {}}
     for key, t in c.tensors.items():
         tensors[f"{key}.mask"] = _pack(t.mask)
         tensors[f"{key}.signs"] = _pack(t.signs)
@@ -266,16 +309,16 @@ def load_compressed(path: str | os.PathLike) -> CompressedAdapter:
         tensors[key] = Ternary(shape, mask, signs, float(raw[f"{key}.scale"][0]),
                                torch.finfo(dtype).bits, float("nan"), float("nan"), float("nan"))
         dtypes[key] = dtype
-    return CompressedAdapter(config, tensors, dtypes)
+    return CompressedAdapter(config, tensors, dtypes, meta.get("init"))
 
 
 def compress_adapter_dir(adapter: str | os.PathLike, out: str | os.PathLike, density: float, scale: str = "lsq",
-                         alpha: float = 1.0) -> dict:
+                         alpha: float = 1.0, from_zero: bool = False) -> dict:
     """`moekit lora compress`: the size report of the written directory."""
     check_density(density)
     check_scale(scale, alpha)
     check_output(out, [adapter], flag="--out", error=AdapterError)
-    c = compress_adapter(read_adapter(adapter), density, scale, alpha)
+    c = compress_adapter(read_adapter(adapter), density, scale, alpha, from_zero)
     save_compressed(c, out, [adapter])
     return {"adapter": str(adapter), "out": str(out), "scale": scale, **({"alpha": alpha} if scale == "std" else {}),
             **c.report()}
@@ -285,15 +328,17 @@ def decompress_adapter(compressed: str | os.PathLike, out: str | os.PathLike) ->
     """A plain PEFT adapter from a compressed directory (loads with PeftModel.from_pretrained)."""
     check_output(out, [compressed], flag="--out", error=AdapterError)
     c = load_compressed(compressed)
-    return write_adapter(out, c.config, decompressed_tensors(c), [compressed])
+    extra = {INIT_NAME: json.dumps(c.init) + "\n"} if c.init is not None else None
+    return write_adapter(out, c.config, decompressed_tensors(c), [compressed], extra)
 
 
 def tune_adapter_dir(adapter: str | os.PathLike, out: str | os.PathLike, density: float, model_path, data: list,
-                     grid: tuple[float, ...] = ALPHA_GRID, seq_len: int = 64, max_tokens: int = 8192) -> dict:
+                     grid: tuple[float, ...] = ALPHA_GRID, seq_len: int = 64, max_tokens: int = 8192,
+                     from_zero: bool = False) -> dict:
     """`moekit lora compress --scale auto`: α chosen on the validation documents `data` (full windows of seq_len
     tokens, at most max_tokens) with the closed form kept unless an α is strictly better; the size report plus the
     choice and each candidate's validation loss."""
-    from moekit.compose.adapter_io import check_against_model, load_base
+    from moekit.compose.adapters import check_against_model, load_base
     from moekit.data import read_documents, windows
 
     check_density(density)
@@ -307,6 +352,6 @@ def tune_adapter_dir(adapter: str | os.PathLike, out: str | os.PathLike, density
     if not full:
         raise AdapterError(f"--data: no window of {seq_len} tokens; expected validation text of at least {seq_len} "
                            f"tokens (or a smaller --seq-len)")
-    c, info = tune_alpha(lora, density, validation_loss(model, lora.config, torch.stack(full)), grid)
+    c, info = tune_alpha(lora, density, validation_loss(model, lora.config, torch.stack(full)), grid, from_zero)
     save_compressed(c, out, [adapter, *data])
     return {"adapter": str(adapter), "out": str(out), **info, "validation_windows": len(full), **c.report()}

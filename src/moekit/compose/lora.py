@@ -3,7 +3,9 @@
 By default LoRA goes on the attention projections (every nn.Linear inside a `self_attn` module); with
 `expert_params=True` it also goes on the fused 3D expert parameters of transformers v5 MoE blocks (gate_up_proj
 [E, 2I, H], down_proj [E, H, I]) through PEFT's `target_parameters`. The output loads with
-`peft.PeftModel.from_pretrained(base, out_dir)`; `lora_summary.json` beside it records how it was trained.
+`peft.PeftModel.from_pretrained(base, out_dir)`; `lora_summary.json` beside it records how it was trained and
+`lora_init.json` the seed A was initialised from (moekit.compose.adapters.init_lora_a: A_init regenerates exactly,
+for ComPEFT's update A - A_init).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from moekit.compose.adapters import INIT_NAME, check_out_dir, init_lora_a
 from moekit.compose.loop import evaluate_ppl, fit
 from moekit.errors import ConfigError
 from moekit.files import atomic_write, swap_in, temp_dir
@@ -45,31 +48,10 @@ def expert_parameter_targets(model: nn.Module) -> list[str]:
     return sorted(found)
 
 
-def load_base(path: str | os.PathLike) -> tuple[Path, nn.Module, object | None]:
-    """(directory, causal LM in float32 eval mode, tokenizer or None) of a local checkpoint, dense or MoE
-    (safetensors only; moekit.hf.checkpoint.load takes MoE families only, and LoRAs go on dense twins too)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from moekit.hf.headers import CheckpointError
-
-    directory = Path(path)
-    if not (directory / "config.json").is_file() or not any(directory.glob("*.safetensors")):
-        raise CheckpointError(f"{path}: expected a checkpoint directory with config.json and .safetensors weights")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True).eval()
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise CheckpointError(f"{path}: could not load the model ({str(err).splitlines()[0][:200]})") from None
-    tokenizer = None
-    if (directory / "tokenizer.json").is_file():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-        except Exception as err:  # noqa: BLE001 (json, tokenizers and transformers errors share no base class)
-            raise CheckpointError(f"{path}: the tokenizer files cannot be read ({str(err)[:200]})") from None
-    return directory, model, tokenizer
-
-
 def _load_base(base: str | os.PathLike | nn.Module):
     """(model, tokenizer or None, path or None)."""
+    from moekit.compose.adapters import load_base
+
     if isinstance(base, nn.Module):
         return base, None, None
     path, model, tokenizer = load_base(base)
@@ -100,8 +82,6 @@ def train_domain_lora(base: str | os.PathLike | nn.Module, domain: str, out_dir:
         if domain not in DOMAINS:
             raise UnknownNameError(f"domain {domain!r} does not exist; expected one of {', '.join(DOMAINS)}")
     model, loaded_tok, path = _load_base(base)
-    from moekit.compose.adapters import check_out_dir
-
     final = check_out_dir(out_dir, [path] if path is not None else [], force)
     tokenizer = tokenizer or loaded_tok
     if windows is None:
@@ -126,6 +106,7 @@ def train_domain_lora(base: str | os.PathLike | nn.Module, domain: str, out_dir:
                         lora_dropout=0.0, bias="none")
     before = evaluate_ppl(model, valid) if valid is not None else None
     peft_model = get_peft_model(model, config)
+    init = init_lora_a(peft_model, seed)  # A_init regenerable from (seed, module name): lora_init.json
     if path is not None:
         peft_model.peft_config["default"].base_model_name_or_path = str(path)
     started = time.perf_counter()
@@ -143,6 +124,7 @@ def train_domain_lora(base: str | os.PathLike | nn.Module, domain: str, out_dir:
     with temp_dir(final, "lora") as tmp:
         peft_model.save_pretrained(str(tmp))
         atomic_write(tmp / "lora_summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write(tmp / INIT_NAME, json.dumps(init) + "\n")
         swap_in(tmp, final)
     peft_model.unload()  # the model passed in gets its plain linear layers back
     return summary

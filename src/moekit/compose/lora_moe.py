@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from moekit.compose.adapters import LoraWeights, check_out_dir, check_pool, read_adapter
+from moekit.compose.adapters import LoraWeights, check_out_dir, check_pool, read_weights
 from moekit.compose.rules import RuleConfig, route
 from moekit.errors import ConfigError
 from moekit.files import atomic_write, swap_in, temp_dir
@@ -187,7 +187,7 @@ class LoraMoE:
         rule = RuleConfig(name=router, **rule_options)
         if kind != "mora":  # MoRA's rank-1 experts activate themselves: no router
             rule.check(len(adapters))
-        weights = [read_adapter(path) for path in adapters]
+        weights = [read_weights(path) for path in adapters]
         from moekit.compose.expert_lora import expert_pools
 
         names = check_pool(model, weights)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from moekit.compose.adapter_io import (
+from moekit.compose.adapters import (
     AdapterError,
     LoraAdapter,
     check_against_model,

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from moekit.compose.adapters import check_out_dir
+from moekit.compose.adapters import check_out_dir, load_base
 from moekit.compose.loop import evaluate_ppl, fit
-from moekit.compose.lora import load_base
 from moekit.compose.lora_moe import LoraMoE, is_routed
 from moekit.errors import ConfigError
 

@@ -22,7 +22,7 @@ def glider_local_rows(router, model, tokenizer, adapters: dict[str, str], texts:
     """For each text: the global router's choice, and the local routing weights averaged over tokens and layers
     (`local`, one value per expert, summing to 1) with their argmax `local_expert`. adapters maps each of the global
     router's experts to a PEFT adapter directory trained on `model`."""
-    from moekit.compose.adapters import read_adapter
+    from moekit.compose.adapters import read_weights
     from moekit.compose.glider import Glider
 
     missing = [e for e in router.experts if e not in adapters]
@@ -33,7 +33,7 @@ def glider_local_rows(router, model, tokenizer, adapters: dict[str, str], texts:
     if k < 1 or not temperature > 0:
         raise ConfigError(f"--k {k}, --temperature {temperature}: expected k >= 1 and temperature > 0")
     scores = router.scores(texts, global_model, global_tokenizer)
-    glider = Glider(model, [read_adapter(adapters[e]) for e in router.experts], alpha=alpha, k=k,
+    glider = Glider(model, [read_weights(adapters[e]) for e in router.experts], alpha=alpha, k=k,
                     temperature=temperature)
     rows = []
     try:

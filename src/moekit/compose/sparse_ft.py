@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from moekit.compose.adapter_io import AdapterError
+from moekit.compose.adapters import AdapterError
 from moekit.compose.loop import lm_loss
 from moekit.files import check_output
 
