@@ -167,7 +167,9 @@ class Decoder:
                               f"shorter prompt or fewer new tokens)")
 
     @torch.inference_mode()
-    def _run(self, ids: Tensor, position_ids: Tensor, mask: Tensor | None) -> Tensor:
+    def run(self, ids: Tensor, position_ids: Tensor, mask: Tensor | None) -> Tensor:
+        """One forward of ids [B, T] at position_ids [B, T] with mask [B, filled + T] (None: no padding) over the
+        cache; the last position's logits [B, V] float32. Positions, mask and length are the caller's to update."""
         forward = self._step_forward if ids.shape[1] == 1 else self.model.forward
         out = forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
                       **self._kw)
@@ -200,7 +202,7 @@ class Decoder:
             self.positions = mask.sum(-1)
             self.mask = torch.zeros((ids.shape[0], self.capacity), dtype=torch.long, device=self.device)
             self.mask[:, :ids.shape[1]] = mask
-        logits = self._run(ids, position_ids, mask)
+        logits = self.run(ids, position_ids, mask)
         self.length = ids.shape[1]
         return logits
 
@@ -219,25 +221,31 @@ class Decoder:
         if self._lean is not None and mask is None and self.batch == 1:  # one unpadded row: position == length
             logits = self._lean(ids.view(1, 1), self.length, self.cache).float()
         else:
-            logits = self._run(ids, self.positions.unsqueeze(1), mask)
+            logits = self.run(ids, self.positions.unsqueeze(1), mask)
         self.positions += 1
         self.length += 1
         return logits
 
-    def _static_layers(self) -> list:
+    def static_layers(self) -> list:
+        """The cache's layers, each one of moekit's static layers (rows can be appended, shifted, selected)."""
         layers = self.cache.layers
         if not all(hasattr(layer, "append_rows") for layer in layers):
             raise ConfigError("add/remove: a cache layer of this model is not one of moekit's static layers; "
                               "expected full or sliding-window attention")
         return layers
 
-    def _shift(self, n: int) -> None:
-        """Every row `n` positions right (padding on the left) or, n < 0, left (dropping shared left padding)."""
-        for layer in self._static_layers():
-            layer.shift(n)
+    def full_mask(self) -> Tensor:
+        """The mask [B, capacity] (1 where a real token sits), made explicit where there was no padding (None)."""
         if self.mask is None:
             self.mask = torch.zeros((self.batch, self.capacity), dtype=torch.long, device=self.device)
             self.mask[:, :self.length] = 1
+        return self.mask
+
+    def _shift(self, n: int) -> None:
+        """Every row `n` positions right (padding on the left) or, n < 0, left (dropping shared left padding)."""
+        for layer in self.static_layers():
+            layer.shift(n)
+        self.full_mask()
         new = torch.zeros_like(self.mask)
         if n >= 0:
             new[:, n:n + self.length] = self.mask[:, :self.length]
@@ -268,7 +276,7 @@ class Decoder:
         end = max(self.length, other.length)
         self._shift(end - self.length)
         other._shift(end - other.length)
-        for mine, theirs in zip(self._static_layers(), other._static_layers(), strict=True):
+        for mine, theirs in zip(self.static_layers(), other.static_layers(), strict=True):
             mine.append_rows(theirs)
         self.mask = torch.cat([self.mask, other.mask])
         self.positions = torch.cat([self.positions, other.positions])
@@ -283,11 +291,9 @@ class Decoder:
         if len(keep) == 0:
             self.reset()
             return
-        for layer in self._static_layers():
+        for layer in self.static_layers():
             layer.batch_select_indices(keep)
-        if self.mask is None:
-            self.mask = torch.zeros((self.batch, self.capacity), dtype=torch.long, device=self.device)
-            self.mask[:, :self.length] = 1
+        self.full_mask()
         self.mask, self.positions = self.mask[keep], self.positions[keep]
         used = self.mask[:, :self.length].any(0).nonzero()
         if len(used) and int(used[0]) > 0:

@@ -32,7 +32,7 @@ from torch import nn
 from moekit.errors import MoekitError
 from moekit.inspect.layers import find_layers, routing_hooks
 from moekit.runtime.decode import Decoder, Sampling, sample
-from moekit.runtime.decode_cache import StaticLayer
+from moekit.runtime.decode_rows import compact, rows_supported, step_rows
 from moekit.runtime.schedule import pick_batch, pick_first_come
 
 
@@ -245,16 +245,17 @@ class Engine:
         """One forward: every running row, or, with more rows resident than `max_batch`, the rows `pick` chooses
         from their predicted experts (bounded wait); the rows left out get a masked hole at this position."""
         if self.decoder.length + 1 > self.decoder.max_len and self.decoder.mask is not None:
-            self._compact()  # holes left by rows that sat out steps
+            compact(self.decoder)  # holes left by rows that sat out steps
+            self.stats["compactions"] = self.stats.get("compactions", 0) + 1
         rows = list(range(len(self.running)))
-        if len(rows) > self.max_batch and self._subset_ok():
+        if len(rows) > self.max_batch and rows_supported(self.decoder):
             rows = sorted(self.pick([self.predicted(s) for s in self.running], self.max_batch,
                                     [s.waited for s in self.running], self.max_wait))
         tokens = torch.tensor([self.running[r].tokens[-1] for r in rows])
         if len(rows) == len(self.running):
             logits = self._forward(lambda: self.decoder.step(tokens))
         else:
-            logits = self._forward(lambda: self._step_rows(rows, tokens))
+            logits = self._forward(lambda: step_rows(self.decoder, rows, tokens))
         activated = set()
         for i, r in enumerate(rows):
             self.running[r].experts = self._row_experts(i)
@@ -277,58 +278,6 @@ class Engine:
         """The experts `seq`'s next step is expected to use: those its next input token was routed to when last
         seen (Read-ME's pre-gating idea: routing follows the token), else its own last step's."""
         return self._by_token.get(seq.tokens[-1], seq.experts) if seq.tokens else seq.experts
-
-    def _subset_ok(self) -> bool:
-        return all(type(layer) is StaticLayer for layer in self.decoder._static_layers())
-
-    def _step_rows(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        """Decoder.step for some rows only: their cache rows gathered, one forward, the new position written back;
-        every other row gets mask 0 there (a hole, like padding) and keeps its position."""
-        dec = self.decoder
-        idx = torch.tensor(rows)
-        layers = dec._static_layers()
-        full = [(layer._k, layer._v) for layer in layers]
-        if dec.mask is None:
-            dec.mask = torch.zeros((dec.batch, dec.max_len), dtype=torch.long, device=dec.device)
-            dec.mask[:, :dec.length] = 1
-        at = dec.length
-        dec.mask[:, at] = 0
-        dec.mask[idx, at] = 1
-        for layer in layers:
-            layer._k, layer._v = layer._k[idx], layer._v[idx]
-        try:
-            logits = dec._run(tokens.reshape(-1, 1).to(dec.device), dec.positions[idx].unsqueeze(1),
-                              dec.mask[idx, :at + 1])
-        finally:
-            for layer, (k, v) in zip(layers, full, strict=True):
-                if layer.length > at:
-                    k[idx, :, at] = layer._k[:, :, at]
-                    v[idx, :, at] = layer._v[:, :, at]
-                layer._k, layer._v = k, v
-                layer.keys, layer.values = k[:, :, :layer.length], v[:, :, :layer.length]
-        dec.positions[idx] += 1
-        dec.length += 1
-        return logits
-
-    def _compact(self) -> None:
-        """Close the holes: every row's filled positions moved, in order, to the end of the filled prefix."""
-        dec = self.decoder
-        mask = dec.mask[:, :dec.length]
-        n = mask.sum(1)
-        width = int(n.max())
-        new_mask = torch.zeros_like(dec.mask)
-        for layer in dec._static_layers():
-            k, v = torch.zeros_like(layer._k), torch.zeros_like(layer._v)
-            for r in range(dec.batch):
-                cols = mask[r].nonzero().squeeze(1)
-                k[r, :, width - len(cols):width] = layer._k[r, :, cols]
-                v[r, :, width - len(cols):width] = layer._v[r, :, cols]
-            layer._k, layer._v, layer.length = k, v, width
-            layer.keys, layer.values = k[:, :, :width], v[:, :, :width]
-        for r in range(dec.batch):
-            new_mask[r, width - int(n[r]):width] = 1
-        dec.mask, dec.length = new_mask, width
-        self.stats["compactions"] = self.stats.get("compactions", 0) + 1
 
     def _accept(self, seq: _Seq, token: int) -> None:
         """Append a sampled token: emit the text that became final, decide whether the request ended."""
