@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from compose.test_compose_compeft import saved_lora
@@ -124,3 +125,47 @@ def test_fit_p_adapter_from_the_cli_then_apply(tmp_path, capsys, dense_dir):
     code, _, err = run(["route", "fit", "--router", "p-adapter", "--data", str(train), "--model", str(dense_dir),
                         "--seq-len", "100000", "--out", str(tmp_path / "b.safetensors")], capsys)
     assert code == 2 and "no window of 100000 tokens" in err and not (tmp_path / "b.safetensors").exists()
+
+
+def test_glider_gates_saved_by_fit_and_used_by_apply(tmp_path, capsys, dense_dir, tokenizer):
+    """route fit --gate-steps trains Glider's gates and writes them beside the router; route apply loads them (its
+    local weights are those of a Glider with the same gates loaded here); the file round-trips exactly."""
+    from safetensors.torch import load_file
+
+    from moekit.errors import ConfigError
+
+    train = write_jsonl(tmp_path / "train.jsonl", *planted(12, seed=0))
+    adapters = {c: saved_lora(tmp_path / c, seed=i) for i, c in enumerate(WORDS)}
+    experts = [x for c, a in adapters.items() for x in ("--expert", f"{c}={a}")]
+    code, _, err = run(["route", "fit", "--router", "glider-global", "--data", str(train), "--features", "tfidf",
+                        "--model", str(dense_dir), *experts, "--gate-steps", "2", "--seq-len", "8",
+                        "--out", str(tmp_path / "g.json")], capsys)
+    assert code == 0, err
+    router = load_router(tmp_path / "g.json")
+    gates_file = tmp_path / "g.gates.safetensors"
+    assert router.gates == gates_file.name and set(router.adapters) == set(WORDS)
+    saved = load_file(gates_file)
+    _, model, _ = load_base(dense_dir)
+    glider = Glider(model, [read_weights(router.adapters[e]) for e in router.experts], alpha=0.0, k=1)
+    arrow = glider.gates()
+    glider.load_gates(gates_file, router.experts)
+    assert glider.gates().keys() == saved.keys() and all(torch.equal(glider.gates()[k], v) for k, v in saved.items())
+    assert all(not torch.allclose(arrow[k], v) for k, v in saved.items())  # trained, not Arrow's prototypes
+    assert all(layer.local == "gates" for layer in glider.layers.values())
+    with pytest.raises(ConfigError, match="expected \\['b', 'a'"):
+        glider.load_gates(gates_file, ["b", "a"])
+    texts, labels = planted(3, seed=1)
+    test = write_jsonl(tmp_path / "test.jsonl", texts, labels)
+    code, out, err = run(["route", "apply", str(tmp_path / "g.json"), "--data", str(test), "--model", str(dense_dir),
+                          "--alpha", "0"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["kind"] == "glider-local" and result["local_router"] == "gates"
+    for row, text in zip(result["routes"], texts, strict=True):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([encode(tokenizer, text)[:256]]))
+        w = torch.stack([layer.last_weights.mean(0) for layer in glider.layers.values()]).mean(0)
+        assert np.allclose([row["local"][e] for e in router.experts], w.numpy(), atol=1e-5)
+    code, _, err = run(["route", "apply", str(tmp_path / "g.json"), "--data", str(test), "--model", str(dense_dir),
+                        "--adapter", f"py={adapters['py']}"], capsys)
+    assert code == 2 and "expected no --adapter" in err and len(err.strip().splitlines()) == 1

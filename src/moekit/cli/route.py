@@ -4,8 +4,10 @@ category classifier on TF-IDF or hidden states, or Glider's global router) fitte
 `text` and `domain`), then applied per document; JSON output with the routing accuracy where documents are labelled.
 `moekit route apply ROUTER.json --adapter EXPERT=ADAPTER ... [--alpha A] [--k K] [--temperature T]` with Glider's
 global router also runs Glider's per-token local routing (Arrow's prototypes) over the adapters and reports each
-document's local weights (averaged over tokens and layers); `moekit route apply P_ADAPTER.safetensors --data FILE...
-[--model PATH]` reports a P-Adapter's input-dependent weights over its prompt experts.
+document's local weights (averaged over tokens and layers); a router fitted with `--gate-steps N --expert C=A ...`
+carries Glider's trained gates (ROUTER.gates.safetensors) and its adapters, and `route apply` routes with them.
+`moekit route apply P_ADAPTER.safetensors --data FILE... [--model PATH]` reports a P-Adapter's input-dependent
+weights over its prompt experts.
 `moekit route kshot ADAPTER... --data FILE... [--model PATH] [--m M] [--diversity L]`: K-shot selection of experts
 from a pool by their K-shot performance and diversity.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from moekit.errors import ConfigError
 
@@ -40,7 +43,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     fit.add_argument("--prompt-tokens", type=int, default=8, help="p-adapter: prompt length (default 8)")
     fit.add_argument("--steps", type=int, default=100,
                      help="p-adapter: training steps of each prompt expert and of the P-Adapter (default 100)")
-    fit.add_argument("--seq-len", type=int, default=64, help="p-adapter: training window length (default 64)")
+    fit.add_argument("--seq-len", type=int, default=64,
+                     help="p-adapter, --gate-steps: training window length (default 64)")
+    fit.add_argument("--gate-steps", type=int, default=0,
+                     help="glider-global: also train Glider's local gates, N steps per expert on its category's "
+                     "documents (needs --model and --expert CATEGORY=ADAPTER for every category); written to "
+                     "OUT's name + .gates.safetensors and used by route apply (default 0: none)")
     ks = sub.add_parser("kshot", help="select experts from an adapter pool by K-shot performance and diversity")
     ks.add_argument("adapters", metavar="ADAPTER", nargs="*", help="PEFT LoRA adapter directories (the pool)")
     ks.add_argument("--data", action="append", metavar="FILE", required=True, help="the K-shot examples")
@@ -122,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             by = {c: [t for t, y in zip(texts, labels, strict=True) if y == c] for c in sorted(set(labels))}
             router = GliderGlobal.fit(by, model, tokenizer, args.features)
+        if args.gate_steps:
+            _fit_glider_gates(args, router, docs, experts)
         save_router(router, args.out, args.data)
         print(json.dumps({"router": args.router, "out": args.out, "documents": len(docs),
                           "categories": sorted(set(labels))}, indent=1))
@@ -133,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if is_p_adapter_file(args.router):
         return _apply_p_adapter(args)
     router = load_router(args.router)
-    if args.adapter:
+    if args.adapter or getattr(router, "gates", None):
         return _apply_glider_local(args, router)
     docs = read_documents(args.data)
     model = tokenizer = None
@@ -221,8 +231,13 @@ def _apply_glider_local(args: argparse.Namespace, router) -> int:
     if not isinstance(router, GliderGlobal):
         raise ConfigError(f"--adapter: {args.router} is a {router.to_json()['router']} router; expected a "
                           f"glider-global router for Glider's local routing")
-    adapters = {}
-    for entry in args.adapter:
+    adapters, gates = {}, None
+    if router.gates is not None:
+        if args.adapter:
+            raise ConfigError(f"--adapter: {args.router} carries Glider's gates, trained on its own adapters; "
+                              "expected no --adapter")
+        adapters, gates = dict(router.adapters or {}), Path(args.router).parent / router.gates
+    for entry in args.adapter or ():
         expert, sep, adapter = entry.partition("=")
         if not sep or not expert or not adapter:
             raise ConfigError(f"--adapter {entry}: expected EXPERT=ADAPTER_DIR")
@@ -235,9 +250,54 @@ def _apply_glider_local(args: argparse.Namespace, router) -> int:
     texts = [d.text for d in docs]
     # the global router embeds with the unadapted base (as at fit time); Glider then changes the model in place
     rows = glider_local_rows(router, model, tokenizer, adapters, texts, args.alpha, args.k, args.temperature,
-                             args.max_tokens, model if router.features == "hidden" else None, tokenizer)
+                             args.max_tokens, model if router.features == "hidden" else None, tokenizer, gates)
     return _print_routes(args, "glider-local", docs, rows, {"alpha": args.alpha, "k": args.k,
-                                                             "temperature": args.temperature})
+                                                             "temperature": args.temperature,
+                                                             "local_router": "arrow" if gates is None else "gates"})
+
+
+def _category_windows(tokenizer, docs: list, seq_len: int) -> dict:
+    """{category: full windows [N, seq_len] of its documents}; a category with none is refused."""
+    import torch
+
+    from moekit.compose.model_routing import RouterError
+    from moekit.data import windows
+
+    by = {}
+    for category in sorted({d.domain for d in docs}):
+        full = [w.ids for w in windows(tokenizer, [d for d in docs if d.domain == category], seq_len)
+                if w.ids.numel() == seq_len]
+        if not full:
+            raise RouterError(f"category {category!r}: no window of {seq_len} tokens; expected more text or a "
+                              f"smaller --seq-len")
+        by[category] = torch.stack(full)
+    return by
+
+
+def _fit_glider_gates(args: argparse.Namespace, router, docs: list, experts: dict[str, str] | None) -> None:
+    """Glider's local gates: one gate vector per module and expert, trained on the expert's category with the model
+    and the adapters frozen; saved beside the router file, which records them and the adapters."""
+    from moekit.compose.adapters import load_base, read_weights
+    from moekit.compose.glider import Glider, save_gates
+    from moekit.files import check_output
+
+    if args.router != "glider-global":
+        raise ConfigError(f"--gate-steps: --router {args.router}; expected --router glider-global")
+    if args.gate_steps < 0 or args.seq_len < 2:
+        raise ConfigError(f"--gate-steps {args.gate_steps}, --seq-len {args.seq_len}: expected steps >= 0 and a "
+                          "window of at least 2 tokens")
+    if not experts or sorted(experts) != sorted(router.experts):
+        raise ConfigError(f"--gate-steps: --expert for {sorted(experts or {})}; expected CATEGORY=ADAPTER for every "
+                          f"category ({', '.join(router.experts)})")
+    gates_path = Path(args.out).with_name(Path(args.out).stem + ".gates.safetensors")
+    check_output(gates_path, args.data, flag="--out (gates)", directory=False)
+    path, model, tokenizer = load_base(args.model)
+    _needs_tokenizer(path, tokenizer)
+    by = _category_windows(tokenizer, docs, args.seq_len)
+    glider = Glider(model, [read_weights(experts[e]) for e in router.experts])
+    glider.train_gates({i: by[e] for i, e in enumerate(router.experts)}, args.gate_steps)
+    save_gates(glider, gates_path, router.experts)
+    router.gates, router.adapters = gates_path.name, {e: str(Path(experts[e]).resolve()) for e in router.experts}
 
 
 def _fit_p_adapter(args: argparse.Namespace, docs: list) -> int:
@@ -246,23 +306,15 @@ def _fit_p_adapter(args: argparse.Namespace, docs: list) -> int:
     import torch
 
     from moekit.compose.adapters import load_base
-    from moekit.compose.model_routing import RouterError, train_prompt
+    from moekit.compose.model_routing import train_prompt
     from moekit.compose.p_adapters import PAdapter, save_p_adapter, train_p_adapter
-    from moekit.data import windows
 
     if args.prompt_tokens < 1 or args.steps < 1 or args.seq_len < 2:
         raise ConfigError(f"--prompt-tokens {args.prompt_tokens}, --steps {args.steps}, --seq-len {args.seq_len}: "
                           f"expected positive values (seq-len at least 2)")
     path, model, tokenizer = load_base(args.model)
     _needs_tokenizer(path, tokenizer)
-    by = {}
-    for category in sorted({d.domain for d in docs}):
-        full = [w.ids for w in windows(tokenizer, [d for d in docs if d.domain == category], args.seq_len)
-                if w.ids.numel() == args.seq_len]
-        if not full:
-            raise RouterError(f"category {category!r}: no window of {args.seq_len} tokens; expected more text or a "
-                              f"smaller --seq-len")
-        by[category] = torch.stack(full)
+    by = _category_windows(tokenizer, docs, args.seq_len)
     prompts = {c: train_prompt(model, w, args.prompt_tokens, args.steps, desc=f"prompt {c}") for c, w in by.items()}
     adapter = PAdapter(prompts, representation=args.representation)
     summary = train_p_adapter(model, adapter, torch.cat(list(by.values())), args.steps)

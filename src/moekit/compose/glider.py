@@ -8,10 +8,15 @@ The local router comes in two forms:
   at inference local_e(x) = cos(x, v_e);
 - "arrow" (no training): v_e is the top right singular vector of the expert's B_e A_e and local_e(x) = |cos(x, v_e)|.
 `Glider(...)` attaches in place (explicit; `detach()` restores the model); `set_global(scores)` before each input.
-The global router is moekit.compose.model_routing.GliderGlobal.
+The global router is moekit.compose.model_routing.GliderGlobal. Trained gates are saved with `save_gates` (one
+[E, in] tensor per module in a safetensors file, the experts' names in its metadata) and put back with
+`Glider.load_gates`; `moekit route fit --router glider-global --gate-steps N` writes them beside the router file.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import torch
@@ -117,6 +122,34 @@ class Glider:
                 p.requires_grad_(grads.get(n, False))
         return losses
 
+    def gates(self) -> dict[str, Tensor]:
+        """{module: gate vectors [E, in]} (what train_gates learned; Arrow's prototypes before training)."""
+        return {name: layer.protos.detach().clone() for name, layer in self.layers.items()}
+
+    def load_gates(self, path: str | os.PathLike, experts: list[str] | None = None) -> None:
+        """Put gates saved by save_gates back; the local router becomes "gates". `experts`, if given, must be the
+        names the gates were saved with, in order (one-line ConfigError for another pool or base model)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                saved = json.loads((f.metadata() or {}).get("experts", "null"))
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except (SafetensorError, OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read Glider gates ({err}); expected the file written by "
+                              "moekit route fit --gate-steps") from None
+        if experts is not None and saved != list(experts):
+            raise ConfigError(f"{path}: gates for experts {saved}; expected {list(experts)} (the router's experts)")
+        for name, layer in self.layers.items():
+            gate = state.get(name)
+            if gate is None or gate.shape != layer.protos.shape:
+                raise ConfigError(f"{path}: module {name!r}: gates "
+                                  f"{None if gate is None else list(gate.shape)}, expected "
+                                  f"{list(layer.protos.shape)}; expected gates trained on these adapters and model")
+        for name, layer in self.layers.items():
+            layer.protos.data.copy_(state[name])
+            layer.local = "gates"
+
     def detach(self) -> nn.Module:
         for name, base in self.originals.items():
             _set(self.model, name, base)
@@ -127,3 +160,15 @@ class Glider:
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def save_gates(glider: Glider, out: str | os.PathLike, experts: list[str]) -> None:
+    """Write the gates of `glider` to the safetensors file `out` (atomically), the experts' names in its metadata."""
+    from safetensors.torch import save
+
+    from moekit.files import atomic_write
+
+    if len(experts) != glider.n_experts:
+        raise ConfigError(f"{len(experts)} expert names for {glider.n_experts} experts; expected one name each")
+    atomic_write(out, save({k: v.contiguous() for k, v in glider.gates().items()},
+                           metadata={"format": "glider-gates", "experts": json.dumps(list(experts))}))

@@ -171,6 +171,9 @@ class GliderGlobal:
     task_embeddings: np.ndarray  # [E, H], unit rows
     features: str = "hidden"
     tfidf: TfidfFeatures | None = None
+    # Glider's trained local gates (a safetensors file beside the router file) and the adapters they were trained on
+    gates: str | None = None
+    adapters: dict[str, str] | None = None
 
     @classmethod
     def fit(cls, texts_by_expert: dict[str, list[str]], model=None, tokenizer=None, features: str = "hidden"
@@ -195,12 +198,15 @@ class GliderGlobal:
                "task_embeddings": self.task_embeddings.tolist()}
         if self.tfidf is not None:
             out["tfidf"] = {"vocabulary": self.tfidf.vocabulary, "idf": self.tfidf.idf}
+        if self.gates is not None:
+            out.update(gates=self.gates, adapters=self.adapters)
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> GliderGlobal:
         tfidf = TfidfFeatures(d["tfidf"]["vocabulary"], d["tfidf"]["idf"]) if d.get("tfidf") else None
-        return cls(d["experts"], np.asarray(d["task_embeddings"]), d.get("features", "hidden"), tfidf)
+        return cls(d["experts"], np.asarray(d["task_embeddings"]), d.get("features", "hidden"), tfidf,
+                   d.get("gates"), d.get("adapters"))
 
 
 def _embed(texts: list[str], model, tokenizer, tfidf: TfidfFeatures | None) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Per-document routing reports for `moekit route apply` beyond the per-document routers: Glider's per-token local
-routing (Arrow's prototypes, no training) over LoRA experts with the global router's scores as the prior, and the
-P-Adapter's input-dependent weights over prompt experts. Each returns one JSON-ready row per document.
+routing (Arrow's prototypes, or Glider's trained gates) over LoRA experts with the global router's scores as the
+prior, and the P-Adapter's input-dependent weights over prompt experts. Each returns one JSON-ready row per document.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ def _ids(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
 
 def glider_local_rows(router, model, tokenizer, adapters: dict[str, str], texts: list[str], alpha: float = 1.0,
                       k: int = 1, temperature: float = 0.1, max_tokens: int = 256, global_model=None,
-                      global_tokenizer=None) -> list[dict]:
+                      global_tokenizer=None, gates=None) -> list[dict]:
     """For each text: the global router's choice, and the local routing weights averaged over tokens and layers
     (`local`, one value per expert, summing to 1) with their argmax `local_expert`. adapters maps each of the global
-    router's experts to a PEFT adapter directory trained on `model`."""
+    router's experts to a PEFT adapter directory trained on `model`; gates: a file of Glider's trained gates for
+    these adapters (save_gates), else the local router is Arrow's."""
     from moekit.compose.adapters import read_weights
     from moekit.compose.glider import Glider
 
@@ -35,6 +36,8 @@ def glider_local_rows(router, model, tokenizer, adapters: dict[str, str], texts:
     scores = router.scores(texts, global_model, global_tokenizer)
     glider = Glider(model, [read_weights(adapters[e]) for e in router.experts], alpha=alpha, k=k,
                     temperature=temperature)
+    if gates is not None:  # Glider's trained gates (moekit route fit --gate-steps) instead of Arrow's prototypes
+        glider.load_gates(gates, router.experts)
     rows = []
     try:
         for text, s in zip(texts, scores, strict=True):
