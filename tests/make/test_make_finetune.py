@@ -4,8 +4,10 @@ batch, DeepSeek-V3's balancing bias moves by the sign rule, the CLI writes a che
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -22,10 +24,10 @@ from moekit.make.finetune import Finetune, finetune_model
 def test_loss_falls_on_a_fixed_batch_and_the_bias_moves():
     moe, _ = mk.moefy(dense_model("deepseek_v3", vocab=300), experts=8, k=2)
     tokens = torch.randint(0, 300, (33,), generator=torch.Generator().manual_seed(0))  # one window: a fixed batch
-    records = finetune_model(moe, tokens, Finetune(steps=12, lr=3e-3, warmup=1, batch_size=2, seq_len=32,
-                                                   bias_update_rate=1e-2), progress=False)
+    records = finetune_model(moe, tokens, Finetune(steps=12, lr=3e-3, warmup=1, decay="none", batch_size=2,
+                                                   seq_len=32, bias_update_rate=1e-2), progress=False)
     assert [r["step"] for r in records] == list(range(1, 13))
-    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert records[-1]["loss"] < 0.9 * records[0]["loss"]  # the MoEfied router itself moves little (param_groups)
     assert not moe.training
     bias = mh.view(moe)[0].router.e_score_correction_bias
     # each step moves every bias by exactly +-rate (or 0 where the load is the mean): a multiple of 1e-2
@@ -118,3 +120,69 @@ def test_tokenizer_of_the_dense_twin_and_a_checkpoint_without_one(tmp_path, monk
     assert main(["make", "finetune", str(bare), "--steps", "1", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no tokenizer files" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_schedule_by_hand():
+    """Defaults for converged checkpoints: peak 1e-4, warmup 10% of the plan, cosine (or linear) to 10%."""
+    from moekit.make.finetune import plan_steps, scheduled_lr
+
+    s = Finetune(steps=100)
+    assert s.lr == 1e-4 and s.min_lr_ratio == 0.1
+    assert scheduled_lr(s, 0, 100) == pytest.approx(1e-5)  # warmup of 10 steps
+    assert scheduled_lr(s, 9, 100) == pytest.approx(1e-4)
+    assert scheduled_lr(s, 54, 100) == pytest.approx(1e-4 * (0.1 + 0.9 * 0.5))  # p = 45 / 90
+    # 50 planned: warmup 5, p = (19 + 1 - 5) / 45 = 1/3, cos(pi / 3) = 1/2
+    assert scheduled_lr(s, 19, 50) == pytest.approx(1e-4 * (0.1 + 0.9 * 0.75))
+    assert scheduled_lr(Finetune(steps=50, decay="linear"), 19, 50) == pytest.approx(1e-4 * (0.1 + 0.9 * 2 / 3))
+    assert scheduled_lr(s, 99, 100) == pytest.approx(1e-5)  # 10% at the last planned step
+    assert scheduled_lr(Finetune(steps=100, decay="none"), 99, 100) == pytest.approx(1e-4)
+    assert scheduled_lr(s, 4, None) == pytest.approx(1e-4 * 5 / 50)  # not planned yet: provisional warmup of 50
+    no_warmup = 1e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 8)))  # no warmup: step 0 already at p = 1/8
+    assert scheduled_lr(Finetune(steps=8, warmup=0), 0, 8) == pytest.approx(no_warmup)
+    # --minutes: 5 timed steps (the first, slower, left out), 51 s left at 1 s a step
+    assert plan_steps(Finetune(minutes=1.0), [5.0, 1.0, 1.0, 1.0, 1.0], 9.0) == 56
+    assert plan_steps(Finetune(minutes=1.0, steps=30), [5.0, 1.0, 1.0, 1.0, 1.0], 9.0) == 30
+    with pytest.raises(ConfigError, match="--decay='step'"):
+        Finetune(steps=1, decay="step").check()
+
+
+def test_runs_follow_the_schedule():
+    from moekit.make.finetune import PROBE_STEPS, scheduled_lr
+
+    model = dense_model("qwen3", vocab=300)
+    tokens = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(1))
+    settings = Finetune(steps=20, batch_size=2, seq_len=16)
+    records = finetune_model(model, tokens, settings, progress=False)
+    assert [r["lr"] for r in records] == pytest.approx([scheduled_lr(settings, i, 20) for i in range(20)])
+    assert records[-1]["lr"] == pytest.approx(1e-5) and all(r["planned_steps"] == 20 for r in records)
+    timed = Finetune(minutes=0.02, batch_size=2, seq_len=16)
+    records = finetune_model(model, tokens, timed, progress=False)
+    planned = records[-1]["planned_steps"]
+    assert all(r["planned_steps"] is None for r in records[:PROBE_STEPS])
+    assert planned >= PROBE_STEPS and len(records) <= planned
+    assert [r["lr"] for r in records[PROBE_STEPS:]] == pytest.approx(
+        [scheduled_lr(timed, i, planned) for i in range(PROBE_STEPS, len(records))])
+
+
+def test_router_lr_follows_the_routers_scale(monkeypatch):
+    """A MoEfied router (logits bounded by 1e-3) moves by a small share of itself; at the full lr (ROUTER_RMS
+    patched down) Adam's steps of ~lr per element would swamp it. An upcycled router (std 0.02) has the full lr."""
+    import moekit.make.finetune as ft
+
+    dense = dense_model("qwen3", vocab=300)
+    moefied, _ = mk.moefy(dense, experts=8, k=2)
+    groups = ft.param_groups(moefied, True)
+    assert len(groups) == 3 and all(g["lr_scale"] < 0.01 for g in groups[1:])
+    upcycled, _ = mk.upcycle(dense, experts=4, k=2)
+    assert all(g["lr_scale"] == 1.0 for g in ft.param_groups(upcycled, True))
+    tokens = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(1))
+    settings = Finetune(steps=3, warmup=1, decay="none", batch_size=2, seq_len=16)
+
+    def relative_change(rms: float) -> float:
+        monkeypatch.setattr(ft, "ROUTER_RMS", rms)
+        model = copy.deepcopy(moefied)
+        before = mh.view(model)[0].router.weight.detach().clone()
+        finetune_model(model, tokens, settings, progress=False)
+        return float((mh.view(model)[0].router.weight.detach() - before).norm() / before.norm())
+
+    assert relative_change(0.01) < 0.1 and relative_change(1e-12) > 1.0

@@ -58,8 +58,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ft.add_argument("--steps", type=int, help="finetune (and each btx branch, default 50): optimiser steps (with "
                     "--minutes, whichever ends first); distill: steps per MoE layer (default 200)")
     ft.add_argument("--minutes", type=float, help="finetune / each btx branch: wall-clock budget in minutes")
-    ft.add_argument("--lr", type=float, help="finetune / btx: learning rate after warmup (default 3e-4); distill: "
-                    "Adam's learning rate (default 1e-3)")
+    ft.add_argument("--lr", type=float, help="finetune / btx: peak learning rate after warmup (default 1e-4, safe for "
+                    "converged checkpoints); distill: Adam's learning rate (default 1e-3; --teachers 3e-4)")
+    ft.add_argument("--warmup", type=int, help="finetune / btx: linear warmup steps (default 10%% of the planned "
+                    "steps; with --minutes the plan comes from the first 5 steps' speed)")
+    ft.add_argument("--decay", choices=("cosine", "linear", "none"), default="cosine",
+                    help="finetune / btx: after the warmup, down to 10%% of --lr at the last planned step (default "
+                         "cosine; none: constant)")
     ft.add_argument("--batch-size", type=int, default=8, help="finetune: sequences per step (default 8)")
     ft.add_argument("--seq-len", type=int, default=256, help="finetune: tokens per sequence (default 256)")
     ft.add_argument("--bias-update-rate", type=float,
@@ -73,8 +78,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def _finetune(args: argparse.Namespace, model: str) -> dict:
     from moekit.make.finetune import Finetune, finetune_checkpoint
 
-    settings = Finetune(steps=args.steps, minutes=args.minutes, lr=3e-4 if args.lr is None else args.lr,
-                        batch_size=args.batch_size, seq_len=args.seq_len, bias_update_rate=args.bias_update_rate,
+    settings = Finetune(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, warmup=args.warmup,
+                        decay=args.decay, seq_len=args.seq_len, bias_update_rate=args.bias_update_rate,
+                        **({} if args.lr is None else {"lr": args.lr}),
                         seed=args.seed)
     return finetune_checkpoint(model, args.out, settings, args.data, args.force)
 
@@ -173,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
         from moekit.make.finetune import Finetune
 
         branch = Finetune(steps=args.steps if args.steps is not None or args.minutes else 50, minutes=args.minutes,
-                          lr=3e-4 if args.lr is None else args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                          seed=args.seed)
+                          batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, warmup=args.warmup,
+                          decay=args.decay, **({} if args.lr is None else {"lr": args.lr}))
         branch.check()
     summary = make_checkpoint(args.model[0], args.out, args.experts, args.k, args.method, router, layers,
                               args.data, args.max_tokens, args.seed, args.force, shared=args.shared, branch=branch,
