@@ -18,10 +18,19 @@ def test_bench_compose_quick(capsys, dense_dir):
     expected = {"base", *(f"lora:{d}" for d in domains), *(f"lora-moe:{r}" for r in ("topk", "dynmole", "mixer",
                                                                                       "soft")),
                 *(f"route:{r}" for r in ("coe-tfidf", "coe-hidden", "glider-global", "glider-arrow", "glider", "kshot",
-                                         "p-adapters")),
+                                         "p-adapters", "p-adapter-input")),
                 *(f"merge:{m}" for m in ("sum", "linear", "ties", "dare_linear", "svd", "orthogonal",
-                                         "sft-composed")), "compeft:0.1", "compeft:0.05", "targets"}
+                                         "sft-composed")),
+                *(f"compeft:{s}{x}" for s in ("", "std:") for x in (0.1, 0.05)), "targets"}
     assert set(by) == expected
+    from moekit.compose.compeft import ALPHA_GRID
+
+    for density in (0.1, 0.05):  # both scale rules, on the update A - A_init of LoRAs trained here
+        std, lsq = by[f"compeft:std:{density}"], by[f"compeft:{density}"]
+        assert std["scale"] == "std" and lsq["scale"] == "lsq" and std["update"] == lsq["update"] == "A - A_init"
+        assert sorted(std["alpha"]) == domains and all(a in ALPHA_GRID for a in std["alpha"].values())
+        assert std["compression_ratio"] == lsq["compression_ratio"]  # same mask and signs, another scale
+    assert all(0 <= w <= 1 for w in by["route:p-adapter-input"]["own_weight"].values())
     for r in records[:-1]:
         assert sorted(r["ppl"]) == domains and all(math.isfinite(v) and v > 1 for v in r["ppl"].values()), r
         assert r["active_params"] >= by["base"]["active_params"] and "cpu" in json.dumps(r).lower()

@@ -3,10 +3,12 @@
 Per domain, held-out perplexity (the test split, scored one document at a time) of: the base model; each single
 domain LoRA; each LoRA-MoE rule over the four LoRAs (moekit.compose.lora_moe, routers trained briefly on the
 domains' training text); each model-level router (CoE on TF-IDF and on hidden states, Glider, K-shot selection,
-P-Adapters' prompt experts, all choosing per document); each merge (exact sum, PEFT linear / ties / dare_linear /
-svd, Orthogonal Adaptation's sum of orthogonally trained LoRAs, composed sparse fine-tunings); ComPEFT at 10% and 5%
-density. With routing accuracy by document, active parameters per token and tokens/s; the last record holds the
-issue's targets as booleans beside the measured values. Quality, not speed: tokens/s is indicative only.
+P-Adapters' prompt experts, all choosing per document, and the input-conditioned P-Adapter mixing the prompt experts
+per document); each merge (exact sum, PEFT linear / ties / dare_linear / svd, Orthogonal Adaptation's sum of
+orthogonally trained LoRAs, composed sparse fine-tunings); ComPEFT of each LoRA's update at 10% and 5% density with
+the least-squares scale and with the paper's alpha * std (alpha chosen on validation windows). With routing
+accuracy by document, active parameters per token and tokens/s; the last record holds the issue's targets as
+booleans beside the measured values. Quality, not speed: tokens/s is indicative only.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from moekit.bench.timing import environment
 from moekit.compose.adapters import AdapterError, load_base, read_adapter
 
 FULL = dict(steps=200, rank=8, seq_len=128, batch_size=8, eval_docs=24, eval_windows=4, train_docs=64, kshot=4,
-            router_steps=100, prompt_steps=100, prompt_tokens=8, sft_steps=50, sft_density=0.01)
+            router_steps=100, prompt_steps=100, prompt_tokens=8, sft_steps=50, sft_density=0.01, valid_windows=8)
 QUICK = dict(steps=2, rank=2, seq_len=32, batch_size=2, eval_docs=2, eval_windows=1, train_docs=4, kshot=1,
-             router_steps=2, prompt_steps=2, prompt_tokens=2, sft_steps=1, sft_density=0.01)
+             router_steps=2, prompt_steps=2, prompt_tokens=2, sft_steps=1, sft_density=0.01, valid_windows=1)
 MOE_RULES = ("topk", "dynmole", "mixer", "soft")
 MERGES = ("sum", "linear", "ties", "dare_linear", "svd")
 COLUMNS = ["setting", "ppl_mean", "routing_accuracy", "active_params", "tokens_per_s"]
@@ -58,6 +60,8 @@ def bench_compose(model_path: str | None = None, adapters_dir: str | None = None
                            cfg["seq_len"], cfg["eval_windows"])
     train = {d: token_windows(tokenizer, split["train"][d], cfg["seq_len"], cfg["steps"] * cfg["batch_size"])
              for d in domains}
+    valid = {d: token_windows(tokenizer, split["validation"][d] or split["train"][d][-4:], cfg["seq_len"],
+                              cfg["valid_windows"]) for d in domains}  # ComPEFT's alpha is chosen on these
     env = {"bench": "compose", "model": str(path), "quick": quick, "eval_tokens": evald.tokens(), **cfg,
            **environment()}
     base_active = active_base_params(model)
@@ -98,7 +102,7 @@ def bench_compose(model_path: str | None = None, adapters_dir: str | None = None
         from moekit.bench.compose_merges import merges
 
         merged = merges(model, pool, single, evald, train, domains, cfg, targets, seed, progress,
-                        base_active, tmp)
+                        base_active, tmp, valid)
         records += [{**rec, **env} for rec in merged]
     route_acc = {r["setting"]: r["routing_accuracy"] for r in records
                  if r["setting"].startswith("route:") and r["routing_accuracy"] is not None}

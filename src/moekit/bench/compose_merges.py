@@ -1,6 +1,11 @@
 """The merges of `moekit bench compose`: the exact sum and PEFT's add_weighted_adapter methods over the domain
 LoRAs, Orthogonal Adaptation (LoRAs trained with orthogonal fixed A, then summed), composed sparse fine-tunings,
-and ComPEFT-compressed LoRAs; each against each domain's own adapter alone (`max_excess_over_own`)."""
+and ComPEFT-compressed LoRAs; each against each domain's own adapter alone (`max_excess_over_own`).
+
+ComPEFT compresses each LoRA's update (A - A_init, B; moekit.compose.compeft) with both scale rules: the
+least-squares scale (`compeft:<density>`) and the paper's α·std with α chosen per domain from the grid on that
+domain's validation windows (`compeft:std:<density>`, the best α whatever the closed form scores). Adapters with no
+init record (passed with --adapters, trained before it) are compressed from zero, noted in the record."""
 
 from __future__ import annotations
 
@@ -24,10 +29,10 @@ def _own_domain(evald: EvalDocs, d: str) -> EvalDocs:
 
 
 def merges(model: nn.Module, pool: dict, single: dict, evald: EvalDocs, train: dict,
-           domains, cfg: dict, targets: list[str], seed: int, progress: bool, base_active: int, tmp: Path
-           ) -> list[dict]:
+           domains, cfg: dict, targets: list[str], seed: int, progress: bool, base_active: int, tmp: Path,
+           valid: dict | None = None) -> list[dict]:
     from moekit.bench.compose import _with_adapter
-    from moekit.compose.compeft import compress_adapter, decompressed_tensors
+    from moekit.compose.compeft import compress_adapter, decompressed_tensors, tune_alpha, validation_loss
     from moekit.compose.merge import peft_merged, sum_adapters, train_orthogonal_lora
     from moekit.compose.sparse_ft import apply_sparse, default_params, sparse_fine_tune
 
@@ -62,17 +67,30 @@ def merges(model: nn.Module, pool: dict, single: dict, evald: EvalDocs, train: d
                      note="own_ppl: each orthogonal LoRA alone on its domain"))
     # ComPEFT: each domain's LoRA compressed, scored on its own domain against the uncompressed LoRA
     for density in (0.1, 0.05):
-        per_domain, ratios, golomb = {}, [], []
-        for d in domains:
-            c = compress_adapter(pool[d], density)
-            report = c.report()
-            ratios.append(report["compression_ratio"])
-            golomb.append(report["compression_ratio_golomb"])
-            out = write_adapter(tmp / "compeft" / f"{d}-{density}", c.config, decompressed_tensors(c))
-            per_domain[d] = _with_adapter(model, out, lambda m, d=d: score_docs(
-                m, _own_domain(evald, d), f"compeft {d}", progress))[d]
-        recs.append(_rec(f"compeft:{density}", per_domain, own, base_active + adapter_params(pool[domains[0]].tensors),
-                         density=density, compression_ratio=min(ratios), compression_ratio_golomb=min(golomb)))
+        for scale in ("lsq", "std"):
+            if scale == "std" and valid is None:
+                continue
+            per_domain, ratios, golomb, alphas, updates = {}, [], [], {}, set()
+            for d in domains:
+                from_zero = pool[d].init is None
+                if scale == "lsq":
+                    c = compress_adapter(pool[d], density, from_zero=from_zero)
+                else:
+                    evaluate = validation_loss(model, pool[d].config, valid[d], cfg["batch_size"])
+                    c, info = tune_alpha(pool[d], density, evaluate, from_zero=from_zero, keep_closed_form=False)
+                    alphas[d] = info["alpha"]
+                report = c.report()
+                ratios.append(report["compression_ratio"])
+                golomb.append(report["compression_ratio_golomb"])
+                updates.add(report["update"])
+                out = write_adapter(tmp / "compeft" / f"{d}-{scale}-{density}", c.config, decompressed_tensors(c))
+                per_domain[d] = _with_adapter(model, out, lambda m, d=d, scale=scale: score_docs(
+                    m, _own_domain(evald, d), f"compeft {scale} {d}", progress))[d]
+            setting = f"compeft:{density}" if scale == "lsq" else f"compeft:std:{density}"
+            more = {"alpha": alphas, "alpha_chosen_on": "validation windows"} if scale == "std" else {}
+            recs.append(_rec(setting, per_domain, own, base_active + adapter_params(pool[domains[0]].tensors),
+                             density=density, scale=scale, update=" / ".join(sorted(updates)),
+                             compression_ratio=min(ratios), compression_ratio_golomb=min(golomb), **more))
     # Composable sparse fine-tuning: one sparse difference per domain, composed by addition
     params = default_params(model, targets)
     diffs = {}

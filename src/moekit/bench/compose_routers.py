@@ -1,12 +1,18 @@
 """The model-level routers of `moekit bench compose`: each picks one expert per held-out document (CoE on TF-IDF
-and on hidden states, Glider's global router alone, K-shot selection per domain, P-Adapters' prompt experts), or
-routes per token inside the model with a per-document global prior (Glider)."""
+and on hidden states, Glider's global router alone, K-shot selection per domain, P-Adapters' prompt experts chosen
+by the CoE classifier), mixes prompt experts per document (the input-conditioned P-Adapter), or routes per token
+inside the model with a per-document global prior (Glider).
+
+Like every document-level router here, the input-conditioned P-Adapter routes on the document it then scores (the
+mean input embedding of all its evaluation windows gives one weight vector [E] for the whole document), as CoE's
+classifier reads the document's text: one pooled vector, not the tokens to predict one by one."""
 
 from __future__ import annotations
 
 import time
 
 import torch
+from torch import nn
 
 from moekit.bench.compose_eval import EvalDocs, accuracy, ppl_by_domain, routed, score_docs, tokens_per_s
 
@@ -15,6 +21,49 @@ def _rec(setting: str, scores, acc, active, extra_seconds: float = 0.0, **more) 
     ppl = ppl_by_domain(scores)
     return {"setting": setting, "ppl": ppl, "ppl_mean": sum(ppl.values()) / len(ppl), "routing_accuracy": acc,
             "active_params": int(active), "tokens_per_s": tokens_per_s(scores, extra_seconds), **more}
+
+
+class _DocumentPAdapter(nn.Module):
+    """PAdapterLM with one weight vector per document, set by `route_document` before it is scored."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm, self.weights = lm, None
+
+    @torch.no_grad()
+    def route_document(self, windows: torch.Tensor) -> torch.Tensor:
+        self.weights = self.lm.route(windows.reshape(1, -1))  # [1, E]
+        return self.weights[0]
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.lm(input_ids, weights=self.weights.expand(input_ids.shape[0], -1))
+
+
+def _input_conditioned_p_adapter(model, prompts, evald: EvalDocs, train, domains, cfg, seed, progress,
+                                 base_active) -> dict:
+    from moekit.compose.p_adapters import PAdapter, PAdapterLM, train_p_adapter
+
+    adapter = PAdapter({d: prompts[d] for d in domains}, representation="embedding", seed=seed)
+    started = time.perf_counter()
+    train_p_adapter(model, adapter, torch.cat([train[d] for d in domains]), cfg["prompt_steps"],
+                    batch_size=cfg["batch_size"], seed=seed, progress=progress)
+    fit_s = time.perf_counter() - started
+    lm = _DocumentPAdapter(PAdapterLM(model, adapter))
+    picks: dict[str, list[str]] = {d: [] for d in domains}
+    mass: dict[str, list[float]] = {d: [] for d in domains}
+
+    def before(d: str, i: int) -> None:
+        w = lm.route_document(evald.windows[d][i])
+        picks[d].append(domains[int(w.argmax())])
+        mass[d].append(float(w[domains.index(d)]))
+
+    scores = score_docs(lm, evald, "p-adapter (input-conditioned)", progress, before_doc=before)
+    extra = sum(p.numel() for p in adapter.parameters()) - adapter.prompts.numel()
+    return _rec("route:p-adapter-input", scores, accuracy(picks, {d: d for d in domains}),
+                base_active + prompts[domains[0]].numel() + extra, prompt_tokens=cfg["prompt_tokens"],
+                representation="embedding", own_weight={d: sum(v) / max(1, len(v)) for d, v in mass.items()},
+                router_fit_seconds=round(fit_s, 2),
+                note="one mixture of the prompt experts per document, from its mean input embedding")
 
 
 def model_level_routers(model, tokenizer, adapters, single, split, evald: EvalDocs, train, domains, cfg,
@@ -99,4 +148,6 @@ def model_level_routers(model, tokenizer, adapters, single, split, evald: EvalDo
     recs.append(_rec("route:p-adapters", routed(per_prompt, choice), accuracy(choice, ident),
                      base_active + prompts[domains[0]].numel(), prompt_tokens=cfg["prompt_tokens"],
                      chooser="coe-tfidf"))
+    recs.append(_input_conditioned_p_adapter(model, prompts, evald, train, list(domains), cfg, seed, progress,
+                                             base_active))
     return recs

@@ -315,8 +315,10 @@ def load_base(path: str | os.PathLike | None) -> tuple[Path, nn.Module, object |
     from moekit.default import default_model_path
 
     p = Path(path) if path is not None else default_model_path()
-    if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
-        raise AdapterError(f"--model {p}: expected a checkpoint directory with config.json and .safetensors weights")
+    if not (p / "config.json").is_file():
+        raise AdapterError(f"--model {p}: no config.json; expected a checkpoint directory")
+    if not any(p.glob("*.safetensors")):
+        raise AdapterError(f"--model {p}: no .safetensors weights; expected a checkpoint stored as safetensors")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, output_loading_info=True,
                                                            use_safetensors=True)
