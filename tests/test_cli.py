@@ -67,8 +67,9 @@ def test_tour_runs_and_writes_report(tmp_path):
     assert "greedy tokens identical: True" in proc.stdout
     page = (tmp_path / "tour" / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "tokens per expert" in page
-    assert page.count("<h2>") == 7 and "At a glance" in page  # the summary, then one section per step
-    assert page.count("<table") == 6 and "<td>prefill-8x2</td>" in page  # tables are HTML tables
+    assert page.count("<h2>") == 8 and "At a glance" in page  # the summary, then one section per step
+    assert page.count("<table") == 7 and "<td>prefill-8x2</td>" in page  # tables are HTML tables
+    assert "Making an MoE" in page and "<td>dense twin</td>" in page and "make (dense twin" in page
     assert page.count("class='sample'") == 4 and "sampled (temperature 0.8" in page
     assert "<script src" not in page and "http" not in page.split("<body")[1]  # self-contained
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
