@@ -13,6 +13,7 @@ from peft import PeftModel
 from conftest import QWEN_TARGETS, dense_lm, moe_lm, save_random_adapter
 from moekit.cli.main import main
 from moekit.compose import LoraMoE, read_adapter, train_domain_lora
+from moekit.compose.adapters import INIT_RULE
 from moekit.compose.domains import FORTUNES_DIR
 from moekit.files import FileError
 
@@ -46,6 +47,11 @@ def test_train_domain_lora_saves_a_peft_adapter(tmp_path):
     assert not torch.allclose(_logits(loaded), _logits(dense_lm()), atol=1e-4)
     assert read_adapter(tmp_path / "a").rank == 4
     assert json.loads((tmp_path / "a" / "lora_summary.json").read_text())["steps"] == 15
+    adapter = read_adapter(tmp_path / "a")  # the init record regenerates the A training started from
+    assert adapter.init == {"rule": INIT_RULE, "seed": 0}
+    for module, (a, _, _) in adapter.modules().items():
+        a0 = adapter.a_init(module, tuple(a.shape))
+        assert 0 < float((a - a0).norm()) < 0.5 * float(a0.norm())  # 15 small steps away, not an unrelated draw
 
 
 def test_train_domain_lora_on_fused_expert_parameters(tmp_path):
