@@ -14,7 +14,7 @@ import pytest
 import torch
 from place_ep_worker import build
 
-from moekit.serve.simulate import a2a_bytes
+from moekit.serve.simulate import _route, a2a_bytes
 
 WORKER = Path(__file__).with_name("place_ep_worker.py")
 
@@ -83,6 +83,36 @@ def test_placement_changes_only_the_bytes(tmp_path):
         torch.testing.assert_close(ra["hidden"], rb["hidden"], atol=1e-6, rtol=1e-6)
 
 
+def test_replicas_equal_single_process(tmp_path):
+    """EPLB copies on 2 ranks (experts 0, 2, 3 on both; rank 0 then has an idle padding slot): outputs and input
+    gradients equal the single-process layer, each expert's gradient is the sum over its copies, and the bytes
+    equal the simulator's for the same copies."""
+    copies = [[0, 1], [1], [0, 1], [1, 0], [0], [1], [0], [1]]
+    ranks = run_ranks(tmp_path, 2, copies)
+    moe, x_all, g_all = build(2)
+    x = x_all.clone().requires_grad_()
+    out = moe(x)
+    (out.hidden * g_all).sum().backward()
+    grads = {name: torch.zeros_like(getattr(moe.experts, name)) for name in ranks[0]["expert_grads"]}
+    assert ranks[0]["expert_ids"].tolist() == [0, 2, 3, 4, 6, 0] and ranks[1]["expert_ids"].tolist() == [0, 1, 2, 3,
+                                                                                                          5, 7]
+    for r, res in enumerate(ranks):
+        torch.testing.assert_close(res["hidden"], out.hidden[r].detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(res["x_grad"], x.grad[r], atol=1e-6, rtol=1e-6)
+        for name, grad in res["expert_grads"].items():
+            grads[name].index_add_(0, res["expert_ids"], grad)
+        for name, tensor in res["full_state"].items():
+            torch.testing.assert_close(tensor, getattr(moe.experts, name).detach(), rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, getattr(moe.experts, name).grad, atol=1e-6, rtol=1e-6)
+    idx = out.routing.indices.numpy()
+    home = np.repeat(np.arange(2), x_all.shape[1])
+    where = _route(idx, home, copies, 2)
+    assert (where != np.asarray([c[0] for c in copies])[idx]).any()  # some tokens use a second copy
+    sent, recv = a2a_bytes(idx, home, where, 2, 16 * 4)
+    assert [res["sent_bytes"] for res in ranks] == (sent + recv).tolist()
+
+
 def test_bad_placement_refused(monkeypatch):
     import torch.distributed as dist
 
@@ -98,3 +128,8 @@ def test_bad_placement_refused(monkeypatch):
     with pytest.raises(ConfigError, match="expected 4 device ids"):
         ExpertParallelMoE(MoE(8, 6, 4), placement=[0, 1])
     assert ExpertParallelMoE(MoE(8, 6, 4), placement=[1, 0, 0, 1]).expert_ids.tolist() == [0, 3]
+    with pytest.raises(ConfigError, match="non-empty list of distinct ranks"):
+        ExpertParallelMoE(MoE(8, 6, 4), placement=[[0], [1, 1], [0], [1]])
+    ep = ExpertParallelMoE(MoE(8, 6, 4), placement=[[1, 0], [0], [0], [1]])
+    # rank 0 holds experts 0, 1, 2; rank 1 holds 0 and 3, and a padding slot (a copy of its first expert)
+    assert ep.local_experts == 3 and ep.expert_ids.tolist() == [0, 3, 0]

@@ -12,6 +12,14 @@ wrap the model in DistributedDataParallel) as for any data-parallel parameter.
 A placement (`moekit place`: device_of_expert [E], each rank holding E / W experts) replaces the contiguous blocks:
 rank r owns the experts placed on it, in increasing id; router outputs are renamed to slots (rank-major) before the
 dispatch, so the function computed is unchanged and only where each expert runs moves.
+
+With EPLB replicas (`placement` given as copies: per expert the ranks holding a copy, the primary first, as
+placement.json's "copies"), rank r holds a copy of every expert listed on it (slots: the most copies any rank holds;
+a rank with fewer has idle padding slots). An assignment of a token to expert e runs on the copy on the token's own
+rank when there is one, else on copy (t mod n_e), t being the token's index in the step (rank r's token i is
+r * T + i, T the rank's token count), the simulator's rule (`moekit.serve.simulate`). Every copy holds the same
+weights, so the outputs equal the unplaced layer's; each copy's gradient holds its own tokens' share only (the
+expert's gradient is the sum over its copies), so training with replicas is left to the caller.
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_b
 
 class ExpertParallelMoE(nn.Module):
     """An `MoE` whose routed experts are sharded over the ranks of `group` (default: the world), contiguously or
-    as `placement` (device_of_expert [E]) says."""
+    as `placement` says: device_of_expert [E], or per expert the ranks holding a copy (EPLB replicas)."""
 
-    def __init__(self, moe: MoE, group: dist.ProcessGroup | None = None, placement: Sequence[int] | None = None):
+    def __init__(self, moe: MoE, group: dist.ProcessGroup | None = None,
+                 placement: Sequence[int] | Sequence[Sequence[int]] | None = None):
         super().__init__()
         if not dist.is_initialized():
             raise ConfigError("ExpertParallelMoE: torch.distributed is not initialised; expected init_process_group "
@@ -45,7 +54,8 @@ class ExpertParallelMoE(nn.Module):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if moe.num_experts % self.world:
+        replicated = placement is not None and any(isinstance(d, Sequence) for d in placement)
+        if moe.num_experts % self.world and not replicated:
             raise ConfigError(f"num_experts={moe.num_experts}: expected a multiple of the world size {self.world}")
         if type(moe.router).run is not Router.run or type(moe.router).make_experts is not Router.make_experts:
             raise ConfigError(f"ExpertParallelMoE: router {moe.router.name!r} builds its own expert structure; "
@@ -53,11 +63,17 @@ class ExpertParallelMoE(nn.Module):
         if moe.capacity_factor is not None:
             raise ConfigError("ExpertParallelMoE: capacity_factor must be None (expert parallelism is dropless)")
         self.num_experts = moe.num_experts
-        self.local_experts = moe.num_experts // self.world
+        if replicated:
+            order, self.copy_slots = _replica_slots(placement, moe.num_experts, self.world)
+            self.slot_of = self.copy_slots[:, 0]  # the primary copies
+        else:
+            order = _placement_order(placement, moe.num_experts, self.world)
+            self.copy_slots = None
+            self.slot_of = None if order is None else torch.argsort(order)
+        # slot s (rank s // local_experts) holds expert order[s]; router outputs are renamed to slots
+        self.num_slots = moe.num_experts if order is None else len(order)
+        self.local_experts = self.num_slots // self.world
         self.first_expert = self.rank * self.local_experts
-        # slot s (rank s // E_local) holds expert order[s]; slot_of[e] renames router outputs (None: identity)
-        order = _placement_order(placement, moe.num_experts, self.world)
-        self.slot_of = None if order is None else torch.argsort(order)
         self.expert_ids = (order if order is not None else torch.arange(moe.num_experts))[
             self.first_expert:self.first_expert + self.local_experts]
         self.hidden_size = moe.hidden_size
@@ -70,8 +86,8 @@ class ExpertParallelMoE(nn.Module):
     def forward(self, hidden: Tensor, k: int | None = None, *, token_ids: Tensor | None = None) -> MoEOutput:
         x = hidden.reshape(-1, self.hidden_size)
         routing = self.router(x, k, None if token_ids is None else token_ids.reshape(-1))
-        slots = routing.indices if self.slot_of is None else self.slot_of.to(routing.indices.device)[routing.indices]
-        plan = plan_assignments(slots, routing.weights, self.num_experts, None, routing.mask)
+        slots = self._slots(routing.indices)
+        plan = plan_assignments(slots, routing.weights, self.num_slots, None, routing.mask)
         counts = torch.tensor(plan.counts, dtype=torch.int64)
         # recv_counts[s, j]: rows rank s sends for this rank's local expert j
         recv_counts = torch.empty(self.world, self.local_experts, dtype=torch.int64)
@@ -98,6 +114,18 @@ class ExpertParallelMoE(nn.Module):
         # auxiliary losses on this rank's tokens, as data parallelism computes them
         return MoEOutput(out.view(hidden.shape), routing, local_counts, 0,
                          partial(aux_losses, routing, seq_len, self.loss_weights, self.router))
+
+    def _slots(self, idx: Tensor) -> Tensor:
+        """The slot each assignment idx [T, k] runs in (module doc)."""
+        if self.copy_slots is None:
+            return idx if self.slot_of is None else self.slot_of.to(idx.device)[idx]
+        table = self.copy_slots.to(idx.device)  # [E, max copies], -1 past an expert's copies
+        n = (table >= 0).sum(1)
+        mine = (table >= self.first_expert) & (table < self.first_expert + self.local_experts)
+        local = torch.where(mine.any(1), (table * mine).sum(1), -1)  # [E]: the slot of the copy on this rank
+        t = self.rank * idx.shape[0] + torch.arange(idx.shape[0], device=idx.device)
+        rotated = table[idx, t[:, None] % n[idx]]
+        return torch.where(local[idx] >= 0, local[idx], rotated)
 
     def full_experts_state(self) -> dict[str, Tensor]:
         """All ranks' experts gathered, by parameter name ([E, ...] each), on every rank: what a 1-rank `MoE`
@@ -134,6 +162,27 @@ def _placement_order(placement: Sequence[int] | None, num_experts: int, world: i
     if bool((per_rank != num_experts // world).any()):
         raise ConfigError(f"placement: ranks hold {per_rank.tolist()} experts; expected {num_experts // world} each")
     return torch.argsort(dev * num_experts + torch.arange(num_experts))
+
+
+def _replica_slots(copies: Sequence[Sequence[int]], num_experts: int, world: int) -> tuple[Tensor, Tensor]:
+    """(expert id of each slot [W * S], rank-major and by increasing id within a rank, padding slots repeating the
+    rank's first expert (or expert 0); the slot of each copy [E, max copies] in `copies` order, -1 past the end)."""
+    if len(copies) != num_experts or not all(
+            isinstance(c, Sequence) and c and len(set(c)) == len(c) and all(0 <= int(d) < world for d in c)
+            for c in copies):
+        raise ConfigError(f"placement: expected per expert ({num_experts}) a non-empty list of distinct ranks in "
+                          f"[0, {world}), got {[list(c) if isinstance(c, Sequence) else c for c in copies]}")
+    held = [sorted(e for e in range(num_experts) if r in [int(d) for d in copies[e]]) for r in range(world)]
+    per_rank = max(len(h) for h in held)
+    order, slot = [], {}
+    for r, h in enumerate(held):
+        for i, e in enumerate(h):
+            slot[(e, r)] = r * per_rank + i
+        order += h + [h[0] if h else 0] * (per_rank - len(h))
+    table = torch.full((num_experts, max(len(c) for c in copies)), -1, dtype=torch.int64)
+    for e, c in enumerate(copies):
+        table[e, :len(c)] = torch.tensor([slot[(e, int(d))] for d in c])
+    return torch.tensor(order, dtype=torch.int64), table
 
 
 def _slice_experts(experts: Experts, ids: Tensor) -> Experts:
