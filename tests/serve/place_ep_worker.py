@@ -1,6 +1,6 @@
 """One rank of the placed expert-parallel test (run by tests/serve/test_place_ep.py, env:// rendezvous): the layer
-of tests/train/ep_worker.py, placed as argv[2] says (JSON device_of_expert, per-expert copies, or "none"), with the bytes each rank
-sends through the layer's all-to-all exchanges measured."""
+of tests/train/ep_worker.py, placed as argv[2] says (JSON device_of_expert, per-expert copies, or "none"), with the
+bytes each rank sends through the layer's all-to-all exchanges measured."""
 
 import json
 import sys
