@@ -97,7 +97,10 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
     layers = list(range(config.num_hidden_layers))
     inputs = mk.capture_inputs(dense, [w for w, _ in windows], layers, max_cal)
     domains = mk.token_domains(windows, max_cal)
+    schedule = {"lr": train_settings.lr, "warmup": train_settings.warmup, "decay": train_settings.decay,
+                "min_lr_ratio": train_settings.min_lr_ratio}  # make finetune's schedule, recorded with each result
     base = {"bench": "make", "lm": str(source), "model_type": config.model_type, "eval_tokens": eval_tokens,
+            "train_schedule": schedule,
             **environment()}
     dense_ppl = ppl(dense)
     records = [{**base, "setting": "dense", "ppl": round(dense_ppl, 4)}]

@@ -12,7 +12,7 @@ import json
 HELP = ("turn a dense decoder (Qwen3, Qwen2, Llama, Mistral, dense DeepSeek-V3) into a native MoE (Qwen3-MoE, "
         "Qwen2-MoE, Mixtral, DeepSeek-V3), or a BERT encoder into a trust_remote_code one, by splitting its FFNs; "
         "`make finetune MODEL` continues training one; `make distill MODEL --teacher DENSE` fits its MoE blocks "
-        "to the dense FFNs")
+        "to the dense FFNs, `make distill MODEL --teachers DIR DIR ...` distils specialists into it")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
