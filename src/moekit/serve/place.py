@@ -12,7 +12,7 @@ different devices). Two solvers:
 - a search (`place_search`): a greedy start, then exact one-layer re-placements until none improves.
 The better placement is kept, and `SolveInfo` reports its gap to a lower bound: the program's proven bound when
 it ran, else (and at least) `place_counts.lower_bound` (per layer max(total / N, hottest expert) for the load
-term; per layer pair the dependency mass minus a b-matching bound on what can stay on its device).
+term; per layer pair the dependency mass minus a b-matching or spectral bound on what can stay on its device).
 
 EPLB-style replicas (`replicas` R > 0): each layer gets R extra copies, given one at a time to the expert with the
 largest load per copy; every copy goes to the least-loaded device that has a free slot and no copy of that expert.

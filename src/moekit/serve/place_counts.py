@@ -120,26 +120,37 @@ def cross_tokens(counts: RoutingCounts, device: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=float)
 
 
-def kept_bound(deps: np.ndarray, cap: int) -> float:
-    """An upper bound on the dependency mass deps [E, E] that stays on its device when every device holds at most
-    `cap` experts of each layer: a layer-l expert shares its device with at most cap layer-(l+1) experts and vice
-    versa, so the kept pairs form a b-matching (each row and column at most cap pairs). Its maximum is a
-    transportation LP (integral), solved by HiGHS; the row-wise bound sum_i (the cap largest deps[i, :]) caps it."""
+def kept_bound(deps: np.ndarray, devices: int) -> float:
+    """An upper bound on the dependency mass deps [E, E] that can stay on its device under equal counts (cap
+    experts of each layer per device at most), the smaller of two:
+    - b-matching: a layer-l expert shares its device with at most cap layer-(l+1) experts and vice versa, so the
+      kept pairs form a b-matching (each row and column at most cap pairs); its maximum is a transportation LP
+      (integral), solved by HiGHS, itself capped by sum_i (the cap largest deps[i, :]);
+    - spectral (when N divides E): with X, Y [E, N] the two layers' 0/1 assignments, kept = tr(X^T deps Y),
+      X^T X = Y^T Y = cap I and X 1 = Y 1 = 1; centring (P = I - 11^T / E) gives
+      kept = sum(deps) / N + tr(X'^T P deps P Y') with X'^T X' = cap (I - 11^T / N), so by von Neumann's trace
+      inequality kept <= sum(deps) / N + cap * (the N - 1 largest singular values of P deps P)."""
     E = deps.shape[0]
-    row_bound = float(np.sort(deps, axis=1)[:, -min(cap, E):].sum())
+    cap = int(capacities(E, devices).max())
+    bound = float(np.sort(deps, axis=1)[:, -min(cap, E):].sum())
     if cap >= E:
-        return row_bound
+        return bound
     ij = np.arange(E * E)
     A = sparse.csr_array((np.ones(2 * E * E), (np.concatenate([ij // E, E + ij % E]), np.concatenate([ij, ij]))),
                          shape=(2 * E, E * E))
     res = linprog(-deps.reshape(-1), A_ub=A, b_ub=np.full(2 * E, float(cap)), bounds=(0, 1), method="highs")
-    return min(row_bound, -res.fun * (1 + 1e-9)) if res.status == 0 else row_bound
+    if res.status == 0:
+        bound = min(bound, -res.fun)
+    if E % devices == 0:
+        P = np.eye(E) - 1.0 / E
+        sv = np.linalg.svd(P @ deps @ P, compute_uv=False)
+        bound = min(bound, deps.sum() / devices + cap * sv[:devices - 1].sum())
+    return bound * (1 + 1e-9)
 
 
 def lower_bound(counts: RoutingCounts, devices: int, alpha: float = 1.0, beta: float = 1.0) -> float:
     """A lower bound on the objective of any equal-count placement: per layer max(total / N, hottest expert) for
     the load term; per layer pair the dependency mass minus `kept_bound` for the cross term."""
-    cap = int(capacities(counts.num_experts, devices).max())
     load_lb = sum(max(row.sum() / devices, row.max()) for row in counts.load)
-    cross_lb = sum(d.sum() - kept_bound(d, cap) for d in counts.deps)
+    cross_lb = sum(d.sum() - kept_bound(d, devices) for d in counts.deps)
     return alpha * load_lb + beta * max(cross_lb, 0.0)
