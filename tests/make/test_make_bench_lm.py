@@ -28,7 +28,7 @@ def test_quick_lm_bench(tmp_path, capsys):
     words = TEXT.split()
     data.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i]) * 3, "domain": "ab"[i % 2]}) + "\n"
                             for i in range(12)))
-    assert main(["bench", "make", "--lm", str(src), "--quick", "--data", str(data), "--json"]) == 0
+    assert main(["bench", "make", "--lm", str(src), "--quick", "--steps", "4", "--data", str(data), "--json"]) == 0
     records = json.loads(capsys.readouterr().out)
     settings = [r["setting"] for r in records]
     assert settings == ["dense"] + (["moefied"] * 2 + ["moefied+distill", "moefied+finetune"]) * 2 + \
@@ -38,7 +38,7 @@ def test_quick_lm_bench(tmp_path, capsys):
         assert r["ppl_over_dense"] == pytest.approx(r["ppl"] / dense_ppl, rel=1e-3)
     assert records[1]["active"] == 0.5 and (records[1]["experts"], records[1]["shared"], records[1]["k"]) == (7, 1, 3)
     assert records[5]["active"] == 0.25 and records[5]["k"] == 1
-    assert [r["train_steps"] for r in records if "finetune" in r["setting"]] == [2, 2, 2, 2]
+    assert [r["train_steps"] for r in records if "finetune" in r["setting"]] == [4, 4, 4, 4]  # --steps
     assert records[-2]["domains"] == ["a", "b"] and records[-2]["train_steps"] == 4  # 2 branches x 2 steps
     upcycled = next(r for r in records if r["setting"] == "upcycled")
     assert upcycled["ppl_over_dense"] == pytest.approx(1.0, abs=1e-3)  # copies: the dense model at step 0
@@ -47,6 +47,8 @@ def test_quick_lm_bench(tmp_path, capsys):
 def test_lm_bench_refusals(tmp_path, capsys):
     assert main(["bench", "make", "--minutes", "3"]) == 2
     assert "--minutes: only with --lm" in capsys.readouterr().err
+    assert main(["bench", "make", "--lm", str(tmp_path), "--steps", "3", "--minutes", "1"]) == 2
+    assert "--steps=3: expected a positive integer, without --minutes" in capsys.readouterr().err
     moe_dir = tmp_path / "moe"
     mk.moefy(dense_model("deepseek_v3"), experts=8, k=2)[0].save_pretrained(moe_dir)
     capsys.readouterr()

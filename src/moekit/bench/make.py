@@ -202,6 +202,8 @@ def add_arguments(p) -> None:
     p.add_argument("--lm", metavar="MODEL", help="bench a dense causal LM instead (e.g. the default model's dense "
                    "twin): MoEfied at 50%%/25%% active, perplexity against dense, before and after continued training")
     p.add_argument("--minutes", type=float, help="--lm: continued training per model (default 20; --quick: 2 steps)")
+    p.add_argument("--steps", type=int, help="--lm: continued training per model in steps instead of --minutes (BTX: "
+                   "split over its branches); a budget that holds on a busy machine")
     p.add_argument("--data", action="append", metavar="FILE", help="--lm: text for calibration and training, every "
                    "fifth document held out for evaluation (default: moekit's corpus and held-out split)")
     p.add_argument("--scratch", metavar="MODEL", help="--lm: an MoE trained from scratch to compare on the same text")
@@ -212,8 +214,8 @@ def run(args) -> tuple[list[dict], list[str]]:
     if args.lm:
         from moekit.bench.make_lm import bench_make_lm
 
-        return bench_make_lm(args.lm, args.quick, args.minutes, args.data, args.scratch), LM_COLUMNS
-    for flag in ("minutes", "data", "scratch"):
+        return bench_make_lm(args.lm, args.quick, args.minutes, args.data, args.scratch, steps=args.steps), LM_COLUMNS
+    for flag in ("minutes", "steps", "data", "scratch"):
         if getattr(args, flag) is not None:
             raise MoekitError(f"--{flag}: only with --lm MODEL; expected --lm or no --{flag}")
     return bench_make(args.quick, args.repeats), ENCODER_COLUMNS

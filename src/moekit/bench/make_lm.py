@@ -59,7 +59,10 @@ def _data(data: list[str] | None, quick: bool):
 
 
 def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = None, data: list[str] | None = None,
-                  scratch: str | None = None, eval_tokens: int | None = None, progress: bool = True) -> list[dict]:
+                  scratch: str | None = None, eval_tokens: int | None = None, progress: bool = True,
+                  steps: int | None = None) -> list[dict]:
+    """`steps` (instead of `minutes`): each continued training runs this many steps (BTX: split over its
+    branches), a budget that does not depend on what else the machine runs."""
     from transformers import AutoTokenizer
 
     import moekit.make as mk
@@ -70,14 +73,21 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
     from moekit.make.finetune import Finetune, finetune_model, token_stream
     from moekit.make.run import dense_config, load_dense, tokenizer_dir
 
+    if steps is not None and (minutes is not None or isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps < 1):
+        raise ConfigError(f"--steps={steps!r}: expected a positive integer, without --minutes")
     source = Path(model_path)
     config = dense_config(source)
     target_of(config)  # a dense decoder of a convertible family, else the one-line refusal
     if minutes is not None and not minutes > 0:
         raise ConfigError(f"--minutes={minutes}: expected a positive number")
-    minutes = (None if quick else 20.0) if minutes is None else minutes
-    train_settings = Finetune(steps=2, batch_size=2, seq_len=32, warmup=1) if quick and minutes is None else \
-        Finetune(minutes=minutes, batch_size=8, seq_len=256)
+    minutes = (None if quick or steps else 20.0) if minutes is None else minutes
+    if steps is not None:
+        train_settings = Finetune(steps=steps, batch_size=2 if quick else 8, seq_len=32 if quick else 256)
+    elif quick and minutes is None:
+        train_settings = Finetune(steps=2, batch_size=2, seq_len=32, warmup=1)
+    else:
+        train_settings = Finetune(minutes=minutes, batch_size=8, seq_len=256)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(source))
     dense = load_dense(source)
     train_docs, eval_docs, cal_docs = _data(data, quick)
@@ -163,7 +173,12 @@ def _btx(dense, tok, train_docs, settings, minutes: float | None, quick: bool, p
     by_domain = [[d for d in train_docs if str(d.domain) == n] for n in names]
     tokens = [token_stream(tok, [d.text for d in ds]) for ds in by_domain]
     windows = [[w for w, _ in token_windows(tok, ds, dense, 512 if quick else 2048)] for ds in by_domain]
-    branch = settings if minutes is None else replace(settings, minutes=minutes / len(names))
+    if minutes is not None:
+        branch = replace(settings, minutes=minutes / len(names))
+    elif settings.steps is not None and settings.steps >= len(names):
+        branch = replace(settings, steps=settings.steps // len(names))
+    else:
+        branch = settings
     branches, steps = train_branches(dense, tokens, branch, progress=False)
     k = 2 if len(names) > 2 else 1
     moe, _ = mix(branches, k, "hidden", windows)
