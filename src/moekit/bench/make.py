@@ -202,6 +202,10 @@ def add_arguments(p) -> None:
     p.add_argument("--lm", metavar="MODEL", help="bench a dense causal LM instead (e.g. the default model's dense "
                    "twin): MoEfied at 50%%/25%% active, perplexity against dense, before and after continued training")
     p.add_argument("--minutes", type=float, help="--lm: continued training per model (default 20; --quick: 2 steps)")
+    p.add_argument("--active", type=float, action="append", help="--lm: fraction of FFN neurons active "
+                   "(repeatable; default 0.5 and 0.25)")
+    p.add_argument("--moefied-only", action="store_true", help="--lm: only the MoEfied rows (no upcycling, dense "
+                   "control, BTX or BAM)")
     p.add_argument("--steps", type=int, help="--lm: continued training per model in steps instead of --minutes (BTX: "
                    "split over its branches); a budget that holds on a busy machine")
     p.add_argument("--data", action="append", metavar="FILE", help="--lm: text for calibration and training, every "
@@ -214,8 +218,11 @@ def run(args) -> tuple[list[dict], list[str]]:
     if args.lm:
         from moekit.bench.make_lm import bench_make_lm
 
-        return bench_make_lm(args.lm, args.quick, args.minutes, args.data, args.scratch, steps=args.steps), LM_COLUMNS
-    for flag in ("minutes", "steps", "data", "scratch"):
+        return bench_make_lm(args.lm, args.quick, args.minutes, args.data, args.scratch, steps=args.steps,
+                             active=tuple(args.active or (0.5, 0.25)), moefied_only=args.moefied_only), LM_COLUMNS
+    for flag in ("minutes", "steps", "data", "scratch", "active"):
         if getattr(args, flag) is not None:
             raise MoekitError(f"--{flag}: only with --lm MODEL; expected --lm or no --{flag}")
+    if args.moefied_only:
+        raise MoekitError("--moefied-only: only with --lm MODEL; expected --lm or no --moefied-only")
     return bench_make(args.quick, args.repeats), ENCODER_COLUMNS

@@ -60,9 +60,11 @@ def _data(data: list[str] | None, quick: bool):
 
 def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = None, data: list[str] | None = None,
                   scratch: str | None = None, eval_tokens: int | None = None, progress: bool = True,
-                  steps: int | None = None) -> list[dict]:
+                  steps: int | None = None, active: tuple[float, ...] = (0.5, 0.25),
+                  moefied_only: bool = False) -> list[dict]:
     """`steps` (instead of `minutes`): each continued training runs this many steps (BTX: split over its
-    branches), a budget that does not depend on what else the machine runs."""
+    branches), a budget that does not depend on what else the machine runs. `active`: the fractions of FFN
+    neurons MoEfied; `moefied_only`: leave out upcycling, the dense control and BTX/BAM."""
     from transformers import AutoTokenizer
 
     import moekit.make as mk
@@ -76,6 +78,8 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
     if steps is not None and (minutes is not None or isinstance(steps, bool) or not isinstance(steps, int)
                               or steps < 1):
         raise ConfigError(f"--steps={steps!r}: expected a positive integer, without --minutes")
+    if not active or any(not 0 < a < 1 for a in active):
+        raise ConfigError(f"--active={list(active)}: expected fractions strictly between 0 and 1")
     source = Path(model_path)
     config = dense_config(source)
     target_of(config)  # a dense decoder of a convertible family, else the one-line refusal
@@ -120,7 +124,7 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
                         "ppl_over_dense": round(value / dense_ppl, 4)})
 
     kinds = QUICK_KINDS if quick else KINDS
-    for fraction in (0.5, 0.25):
+    for fraction in active:
         experts, shared, k = split_plan(config, fraction)
         best = None
         for partition, router in kinds:
@@ -138,6 +142,10 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
         value, steps = trained(best[1])
         add("moefied+finetune", value, active=fraction, experts=experts, shared=shared, k=k, partition=best[2],
             router=best[3], train_steps=steps, train_minutes=minutes)
+    if moefied_only:
+        if scratch:
+            records.append(_scratch(scratch, tok, base, ppl, dense_ppl))
+        return records
     copies = 4 if quick else 8
     up, _ = mk.upcycle(dense, copies, 2, "hidden", inputs=inputs)
     add("upcycled", ppl(up), experts=copies, k=2)
