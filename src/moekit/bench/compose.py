@@ -165,9 +165,7 @@ def _lora_moe(model, adapters, domains, train, evald, rule, cfg, seed, progress,
     try:
         windows = torch.cat([train[d] for d in domains])
         labels = torch.cat([torch.full((train[d].shape[0],), i) for i, d in enumerate(domains)])
-        params = moe.trainable_parameters()
-        for p in params:
-            p.requires_grad_(True)
+        params = moe.thaw()
         started = time.perf_counter()
         fit(model, windows, params, cfg["router_steps"], 1e-3, cfg["batch_size"], seed, aux=moe.aux_loss,
             aux_weight=0.01, labels=labels, on_batch=moe.set_labels, progress=progress, desc=f"lora-moe {rule}")

@@ -266,6 +266,14 @@ class LoraMoE:
                     params.append(p)
         return params
 
+    def thaw(self, experts: bool = False) -> list[nn.Parameter]:
+        """Make trainable_parameters(experts) require gradients (MoRA, having no router, always trains its experts)
+        and return them: what `moekit lora mix` and a `lora_moe` recipe of `moekit train` optimise."""
+        params = self.trainable_parameters(experts=experts or self.spec["kind"] == "mora")
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
     def state_dict(self) -> dict[str, Tensor]:
         return {f"{name}.{k}": v for name, layer in self.layers.items() for k, v in layer.state_dict().items()
                 if not (k.startswith("base.") or ".base." in k)}

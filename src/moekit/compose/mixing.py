@@ -80,9 +80,7 @@ def mix_checkpoint(model_path: str | os.PathLike, adapters: Sequence[str | os.Pa
             train = domain_windows(tokenizer, list(expert_of), "train", seq_len, max_windows=per, seed=seed)
             windows = torch.cat([train[d] for d in expert_of])
             labels = torch.cat([torch.full((train[d].shape[0],), expert_of[d]) for d in expert_of])
-            params = moe.trainable_parameters(experts=train_experts or kind == "mora")  # MoRA has no router
-            for p in params:
-                p.requires_grad_(True)
+            params = moe.thaw(experts=train_experts)
             started = time.perf_counter()
             trained = fit(model, windows, params, steps, lr, batch_size, seed, aux=moe.aux_loss,
                           aux_weight=aux_weight, labels=labels, on_batch=moe.set_labels, progress=progress,

@@ -140,8 +140,7 @@ def attach_lora_moe(model: nn.Module, recipe: Any):
     options = {k: spec[k] for k in (*RULE_KEYS, *KIND_KEYS, "modules") if spec.get(k) is not None}
     mixture = LoraMoE.from_adapters(model, spec["adapters"], router=spec.get("rule", "topk"),
                                     kind=spec.get("kind", "moe"), seed=recipe.seed, **options)
-    for p in mixture.trainable_parameters(experts=bool(spec.get("train_experts")) or spec.get("kind") == "mora"):
-        p.requires_grad_(True)
+    mixture.thaw(experts=bool(spec.get("train_experts")))
     return mixture
 
 
