@@ -145,3 +145,13 @@ def test_cli_config_runs_a_lora_moe(ckpt, tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "lora_moe needs init_from" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lora_moe_run_resumes_bit_for_bit(ckpt, tmp_path):
+    r = recipe(ckpt, lora_moe={"adapters": ckpt[1], "rule": "dynmole"}, lr=1e-2, steps=2)
+    first = train(r, tmp_path / "parts", stop_at=1, progress=False)
+    rest = train(r, tmp_path / "parts", resume=True, progress=False)
+    whole = train(r, tmp_path / "whole", progress=False)
+    assert [x["loss"] for x in first + rest] == [x["loss"] for x in whole] and "aux_tsallis" in whole[0]
+    a, b = (load_file(tmp_path / d / "model" / "mixture.safetensors") for d in ("parts", "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
