@@ -61,6 +61,27 @@ def test_fit_lowers_the_context_loss_and_only_in_chosen_layers():
     r.restore()
 
 
+def test_reg_pulls_the_vectors_toward_zero_and_is_not_in_the_returned_loss():
+    def fitted(reg):
+        model = tiny_model("deepseek_v3")
+        r = reroute_online(model, steps=4, lr=0.05, reg=reg)
+        for _ in range(8):  # refits accumulate: without the pull the shifts keep drifting
+            r.fit(IDS)
+        return model, r
+
+    _, free = fitted(0.0)
+    model, pulled = fitted(50.0)
+    norm = lambda r: sum(float(v.norm()) for v in r.vectors().values())  # noqa: E731
+    assert norm(pulled) < 0.5 * norm(free)
+    with torch.no_grad():  # the next-token loss at the current shifts, without the penalty
+        logits = model(input_ids=IDS).logits[0, :-1]
+        want = float(torch.nn.functional.cross_entropy(logits, IDS[0, 1:]))
+    pulled.steps = 1
+    assert pulled.fit(IDS) == pytest.approx(want, rel=1e-5)
+    free.restore()
+    pulled.restore()
+
+
 def test_generate_refits_every_interval():
     model = tiny_model("olmoe")
     r = reroute_online(model, interval=3, steps=1)
@@ -75,6 +96,8 @@ def test_bad_arguments():
         reroute_online(model, interval=0)
     with pytest.raises(ConfigError, match="layers"):
         reroute_online(model, layers=[7])
+    with pytest.raises(ConfigError, match="reg"):
+        reroute_online(model, reg=-1.0)
     r = reroute_online(model)
     with pytest.raises(ConfigError, match="already replaced"):
         reroute_online(model)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from moekit.adapt.reroute import reroute_online
+from moekit.adapt.reroute import LR, REG, reroute_online
 from moekit.data import DataError, TextDoc, context_length, encode
 
 
@@ -35,7 +35,7 @@ def _chunk_nll(model: nn.Module, ids: list[int], s: int, e: int, seq_len: int) -
 
 def adapted_perplexity(model: nn.Module, tokenizer, docs: Sequence[TextDoc], interval: int = 128,
                        seq_len: int | None = None, max_tokens: int | None = None, layers: list[int] | None = None,
-                       steps: int = 5, lr: float = 0.05, progress: bool = True) -> dict:
+                       steps: int = 5, lr: float = LR, reg: float = REG, progress: bool = True) -> dict:
     """{"ppl", "ppl_adapted", "ppl_ratio", "tokens", "seconds", "seconds_adapted", "tokens_per_s",
     "tokens_per_s_adapted", "fits", settings}. The model is left as it was."""
     context = context_length(model)
@@ -44,7 +44,7 @@ def adapted_perplexity(model: nn.Module, tokenizer, docs: Sequence[TextDoc], int
         raise DataError(f"seq_len={seq_len}: expected at most the model's context of {context} tokens")
     if max_tokens is not None and max_tokens < 1:
         raise DataError(f"max_tokens={max_tokens}: expected a positive number of tokens")
-    rerouting = reroute_online(model, layers=layers, interval=interval, steps=steps, lr=lr)
+    rerouting = reroute_online(model, layers=layers, interval=interval, steps=steps, lr=lr, reg=reg)
     if interval >= seq_len:
         rerouting.restore()
         raise DataError(f"interval={interval}, seq_len={seq_len}: expected interval < seq_len (a chunk is scored "
@@ -82,5 +82,5 @@ def adapted_perplexity(model: nn.Module, tokenizer, docs: Sequence[TextDoc], int
     return {"ppl": math.exp(base / tokens), "ppl_adapted": math.exp(adapted / tokens),
             "ppl_ratio": math.exp((adapted - base) / tokens), "tokens": tokens, "seconds": t_base,
             "seconds_adapted": t_adapted, "tokens_per_s": tokens / t_base, "tokens_per_s_adapted": tokens / t_adapted,
-            "fits": rerouting.fits, "interval": interval, "seq_len": seq_len, "steps": steps, "lr": lr,
+            "fits": rerouting.fits, "interval": interval, "seq_len": seq_len, "steps": steps, "lr": lr, "reg": reg,
             "layers": [b.layer for b in rerouting.blocks]}

@@ -1,6 +1,6 @@
 """`moekit eval [MODEL] [--data FILE ...] [--seq-len N] [--stride N] [--max-tokens N] [--no-skip]`: perplexity
-as JSON; `--adapt-routing [--adapt-interval N] [--adapt-steps N] [--adapt-lr F] [--adapt-layer L ...]`: with and
-without test-time rerouting."""
+as JSON; `--adapt-routing [--adapt-interval N] [--adapt-steps N] [--adapt-lr F] [--adapt-reg F]
+[--adapt-layer L ...]`: with and without test-time rerouting."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "chunk's preceding context; moekit.adapt.reroute_online)")
     p.add_argument("--adapt-interval", type=int, default=128, help="tokens per chunk between refits (default 128)")
     p.add_argument("--adapt-steps", type=int, default=5, help="Adam steps per refit (default 5)")
-    p.add_argument("--adapt-lr", type=float, default=0.05, help="Adam learning rate of the shifts (default 0.05)")
+    p.add_argument("--adapt-lr", type=float, help="Adam learning rate of the shifts (default 0.01)")
+    p.add_argument("--adapt-reg", type=float, help="weight of the L2 pull of the shifts toward zero (default 0.01)")
     p.add_argument("--adapt-layer", type=int, action="append",
                    help="decoder layer whose router gets a shift (repeatable; default: every MoE layer)")
 
@@ -42,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
         path, model, tokenizer, docs = model_and_documents(args.model, args.data)
         result = adapted_perplexity(model, tokenizer, docs, interval=args.adapt_interval, seq_len=args.seq_len,
-                                    max_tokens=args.max_tokens, steps=args.adapt_steps, lr=args.adapt_lr,
-                                    layers=args.adapt_layer)
+                                    max_tokens=args.max_tokens, steps=args.adapt_steps, layers=args.adapt_layer,
+                                    **{k: v for k, v in (("lr", args.adapt_lr), ("reg", args.adapt_reg))
+                                       if v is not None})
         print(json.dumps({"model": str(path), "data": args.data or "moekit-tiny held-out split", **result}, indent=1))
         return 0
     print(json.dumps(evaluate_checkpoint(args.model, args.data, args.seq_len, args.stride, args.max_tokens,
