@@ -24,9 +24,9 @@ class CountingReader(PreadReader):
         super().__init__()
         self.ranges = []
 
-    def read(self, path, offset, length):
+    def read(self, path, offset, length, out=None):
         self.ranges.append((os.path.basename(path), offset, length))
-        return super().read(path, offset, length)
+        return super().read(path, offset, length, out)
 
 
 def saved(model, tmp_path, name="m"):
@@ -161,10 +161,10 @@ class FailingReader(PreadReader):
         super().__init__()
         self.fail_offset = fail_offset
 
-    def read(self, path, offset, length):
+    def read(self, path, offset, length, out=None):
         if offset == self.fail_offset:
             raise StoreError(f"{path}: read of bytes {offset}..{offset + length} failed (injected)")
-        return super().read(path, offset, length)
+        return super().read(path, offset, length, out)
 
 
 def test_a_failing_prefetch_surfaces_in_the_caller(tmp_path):
