@@ -23,7 +23,7 @@ from moekit.serve.place import (
 )
 from moekit.serve.place_counts import kept_bound
 from moekit.serve.place_program import layer_program
-from moekit.serve.place_search import greedy, improve
+from moekit.serve.place_search import greedy, improve, swap_layer
 from moekit.serve.simulate import CostModel, a2a_bytes, compare, simulate
 
 
@@ -88,27 +88,53 @@ def test_program_matches_brute_force_and_greedy_is_bounded(seed, experts, device
     assert ginfo.gap == pytest.approx((ginfo.objective - ginfo.bound) / ginfo.objective)
 
 
-@pytest.mark.parametrize(("seed", "experts", "devices"), [(0, 6, 2), (1, 6, 3), (2, 5, 2)])
-def test_layer_program_and_search_against_brute_force(seed, experts, devices):
+@pytest.mark.parametrize(("seed", "experts", "devices", "alpha"),
+                         [(0, 6, 2, 1.0), (1, 6, 3, 1.0), (2, 5, 2, 1.0), (3, 5, 2, 0.0), (4, 4, 4, 1.0)])
+def test_layer_program_and_search_against_brute_force(seed, experts, devices, alpha):
+    # alpha 0 or one expert per device: the load term is fixed and the program is a linear assignment
     counts, _ = random_counts(np.random.default_rng(seed), layers=3, experts=experts)
     cap = capacities(experts, devices)
     layouts = [np.array(p) for p in set(itertools.permutations(np.repeat(np.arange(devices), cap)))]
-    start = greedy(counts, devices)
+    start = greedy(counts, devices, alpha)
     for li in range(3):  # one layer re-placed, the others fixed: the program finds the best of every layout
         def value(row, li=li):
             trial = start.copy()
             trial[li] = row
-            return objective(counts, trial, devices)[0]
-        row = layer_program(counts, start, li, devices, 1.0, 1.0, 10.0)
+            return objective(counts, trial, devices, alpha)[0]
+        row = layer_program(counts, start, li, devices, alpha, 1.0, 10.0)
+        np.testing.assert_array_equal(np.bincount(row, minlength=devices), cap)
         assert value(row) == pytest.approx(min(value(r) for r in layouts))
-    device, _ = improve(counts, start, devices)
-    final = objective(counts, device, devices)[0]
-    assert final <= objective(counts, start, devices)[0] + 1e-9
+    device, sweeps, converged = improve(counts, start, devices, alpha)
+    final = objective(counts, device, devices, alpha)[0]
+    assert converged and final <= objective(counts, start, devices, alpha)[0] + 1e-9
     for li in range(3):  # a local optimum: no single-layer change improves it
         for r in layouts:
             trial = device.copy()
             trial[li] = r
-            assert objective(counts, trial, devices)[0] >= final - 1e-9
+            assert objective(counts, trial, devices, alpha)[0] >= final - 1e-9
+
+
+@pytest.mark.parametrize(("seed", "devices", "alpha"), [(0, 2, 1.0), (1, 3, 1.0), (2, 4, 0.3), (3, 6, 1.0)])
+def test_swaps_end_where_no_swap_improves(seed, devices, alpha):
+    counts, _ = random_counts(np.random.default_rng(seed), layers=3, experts=12, tokens=200, k=3)
+    start = greedy(counts, devices, alpha, passes=0)
+    device = start.copy()
+    assert swap_layer(counts, device, 1, devices, alpha)
+    np.testing.assert_array_equal(np.sort(device[1]), np.sort(start[1]))  # counts per device kept
+    final = objective(counts, device, devices, alpha)[0]
+    assert final < objective(counts, start, devices, alpha)[0]
+    for a, b in itertools.combinations(range(12), 2):
+        trial = device.copy()
+        trial[1, [a, b]] = trial[1, [b, a]]
+        assert objective(counts, trial, devices, alpha)[0] >= final - 1e-9
+    # without the exact program (12 x devices binaries > 0): swaps and assignments only, to a swap-local optimum
+    searched, _, converged = improve(counts, start, devices, alpha, max_binaries=0)
+    value = objective(counts, searched, devices, alpha)[0]
+    assert converged and value < objective(counts, start, devices, alpha)[0]
+    for li, (a, b) in itertools.product(range(3), itertools.combinations(range(12), 2)):
+        trial = searched.copy()
+        trial[li, [a, b]] = trial[li, [b, a]]
+        assert objective(counts, trial, devices, alpha)[0] >= value - 1e-9
 
 
 def test_kept_bound_caps_every_placement():

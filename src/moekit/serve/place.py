@@ -9,7 +9,8 @@ puts each layer's E experts on N devices with equal counts, minimising
 different devices). Two solvers:
 - the whole integer program (`place_program.exact_program`, scipy.optimize.milp), tried when it has at most
   `max_vars` variables: it grows as L E^2 N, so it is the reference for small models;
-- a search (`place_search`): a greedy start, then exact one-layer re-placements until none improves.
+- a search (`place_search`): from a greedy start and seeded random ones, one-layer moves (swaps, assignments, and
+  for small layers the exact one-layer program) until none improves.
 The better placement is kept, and `SolveInfo` reports its gap to a lower bound: the program's proven bound when
 it ran, else (and at least) `place_counts.lower_bound` (per layer max(total / N, hottest expert) for the load
 term; per layer pair the dependency mass minus a b-matching or spectral bound on what can stay on its device).
@@ -41,7 +42,7 @@ from moekit.serve.place_counts import (
     objective,
 )
 from moekit.serve.place_program import exact_program
-from moekit.serve.place_search import greedy, improve
+from moekit.serve.place_search import greedy, search
 
 __all__ = ["Placement", "PlacementError", "RoutingCounts", "SolveInfo", "add_replicas", "capacities",
            "check_devices", "contiguous", "counts_from_indices", "counts_from_trace", "cross_tokens", "greedy",
@@ -125,9 +126,10 @@ def place(counts: RoutingCounts, devices: int, *, replicas: int = 0, alpha: floa
         raise PlacementError(f"--replicas {replicas}: expected 0 or more")
     start = time.perf_counter()
     nvar = L * E * devices + L + (L - 1) * E * E * devices
-    device, sweeps = improve(counts, greedy(counts, devices, alpha, beta), devices, alpha, beta, time_limit)
+    device, ran, converged = search(counts, devices, alpha, beta, time_limit)
     method, bound = "search", -np.inf
-    status = f"local optimum after {sweeps} sweeps of one-layer programs"
+    status = (f"best of {ran} starts, a local optimum of one-layer moves" if converged else
+              f"time limit reached after {ran} starts")
     if devices == 1:
         status = "optimal"
     elif nvar > max_vars:

@@ -12,14 +12,16 @@ L E^2 N: the reference for small models.
 `layer_program`: one layer re-placed exactly while the others stay. Expert e on device d then keeps
 gain[e, d] = (mass from the previous layer's experts on d) + (mass to the next layer's experts on d), so the program
 is an assignment with E N binaries: minimise alpha * z - beta * sum gain[e, d] x[e, d], each expert on one device,
-cap_d experts per device, z >= each device's load.
+cap_d experts per device, z >= each device's load. When that term cannot change (alpha = 0, or one expert per
+device: the max load is the hottest expert's wherever it goes), it is a linear assignment of experts to the
+devices' slots, solved exactly by scipy.optimize.linear_sum_assignment.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 
 from moekit.serve.place_counts import RoutingCounts, capacities
 
@@ -105,6 +107,13 @@ def layer_program(counts: RoutingCounts, device: np.ndarray, li: int, devices: i
     solution in time."""
     E, N = counts.num_experts, devices
     gain = layer_gain(counts, device, li, N)
+    cap = capacities(E, N)
+    if alpha == 0 or cap.max() == 1:
+        slot_device = np.repeat(np.arange(N), cap)
+        rows, cols = linear_sum_assignment(-beta * gain[:, slot_device])
+        out = np.empty(E, dtype=np.int64)
+        out[rows] = slot_device[cols]
+        return out
     nx = E * N
     c = np.concatenate([-beta * gain.reshape(-1), [alpha]])
     e_of, d_of = np.divmod(np.arange(nx), N)
@@ -113,7 +122,6 @@ def layer_program(counts: RoutingCounts, device: np.ndarray, li: int, devices: i
     load = sparse.csr_array((np.concatenate([counts.load[li][e_of], -np.ones(N)]),
                              (np.concatenate([d_of, np.arange(N)]), np.concatenate([np.arange(nx), np.full(N, nx)]))),
                             shape=(N, nx + 1))
-    cap = capacities(E, N)
     cons = [LinearConstraint(one, 1, 1), LinearConstraint(count, cap, cap), LinearConstraint(load, -np.inf, 0)]
     integrality = np.concatenate([np.ones(nx), [0]])
     upper = np.concatenate([np.ones(nx), [np.inf]])
