@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from moekit.bench.hf import bench_hf_accelerate
 from moekit.bench.layer import CASES, bench_layer
@@ -112,6 +113,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     of.add_argument("--large-gb", type=float, default=None,
                     help="also: a random-weight checkpoint with this many GB of experts, run under --cgroup-mb")
     of.add_argument("--cgroup-mb", type=int, default=None, help="memory cap for the --large-gb children (cgroup v1)")
+    of.add_argument("--large-only", action="store_true", help="with --large-gb: only the large run (not moekit-tiny)")
     of.add_argument("--save-predictor", metavar="DIR", default=None,
                     help="also save the trained path predictor there (for moekit generate --prefetch predictor)")
 
@@ -136,17 +138,26 @@ def run(args: argparse.Namespace) -> int:
 
         if args.repeats < 1 or args.tokens < 2:
             raise ConfigError(f"--repeats={args.repeats} --tokens={args.tokens}: expected at least 1 and 2")
-        records = bench_offload(args.model, args.quick, args.repeats, args.tokens,
-                                torch.float32 if args.dtype == "fp32" else torch.bfloat16,
-                                save_predictor=args.save_predictor)
+        if args.large_gb is not None and not args.large_gb > 0:
+            raise ConfigError(f"--large-gb={args.large_gb}: expected a positive size")
+        if args.large_only and args.large_gb is None:
+            raise ConfigError("--large-only: expected --large-gb too")
+        if args.cgroup_mb is not None and args.cgroup_mb < 1:
+            raise ConfigError(f"--cgroup-mb={args.cgroup_mb}: expected a positive number of MiB")
+        dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+        records = [] if args.large_only else bench_offload(args.model, args.quick, args.repeats, args.tokens, dtype,
+                                                           save_predictor=args.save_predictor)
+        summary = ""
         if args.large_gb is not None:
             from moekit.bench.offload_large import bench_large
+            from moekit.bench.offload_large import summary as large_summary
 
-            if not args.large_gb > 0:
-                raise ConfigError(f"--large-gb={args.large_gb}: expected a positive size")
-            records += bench_large(args.large_gb, args.cgroup_mb, tokens=4 if args.quick else 16)
+            records += bench_large(args.large_gb, args.cgroup_mb, tokens=4 if args.quick else args.tokens)
+            summary = large_summary(records)
         rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in records]
         print(json.dumps(records, indent=1) if args.json else format_table(rows, OFFLOAD_COLUMNS))
+        if summary:  # beside the JSON (stderr), after the table (stdout)
+            print(summary, file=sys.stderr if args.json else sys.stdout)
         return 0
     if args.what == "make":
         from moekit.bench.make import run as run_make
