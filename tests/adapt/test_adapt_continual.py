@@ -34,6 +34,22 @@ def test_tame_spawns_for_a_new_task_and_switches_back_on_recurrence():
     assert (pruned == 0).float().mean() >= 0.5 and not pruned.requires_grad  # left behind: pruned and frozen
 
 
+def test_tame_keeps_the_usual_range_of_the_expert_as_pruned():
+    # pruning raises an expert's loss; the range a recurring task is compared with must be measured after it
+    seq = permuted_digits(n_tasks=1, order=[0], seed=0)
+    x, y = seq.train[0]
+    tame = TAME(64, 10, seed=0)
+    for idx in torch.arange(len(x)).repeat(8).split(32):  # a trained expert, no task change
+        tame.observe(x[idx], y[idx])
+    reference = list(tame.recent)[:50]  # the batches the detector's reference losses came from
+    unpruned = tame.detector.typical()[0]
+    tame._leave(0)
+    with torch.no_grad():
+        pruned = [float(torch.nn.functional.cross_entropy(tame.experts[0](bx), by)) for bx, by in reference]
+    assert tame.typical[0] == pytest.approx((np.mean(pruned), np.std(pruned)))
+    assert tame.typical[0][0] > unpruned
+
+
 def test_sema_expands_on_a_shift_and_reuses_on_recurrence():
     seq = permuted_digits(n_tasks=2, order=[0, 1, 0], seed=0)
     sema = SEMA(_pretrained_backbone(seq, 64, 0), 64, seed=0)

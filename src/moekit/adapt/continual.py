@@ -109,6 +109,7 @@ class TAME:
         self.buffer_size, self.buffer, self.seen = buffer, [], 0
         self.events: list[tuple[int, str, int]] = []  # (batch, "spawn" | "switch", expert)
         self.masks: dict[int, list[tuple[Tensor, Tensor]]] = {}  # expert -> (weight, keep mask) after pruning
+        self.recent: deque[tuple[Tensor, Tensor]] = deque(maxlen=self.detector.reference + self.detector.recent)
         self.batches = 0
 
     def _spawn(self) -> int:
@@ -119,16 +120,21 @@ class TAME:
 
     def _leave(self, e: int) -> None:
         """Online pruning of the expert left behind: zero its smallest weights (kept at zero if it is switched back
-        to), freeze it."""
-        self.typical[e] = self.detector.typical()
+        to), freeze it. Its usual range is its loss as pruned on the detector's reference batches (the task it
+        leaves): pruning raises the loss, and the range measured before it would make a recurring task look new."""
         self.masks[e] = prune_masks(self.experts[e], self.prune)
         self.experts[e].requires_grad_(False)
+        reference = list(self.recent)[: -self.detector.recent]
+        with torch.no_grad():
+            losses = [float(F.cross_entropy(self.experts[e](x), y)) for x, y in reference]
+        self.typical[e] = (float(np.mean(losses)), float(np.std(losses))) if losses else self.detector.typical()
 
     def observe(self, x: Tensor, y: Tensor) -> float:
         """One mini-batch of the stream: detect, switch or spawn, train the current expert, fill the buffer."""
         expert = self.experts[self.current]
         with torch.no_grad():
             loss = float(F.cross_entropy(expert(x), y))
+        self.recent.append((x, y))
         if self.detector.update(loss):
             with torch.no_grad():
                 losses = [float(F.cross_entropy(e(x), y)) for e in self.experts]
@@ -145,6 +151,7 @@ class TAME:
                 self.current = self._spawn()
                 self.events.append((self.batches, "spawn", self.current))
             self.detector.reset()
+            self.recent.clear()
             expert = self.experts[self.current]
         out = F.cross_entropy(expert(x), y)
         self.opt.zero_grad()
