@@ -112,3 +112,18 @@ def test_a_prefetch_evicted_before_it_starts_is_not_read(checkpoint):
     assert not set(ranges[(1, 1)]) & set(reader.ranges)
     assert (1, 0) not in store.cache and (1, 1) not in store.cache
     off.close()
+
+
+def test_mmap_threshold_is_fixed_at_the_expert_part_size():
+    """On glibc the store fixes the mmap threshold (clamped to glibc's range), so evicted experts go back to the
+    system instead of staying in the heap; elsewhere it does nothing."""
+    import ctypes.util
+
+    from moekit.runtime.store import MMAP_THRESHOLD_RANGE, fixed_mmap_threshold
+
+    if ctypes.util.find_library("c") is None:
+        pytest.skip("no C library to call mallopt on")
+    assert fixed_mmap_threshold(3 << 20) == 3 << 20
+    assert fixed_mmap_threshold(10) == MMAP_THRESHOLD_RANGE[0]
+    assert fixed_mmap_threshold(1 << 30) == MMAP_THRESHOLD_RANGE[1]
+    assert fixed_mmap_threshold(0) is None

@@ -193,6 +193,31 @@ class StoreStats:
         return self.hits / max(self.hits + self.misses, 1)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_RANGE = (128 << 10, 32 << 20)  # glibc's default and its 64-bit maximum
+
+
+def fixed_mmap_threshold(part_bytes: int) -> int | None:
+    """Fix glibc's mmap threshold at `part_bytes` (clamped to `MMAP_THRESHOLD_RANGE`) so that expert buffers are
+    mmapped and go back to the system when evicted. glibc raises its threshold each time a mmapped block is freed
+    (up to 32 MiB); after the first eviction, experts of a few MB come from the heap, whose freed holes stay
+    resident, and a cache that holds its byte budget exceeds it in RSS (an OOM kill under a cgroup cap). Setting
+    the threshold once turns the adjustment off. Returns the threshold set, None off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or part_bytes <= 0:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    threshold = min(max(part_bytes, MMAP_THRESHOLD_RANGE[0]), MMAP_THRESHOLD_RANGE[1])
+    return threshold if mallopt(M_MMAP_THRESHOLD, threshold) == 1 else None
+
+
 class ExpertStore:
     """Experts `(layer, e) -> {name: Part}` cached under `budget_bytes` by `policy` (its capacity in slots of the
     largest expert). `get` returns an expert's tensors (reading it on a miss, or waiting for its prefetch);
@@ -215,6 +240,8 @@ class ExpertStore:
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._ahead: set[Key] = set()
+        smallest = min((p.nbytes for parts in experts.values() for p in parts.values()), default=0)
+        fixed_mmap_threshold(smallest)
 
     def _cast(self, name: str, part: Part) -> bool:
         return self.dtype not in (None, part.dtype) and name in ("gate_up", "down") and part.dtype.is_floating_point
