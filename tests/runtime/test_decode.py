@@ -166,10 +166,10 @@ def test_on_token_streams_every_token(tiny_default):
 def test_bad_input_is_a_one_line_error(tiny_default):
     model, _, _ = tiny_default
     dec = Decoder(model)
-    with pytest.raises(ConfigError, match="the prompt has 600 tokens; the model's context is 512"):
+    with pytest.raises(ConfigError, match="the prompt has 600 tokens; the model's context is 256"):
         dec.generate(torch.zeros(600, dtype=torch.long), 4)
-    with pytest.raises(ConfigError, match="need 520 positions; the model.s context is 512"):
-        dec.generate(torch.zeros(500, dtype=torch.long), 21)
+    with pytest.raises(ConfigError, match="need 270 positions; the model.s context is 256"):
+        dec.generate(torch.zeros(250, dtype=torch.long), 21)
     dec.generate(torch.zeros(4, dtype=torch.long), 3)
     assert dec.capacity == 6 and dec.cache.layers[0]._k.shape[2] == 6  # the request's length, not the context
     with pytest.raises(ConfigError, match="need 7 positions; the cache holds 6 positions"):

@@ -48,7 +48,7 @@ def test_streamed_text_is_the_generated_text_then_rates_on_stderr(capsys, refere
 def test_prompt_longer_than_the_context_is_one_line_exit_2(capsys):
     assert main(["generate", "--prompt", "word " * 700, "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("moekit generate: error: the prompt has") and "context is 512" in err[-1]
+    assert err[-1].startswith("moekit generate: error: the prompt has") and "context is 256" in err[-1]
 
 
 @pytest.mark.parametrize("argv", [["--dtype", "fp8"], ["--max-new-tokens", "0"], ["--temperature", "-1"],

@@ -83,8 +83,8 @@ _TINY_MODEL = dict(model_type="deepseek_v3", hidden_size=256, moe_intermediate_s
                    num_experts_per_tok=6, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0,
                    routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64, qk_rope_head_dim=16,
-                   qk_nope_head_dim=48, v_head_dim=64, intermediate_size=7 * 64, max_position_embeddings=512,
-                   tie_word_embeddings=True)
+                   qk_nope_head_dim=48, v_head_dim=64, intermediate_size=7 * 64, max_position_embeddings=256,
+                   tie_word_embeddings=True)  # the context it is trained at (seq_len): beyond it, perplexity x7
 # its dense twin: the same DeepSeek-V3 network with every layer dense, the MLP as wide as the 6 routed experts and
 # the shared one together (equal active FLOPs per token, the router aside)
 _TINY_DENSE = {**_TINY_MODEL, "first_k_dense_replace": _TINY_MODEL["num_hidden_layers"]}
