@@ -91,19 +91,17 @@ def distill_checkpoint(model_path: str, teacher_path: str, out: str, steps: int 
     (`distill_blocks`) from the dense `teacher_path` on `data` (None: the trainer's corpus) in windows of `seq_len`
     tokens, `max_tokens` in all, written to `out` (atomically) with its tokenizer, plan.json if any, and
     distill.json (the summary returned: per layer held-out MSE before and after)."""
-    import json
-    import shutil
     import time
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moekit.compress.run import check_out
-    from moekit.files import atomic_write, swap_in, temp_dir
+    from moekit.files import temp_dir
     from moekit.hf.checkpoint import CheckpointError
     from moekit.make.convert import runnable, target_of
     from moekit.make.finetune import token_stream, training_texts
-    from moekit.make.run import copy_tokenizer, dense_config, load_dense, tokenizer_dir
+    from moekit.make.run import dense_config, load_dense, tokenizer_dir
 
     for name, value, low in (("--steps", steps, 1), ("--batch-size", batch, 1), ("--seq-len", seq_len, 2),
                              ("--max-tokens", max_tokens, 2)):
@@ -144,15 +142,27 @@ def distill_checkpoint(model_path: str, teacher_path: str, out: str, steps: int 
                "model_type": student.config.model_type, "steps": steps, "lr": lr, "batch": batch,
                "tokens": int(tokens.numel()), "seconds": round(time.perf_counter() - start, 2), "layers": report}
     with temp_dir(out_dir, "distill") as tmp:
-        student.save_pretrained(tmp)
-        copy_tokenizer(source, tmp)
-        if (source / "plan.json").is_file():
-            shutil.copyfile(source / "plan.json", tmp / "plan.json")
-        atomic_write(tmp / "distill.json", json.dumps(summary, indent=1))
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        swap_in(tmp, out_dir)
+        _write_student(student, source, tmp, out_dir, summary)
     return summary
+
+
+def _write_student(student: nn.Module, source, tmp, out_dir, summary: dict) -> None:
+    """The distilled student, the source's tokenizer and plan.json, and distill.json written in `tmp`, then `tmp`
+    swapped in as `out_dir` (an empty `out_dir` removed first)."""
+    import json
+    import shutil
+
+    from moekit.files import atomic_write, swap_in
+    from moekit.make.run import copy_tokenizer
+
+    student.save_pretrained(tmp)
+    copy_tokenizer(source, tmp)
+    if (source / "plan.json").is_file():
+        shutil.copyfile(source / "plan.json", tmp / "plan.json")
+    atomic_write(tmp / "distill.json", json.dumps(summary, indent=1))
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    swap_in(tmp, out_dir)
 
 
 def self_paced_weights(losses: Tensor, step: int, pace_steps: int) -> Tensor:
@@ -245,8 +255,6 @@ def distill_teachers_checkpoint(model_path: str, teacher_paths: Sequence[str], o
     teacher d on the d-th domain of `data` (one file each, or .jsonl 'domain' labels, in order of appearance), the
     student's tokenizer for every model. Written to `out` (atomically) with the tokenizer, plan.json if any,
     metrics.jsonl and distill.json (the summary returned: first and last loss to each teacher)."""
-    import json
-    import shutil
     import time
     from pathlib import Path
 
@@ -254,11 +262,11 @@ def distill_teachers_checkpoint(model_path: str, teacher_paths: Sequence[str], o
 
     from moekit.compress.run import check_out
     from moekit.data import read_documents
-    from moekit.files import atomic_write, swap_in, temp_dir
+    from moekit.files import temp_dir
     from moekit.hf.checkpoint import CheckpointError
     from moekit.make.convert import runnable
     from moekit.make.finetune import token_stream
-    from moekit.make.run import copy_tokenizer, dense_config, load_dense, tokenizer_dir
+    from moekit.make.run import dense_config, load_dense, tokenizer_dir
 
     settings.check()
     if not settings.steps or settings.minutes is not None:
@@ -303,12 +311,5 @@ def distill_teachers_checkpoint(model_path: str, teacher_paths: Sequence[str], o
                    "seconds": round(time.perf_counter() - start, 2),
                    "first_losses": records[0]["teacher_losses"], "last_losses": records[-1]["teacher_losses"],
                    "last_weights": records[-1]["weights"]}
-        student.save_pretrained(tmp)
-        copy_tokenizer(source, tmp)
-        if (source / "plan.json").is_file():
-            shutil.copyfile(source / "plan.json", tmp / "plan.json")
-        atomic_write(tmp / "distill.json", json.dumps(summary, indent=1))
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        swap_in(tmp, out_dir)
+        _write_student(student, source, tmp, out_dir, summary)
     return summary

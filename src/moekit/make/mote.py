@@ -188,10 +188,10 @@ def mote_checkpoint(model_path: str, out: str, experts: int, k: int = 1, init: s
     """`moekit make DENSE --method mote`: the MoTE model of the dense checkpoint written to `out` (model, tokenizer,
     plan.json, mote.json, mote_latent.safetensors). Returns the plan's summary."""
     from moekit.compress.run import check_out
-    from moekit.files import swap_in, temp_dir
+    from moekit.files import temp_dir
     from moekit.hf import save
     from moekit.make import check
-    from moekit.make.run import copy_tokenizer, dense_config, load_dense
+    from moekit.make.run import dense_config, finish_make, load_dense
 
     check_settings(experts, k, init, group_size)
     source = Path(model_path)
@@ -201,10 +201,4 @@ def mote_checkpoint(model_path: str, out: str, experts: int, k: int = 1, init: s
     with temp_dir(out_dir, "make") as tmp:
         save(moe, tmp, force=True)
         write_mote(tmp, latent, group_size, init)
-        copy_tokenizer(source, tmp)
-        (tmp / "plan.json").write_text(json.dumps(plan))
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        swap_in(tmp, out_dir)
-    return {k_: v for k_, v in plan.items() if k_ != "layers"} | {"out": str(out_dir),
-                                                                    "layers": sorted(map(int, plan["layers"]))}
+        return finish_make(source, tmp, out_dir, plan)

@@ -181,10 +181,16 @@ def make_checkpoint(model_path: str, out: str, experts: int | None, k: int, part
             save(moe, tmp, force=True)
         if gate is not None:
             gate.save(tmp)
-        copy_tokenizer(source, tmp)
-        (tmp / "plan.json").write_text(json.dumps(plan))
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        swap_in(tmp, out_dir)
+        return finish_make(source, tmp, out_dir, plan)
+
+
+def finish_make(source: Path, tmp: Path, out_dir: Path, plan: dict) -> dict:
+    """The tokenizer and plan.json beside the model written in `tmp`, then `tmp` swapped in as `out_dir` (an empty
+    `out_dir` removed first); the plan's summary (its layers as sorted ints) for the CLI's report."""
+    copy_tokenizer(source, tmp)
+    (tmp / "plan.json").write_text(json.dumps(plan))
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    swap_in(tmp, out_dir)
     return {k_: v for k_, v in plan.items() if k_ != "layers"} | {"out": str(out_dir),
                                                                     "layers": sorted(map(int, plan["layers"]))}
