@@ -1,5 +1,5 @@
-"""Small offline tasks for the seed systems that need one, all built from scikit-learn's bundled digits
-(1797 8x8 images, 10 classes of about 180; features scaled to [0, 1]):
+"""Small offline tasks for the seed systems that need one, built from scikit-learn's bundled digits (1797 8x8
+images, 10 classes of about 180; features scaled to [0, 1]) or from moekit's offline text corpus:
 
 - `digits_long_tailed(imbalance)`: a balanced test set (a third of each class, stratified, seeded), and a
   long-tailed training set: class c (classes ordered 0..9) keeps round(n * imbalance^(c / 9)) of its n remaining
@@ -10,6 +10,12 @@
   The other nodes keep clean features and aggregate k random nodes (a heterophilous neighbourhood that carries
   nothing). Aggregation is the mean over the node and its k neighbours (A = D^-1 (A + I), directed).
   Train / test masks: half the nodes each, seeded.
+- `text_task(domain)`: byte-level language modelling on one domain ("prose" or "code") of
+  `moekit.train.corpus.build_corpus(max_docs_per_domain=docs)` (the same hash-chosen documents on every machine;
+  prose is python3.11-doc's reST sources where installed, else pydoc_data). The domain's documents, joined by
+  newlines in corpus order, are cut to `max_bytes` UTF-8 bytes; bytes >= 127 share id 127 (vocabulary 128). The
+  first 90% is the training stream (random windows of seq_len + 1 bytes), the rest gives `test_windows` fixed
+  test windows, evenly spaced.
 
 Models: `MLP`, `MoENet` (an MLP stem and one MoE layer), `ConvMoENet` (AdvMoE's MoE CNN: experts are channel groups
 of every convolution, one image router picks a group per sample), `GCN`.
@@ -17,6 +23,7 @@ of every convolution, one image router picks a group per sample), `GCN`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +67,54 @@ def digits_long_tailed(imbalance: float = 0.05, seed: int = 0) -> Split:
         train.append(rest[: max(1, round(len(rest) * imbalance ** (c / 9)))])
     tr, te = torch.cat(train), torch.cat(test)
     return Split(x[tr], y[tr], x[te], y[te])
+
+
+VOCAB = 128  # byte ids; every byte >= 127 is id 127
+
+
+@dataclass
+class TextTask:
+    """train [N] byte ids; test [n, seq_len + 1] fixed windows."""
+
+    train: Tensor
+    test: Tensor
+
+    def batch(self, size: int, generator: torch.Generator) -> Tensor:
+        """[size, seq_len + 1] random windows of the training stream."""
+        width = self.test.shape[1]
+        start = torch.randint(0, len(self.train) - width, (size,), generator=generator)
+        return self.train[start.unsqueeze(1) + torch.arange(width)]
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus_bytes(docs: int, max_bytes: int) -> dict[str, Tensor]:
+    from moekit.train.corpus import DOMAINS, build_corpus
+
+    corpus = build_corpus(max_docs_per_domain=docs)
+    out = {}
+    for domain in DOMAINS:
+        data = "\n".join(corpus.texts(domain=domain)).encode("utf-8")[:max_bytes]
+        out[domain] = torch.tensor(list(data), dtype=torch.long).clamp_max(VOCAB - 1)
+    return out
+
+
+def text_task(domain: str, seq_len: int = 32, test_windows: int = 64, docs: int = 40,
+              max_bytes: int = 400_000) -> TextTask:
+    """Byte-level language modelling on one corpus domain (module docstring)."""
+    from moekit.train.corpus import DOMAINS
+
+    if domain not in DOMAINS:
+        raise ConfigError(f"domain={domain!r}: expected one of {', '.join(DOMAINS)}")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len={seq_len!r}: expected a positive integer")
+    data = _corpus_bytes(docs, max_bytes)[domain]
+    cut = len(data) * 9 // 10
+    n = min(test_windows, (len(data) - cut) // (seq_len + 1))
+    if n < 1 or cut <= seq_len + 1:
+        raise ConfigError(f"domain={domain!r}: {len(data)} bytes, too few for windows of seq_len={seq_len}")
+    starts = cut + torch.arange(n) * ((len(data) - cut) // n)
+    test = data[starts.unsqueeze(1) + torch.arange(seq_len + 1)]
+    return TextTask(data[:cut], test)
 
 
 @dataclass

@@ -3,8 +3,8 @@ in `seed_tasks.py`), the paper's claim next to what is measured. Every contender
 recipe from the same seed; `--seeds N` repeats with seeds 0..N-1 and reports medians. No timings: quality numbers
 only (sparsity, experts engaged and per-class accuracy where the claim is about them).
 
-Systems: mowst, tlc, mdcs, advmoe, advmoe_cnn, moe_x, thor, sparse_ot, mote, compressed. Full run: a few
-minutes on 2 cores;
+Systems: mowst, tlc, mdcs, advmoe, advmoe_cnn, moe_x, thor, sparse_ot, mote, compressed, union, moduleformer
+(the last two on byte-level language modelling, `seeds_modular.py`). Full run: a few minutes on 2 cores;
 --quick: a smoke run of a few seconds per system.
 """
 
@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from moekit.bench.seed_tasks import GCN, MLP, ConvMoENet, MoENet, digits_graph, digits_long_tailed
+from moekit.bench.seeds_modular import run_moduleformer, run_union
 from moekit.bench.timing import environment
 from moekit.errors import ConfigError
 
@@ -39,6 +40,10 @@ CLAIMS = {
             "of the expert memory, and beat post-training quantization at equal memory",
     "compressed": "Compressed Experts: over 90% of full-expert performance recovered with over 30% fewer active "
                   "parameters",
+    "union": "Union of Experts: attention heads and MLP parts of an equivalently decomposed transformer as routed "
+             "experts beat full attention and MoEs at equal (or lower) compute",
+    "moduleformer": "ModuleFormer: new modules learn new data with less forgetting than fine-tuning a dense model; "
+                    "after load-concentration fine-tuning, the modules a task does not use can be pruned",
 }
 SYSTEMS = tuple(CLAIMS)
 
@@ -338,9 +343,10 @@ def run_compressed(steps: int, seed: int) -> list[dict[str, Any]]:
 RUNNERS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "mowst": run_mowst, "tlc": run_tlc, "mdcs": run_mdcs, "advmoe": run_advmoe, "advmoe_cnn": run_advmoe_cnn,
     "moe_x": run_moe_x, "thor": run_thor, "sparse_ot": run_sparse_ot, "mote": run_mote, "compressed": run_compressed,
+    "union": run_union, "moduleformer": run_moduleformer,
 }
 STEPS = {"mowst": 320, "tlc": 300, "mdcs": 300, "advmoe": 150, "advmoe_cnn": 150, "moe_x": 300, "thor": 300,
-         "sparse_ot": 200, "mote": 300, "compressed": 300}
+         "sparse_ot": 200, "mote": 300, "compressed": 300, "union": 600, "moduleformer": 400}
 
 
 def bench_seeds(systems: list[str] | None = None, quick: bool = False, seeds: int = 1) -> list[dict[str, Any]]:
@@ -369,7 +375,7 @@ def bench_seeds(systems: list[str] | None = None, quick: bool = False, seeds: in
 COLUMNS = ["system", "contender", "accuracy", "accuracy_head", "accuracy_tail", "experts_per_sample",
            "experts_head", "experts_tail", "strong_share", "clean_accuracy", "robust_accuracy", "routing_changed",
            "active_neurons_per_token", "class_selectivity", "load_cv", "max_tokens_per_expert", "test_mse", "bytes",
-           "active_expert_params"]
+           "active_expert_params", "test_loss", "active_params", "active_share", "loss_a", "loss_b", "modules"]
 
 
 def main(argv: list[str] | None = None) -> int:
