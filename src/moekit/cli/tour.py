@@ -1,6 +1,7 @@
 """`moekit tour`: a short walk through what moekit does, on the embedded default model `moekit-tiny` (and its dense
-twin, made into an MoE in the last step) and on a standalone MoE layer. Prints as it goes and writes a self-contained `tour/report.html`: one section per step,
-tables as HTML tables, plots, generated samples, and the numbers to look at first at the top."""
+twin, made into an MoE in the last step) and on a standalone MoE layer. Prints as it goes and writes a
+self-contained `tour/report.html`: one section per step, tables as HTML tables, plots, generated samples, and the
+numbers to look at first at the top."""
 
 from __future__ import annotations
 
