@@ -44,7 +44,7 @@ class LargeShape:
     because llama.cpp's DeepSeek-2 loader needs it (it assumes no query compression only at 26 or 27 layers).
     qwen3_moe (moekit-tiny v1's family): about 440M parameters, 80M active per token."""
 
-    family: str = "deepseek_v3"
+    family: str = "qwen3_moe"  # the field defaults below are this family's shape
     layers: int = 8
     hidden: int = 1024
     experts: int = 32
@@ -57,11 +57,12 @@ class LargeShape:
 
 LARGE_SHAPES = {
     "deepseek_v3": LargeShape(family="deepseek_v3", experts=64, k=6, intermediate=256, heads=8, kv_heads=8),
-    "qwen3_moe": LargeShape(family="qwen3_moe"),
+    "qwen3_moe": LargeShape(),
 }
 
 
 def _large_config(shape: LargeShape):
+    """The transformers config of `shape` (its family one of LARGE_SHAPES, as `large_shape` checks)."""
     if shape.family == "qwen3_moe":
         from transformers import Qwen3MoeConfig
 
@@ -71,19 +72,17 @@ def _large_config(shape: LargeShape):
             intermediate_size=4 * shape.hidden, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
             head_dim=shape.head_dim, vocab_size=4096, max_position_embeddings=512, norm_topk_prob=True,
             tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if shape.family == "deepseek_v3":
-        from transformers import DeepseekV3Config
+    from transformers import DeepseekV3Config
 
-        return DeepseekV3Config(
-            num_hidden_layers=shape.layers, hidden_size=shape.hidden, n_routed_experts=shape.experts,
-            num_experts_per_tok=shape.k, moe_intermediate_size=shape.intermediate, n_shared_experts=1,
-            intermediate_size=(shape.k + 1) * shape.intermediate, first_k_dense_replace=0, n_group=1,
-            topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, num_attention_heads=shape.heads,
-            num_key_value_heads=shape.kv_heads, q_lora_rank=shape.hidden // 2, kv_lora_rank=shape.hidden // 4,
-            qk_rope_head_dim=shape.head_dim // 2, qk_nope_head_dim=shape.head_dim, v_head_dim=shape.head_dim,
-            head_dim=shape.head_dim // 2, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    raise ConfigError(f"--large-family {shape.family!r}: expected one of {', '.join(LARGE_SHAPES)}")
+    return DeepseekV3Config(
+        num_hidden_layers=shape.layers, hidden_size=shape.hidden, n_routed_experts=shape.experts,
+        num_experts_per_tok=shape.k, moe_intermediate_size=shape.intermediate, n_shared_experts=1,
+        intermediate_size=(shape.k + 1) * shape.intermediate, first_k_dense_replace=0, n_group=1,
+        topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, q_lora_rank=shape.hidden // 2, kv_lora_rank=shape.hidden // 4,
+        qk_rope_head_dim=shape.head_dim // 2, qk_nope_head_dim=shape.head_dim, v_head_dim=shape.head_dim,
+        head_dim=shape.head_dim // 2, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
 def large_shape(family: str | None = None) -> LargeShape:
@@ -99,7 +98,7 @@ def large_shape(family: str | None = None) -> LargeShape:
     return LARGE_SHAPES[family]
 
 
-def build_large(out_dir: Path, shape: LargeShape = LargeShape()) -> Path:
+def build_large(out_dir: Path, shape: LargeShape) -> Path:
     """A random-weight checkpoint of `shape` with moekit-tiny's tokenizer, saved (fp32) in `out_dir`."""
     import shutil
 

@@ -139,9 +139,9 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
         distill_blocks(distilled, dense, [w for w, _ in windows], steps=5 if quick else 300, max_tokens=max_cal)
         add("moefied+distill", ppl(distilled), active=fraction, experts=experts, shared=shared, k=k,
             partition=best[2], router=best[3], distill_steps=5 if quick else 300)
-        value, steps = trained(best[1])
+        value, done = trained(best[1])
         add("moefied+finetune", value, active=fraction, experts=experts, shared=shared, k=k, partition=best[2],
-            router=best[3], train_steps=steps, train_minutes=minutes)
+            router=best[3], train_steps=done, train_minutes=minutes)
     if moefied_only:
         if scratch:
             records.append(_scratch(scratch, tok, base, ppl, dense_ppl))
@@ -149,10 +149,10 @@ def bench_make_lm(model_path: str, quick: bool = False, minutes: float | None = 
     copies = 4 if quick else 8
     up, _ = mk.upcycle(dense, copies, 2, "hidden", inputs=inputs)
     add("upcycled", ppl(up), experts=copies, k=2)
-    value, steps = trained(up)
-    add("upcycled+finetune", value, experts=copies, k=2, train_steps=steps, train_minutes=minutes)
-    value, steps = trained(copy.deepcopy(dense))
-    add("dense+finetune", value, train_steps=steps, train_minutes=minutes)
+    value, done = trained(up)
+    add("upcycled+finetune", value, experts=copies, k=2, train_steps=done, train_minutes=minutes)
+    value, done = trained(copy.deepcopy(dense))
+    add("dense+finetune", value, train_steps=done, train_minutes=minutes)
     fields = _btx(dense, tok, train_docs, train_settings, minutes, quick, ppl)
     if "ppl" in fields:
         bam_ppl = fields.pop("bam_ppl")
