@@ -42,9 +42,12 @@ def routing_accuracy(moe: LoraMoE, windows: dict[str, Tensor], expert_of: dict[s
     return hits / total if total else None
 
 
+AUX_WEIGHT = 0.01  # the rules' auxiliary losses' weight when training a mixture (lora mix, the lora_moe recipe)
+
+
 def mix_checkpoint(model_path: str | os.PathLike, adapters: Sequence[str | os.PathLike], out: str | os.PathLike,
                    router: str = "topk", kind: str = "moe", domains: Sequence[str] | None = None, steps: int = 100,
-                   train_experts: bool = False, aux_weight: float = 0.01, lr: float = 1e-3, batch_size: int = 8,
+                   train_experts: bool = False, aux_weight: float = AUX_WEIGHT, lr: float = 1e-3, batch_size: int = 8,
                    seq_len: int = 128, seed: int = 0, eval_windows: int = 16, progress: bool = True,
                    force: bool = False, **options) -> dict:
     """Build, train (when `domains` names one domain per adapter and steps > 0) and save a mixture; the summary

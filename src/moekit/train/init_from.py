@@ -144,11 +144,14 @@ def attach_lora_moe(model: nn.Module, recipe: Any):
     return mixture
 
 
-def mixture_losses(mixture: Any) -> tuple[Tensor, dict[str, float]]:
-    """The rules' auxiliary losses of the last forward: their sum (differentiable) and each by name."""
+def mixture_losses(mixture: Any, spec: dict) -> tuple[Tensor, dict[str, float]]:
+    """The rules' auxiliary losses of the last forward: their sum times the recipe's `aux_weight` (differentiable)
+    and each by name."""
+    from moekit.compose.mixing import AUX_WEIGHT
+
     losses = mixture.aux_losses()
     total = sum(losses.values(), torch.zeros(()))
-    return total, {name: float(v.detach()) for name, v in losses.items()}
+    return spec.get("aux_weight", AUX_WEIGHT) * total, {name: float(v.detach()) for name, v in losses.items()}
 
 
 def save_mixture(mixture: Any, recipe: Any, path: Path) -> None:

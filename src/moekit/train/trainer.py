@@ -318,17 +318,15 @@ def train(recipe: Recipe | str, out_dir: str | os.PathLike[str], resume: bool = 
                     seq = sequence_balance_loss(recorder, batch.shape[1], sigmoid)
                     loss = loss + recipe.seq_balance_coef * seq
                     extra.setdefault("seq_balance", [0.0])[0] += float(seq.detach()) / recipe.grad_accum
-            elif mixture is not None:
-                aux, named = fc.mixture_losses(mixture)
-                z = balance = torch.zeros(())
-                cvs, entropies = [], []
-                loss, lm_loss = out_.loss + recipe.lora_moe.get("aux_weight", 0.01) * aux, out_.loss
-                for n, v in named.items():  # each summed over the layers, averaged over the micro-batches
-                    extra.setdefault(f"aux_{n}", [0.0])[0] += v / recipe.grad_accum
             else:
                 z = balance = torch.zeros(())
                 cvs, entropies = [], []
                 loss = lm_loss = out_.loss
+                if mixture is not None:
+                    aux, named = fc.mixture_losses(mixture, recipe.lora_moe)
+                    loss = lm_loss + aux
+                    for n, v in named.items():  # each summed over the layers, averaged over the micro-batches
+                        extra.setdefault(f"aux_{n}", [0.0])[0] += v / recipe.grad_accum
             if not torch.isfinite(loss):
                 raise ConfigError(f"step {step + 1}: the loss is {float(loss)}; the run diverged (lr={recipe.lr}, "
                                   f"clip={recipe.clip}); expected finite losses (lower lr; --resume restarts from "
