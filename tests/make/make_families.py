@@ -84,3 +84,19 @@ def perturbed_branches(model, n: int = 2, seed: int = 10) -> list:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         out.append(b)
     return out
+
+
+def made_with_pregate(tmp):
+    """`moekit make` of a tiny dense DeepSeek-V3 (its own tokenizer) into 8 experts, top-2, with a Read-ME pre-gate
+    calibrated on TEXT: (the dense source dir, the output dir, the vocabulary size)."""
+    from moekit.cli.main import main
+
+    src = tmp / "dense"
+    vocab = save_tiny_tokenizer(src)
+    dense_model("deepseek_v3", vocab=vocab).save_pretrained(src)
+    data = tmp / "cal.txt"
+    data.write_text(TEXT * 10)
+    out = tmp / "moe"
+    assert main(["make", str(src), "--experts", "8", "--k", "2", "--data", str(data), "--pregate", "--out",
+                 str(out)]) == 0
+    return src, out, vocab

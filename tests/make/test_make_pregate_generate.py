@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from make_families import TEXT, dense_model, save_tiny_tokenizer
+from make_families import made_with_pregate
 
 from moekit.cli.main import main
 from moekit.make.pregate import PREGATE_CONFIG, PREGATE_DIR, PreGate
@@ -16,16 +16,7 @@ from moekit.runtime.store import ExpertStore
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pregate_generate")
-    src = tmp / "dense"
-    vocab = save_tiny_tokenizer(src)
-    dense_model("deepseek_v3", vocab=vocab).save_pretrained(src)
-    data = tmp / "cal.txt"
-    data.write_text(TEXT * 10)
-    out = tmp / "moe"
-    assert main(["make", str(src), "--experts", "8", "--k", "2", "--data", str(data), "--pregate", "--out",
-                 str(out)]) == 0
-    return out
+    return made_with_pregate(tmp_path_factory.mktemp("pregate_generate"))[1]
 
 
 def generate(capsys, model, *extra) -> dict:

@@ -133,19 +133,12 @@ def test_pregate_saved_and_loaded(tmp_path):
 
 
 def test_cli_make_with_a_pregate(tmp_path, capsys):
-    from make_families import TEXT, save_tiny_tokenizer
+    from make_families import made_with_pregate
     from transformers import AutoModelForCausalLM
 
     from moekit.cli.main import main
 
-    src = tmp_path / "dense"
-    vocab = save_tiny_tokenizer(src)
-    dense_model("deepseek_v3", vocab=vocab).save_pretrained(src)
-    data = tmp_path / "cal.txt"
-    data.write_text(TEXT * 10)
-    out = tmp_path / "moe"
-    assert main(["make", str(src), "--experts", "8", "--k", "2", "--data", str(data), "--pregate", "--out",
-                 str(out)]) == 0
+    src, out, vocab = made_with_pregate(tmp_path)
     moe = AutoModelForCausalLM.from_pretrained(out)
     gate = PreGate.load(out, moe)
     assert len(gate.experts(torch.randint(0, vocab, (1, 5)))) == 2
